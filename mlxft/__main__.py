@@ -1,0 +1,5 @@
+"""Entry point for `python -m mlxft`."""
+
+from mlxft.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Click commands, one module each; heavy imports happen inside the command functions."""

@@ -1,0 +1,314 @@
+"""Recipe configuration: dataclasses, YAML loading, `--set` overrides and validation.
+
+Precedence: defaults < recipe YAML < `--set key.sub=value` < command-line flags.
+An unknown key is an error that names it and suggests the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlxft.errors import ConfigError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+PACKAGED_RECIPES_DIR = Path(__file__).resolve().parent / "resources" / "recipes"
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None
+    valid: str | None = None
+    valid_split: float = 0.1  # held-out share when no valid file is given
+    system_prompt: str | None = None
+    replay: float = 0.0  # share of each batch drawn from the base model's own recorded outputs
+
+
+@dataclass
+class TrainConfig:
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 4
+    grad_accumulation: int = 1
+    learning_rate: float = 2e-4
+    min_lr_ratio: float = 0.1
+    warmup: float = 0.05  # steps when >= 1, else a fraction of the total
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_seq_len: int = 512
+    mask_prompt: bool = True
+    grad_checkpoint: bool = False
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    packing: bool = False
+    eval_every: int = 25
+    log_every: int = 1
+    save_every: int = 50
+    eval_batches: int | None = None
+    early_stop_patience: int | None = None
+    skip_nonfinite: bool = False
+    compile: bool = False
+
+
+@dataclass
+class LoraConfig:
+    type: str = "lora"  # lora | dora
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    layers: int | None = None  # adapt only the last N transformer blocks; None = all
+
+
+@dataclass
+class RetentionConfig:
+    enabled: bool = True
+    probes: int = 24
+    max_new_tokens: int = 32
+    warn_below: float = 0.9
+
+
+@dataclass
+class Config:
+    model: str | None = None
+    backend: str = "auto"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+BACKENDS = ("auto", "torch", "mlx")
+LORA_TYPES = ("lora", "dora")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _all_keys(cls=Config, prefix="") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        sub = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(sub):
+            keys.extend(_all_keys(sub, name + "."))
+        else:
+            keys.append(name)
+    return keys
+
+
+def _unknown(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.5)
+    hint = f"did you mean '{close[0]}'?" if close else "see `mlxft recipes show quickstart` for valid keys"
+    return ConfigError(f"{where}: unknown key '{key}'", hint)
+
+
+def _coerce(value: Any, hint, key: str, where: str):
+    """Convert a YAML or --set value to the dataclass field's type, or fail naming the key."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("null", "none", "~") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _coerce(value, a, key, where)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: '{key}' must be a list, got {value!r}")
+        return [_coerce(v, args[0], key, where) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{where}: '{key}' must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: '{key}' must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: '{key}' must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: '{key}' must be a string, got {value!r}")
+    return value
+
+
+def _apply(obj, data: dict, where: str, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: '{prefix.rstrip('.') or 'recipe'}' must be a mapping")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        full = prefix + str(key)
+        if key not in names:
+            raise _unknown(full, where)
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if value is None:
+                continue
+            _apply(getattr(obj, key), value, where, full + ".")
+        else:
+            setattr(obj, key, _coerce(value, hint, full, where))
+
+
+def parse_set(assignments: list[str] | tuple[str, ...]) -> dict:
+    """Turn ["train.steps=10", "lora.rank=4"] into a nested dict (values parsed as YAML scalars)."""
+    nested: dict = {}
+    for item in assignments:
+        if "=" not in item:
+            raise ConfigError(f"--set '{item}': expected key.sub=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key not in _all_keys():
+            raise _unknown(key, "--set")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A recipe by name (recipes/NAME.yaml) or by path."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"recipe file not found: {p}")
+        return p
+    for base in (RECIPES_DIR, PACKAGED_RECIPES_DIR):
+        candidate = base / f"{name_or_path}.yaml"
+        if candidate.is_file():
+            return candidate
+    names = list_recipes()
+    close = difflib.get_close_matches(name_or_path, names, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else f"available: {', '.join(names) or 'none'}"
+    raise ConfigError(f"unknown recipe '{name_or_path}'", hint)
+
+
+def list_recipes() -> list[str]:
+    names = set()
+    for base in (RECIPES_DIR, PACKAGED_RECIPES_DIR):
+        if base.is_dir():
+            names.update(p.stem for p in base.glob("*.yaml"))
+    return sorted(names)
+
+
+def load_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read recipe ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a YAML mapping")
+    return data
+
+
+def build_config(recipe: str | None = None, sets: list[str] | tuple[str, ...] = (),
+                 flags: dict | None = None) -> Config:
+    """Defaults < recipe < --set < flags. Relative data paths in a recipe resolve against the
+    recipe's folder when they exist there, else against the working directory."""
+    cfg = Config()
+    if recipe:
+        path = recipe_path(recipe)
+        data = load_yaml(path)
+        _apply(cfg, data, str(path))
+        for key in ("train", "valid"):
+            value = getattr(cfg.data, key)
+            if value and not Path(value).is_absolute() and not Path(value).exists():
+                beside = path.parent / value
+                if beside.exists():
+                    setattr(cfg.data, key, str(beside))
+    if sets:
+        _apply(cfg, parse_set(sets), "--set")
+    if flags:
+        _apply(cfg, {k: v for k, v in flags.items() if v is not None and not isinstance(v, dict)}, "flags")
+        for k, v in flags.items():
+            if isinstance(v, dict):
+                _apply(cfg, {k: {kk: vv for kk, vv in v.items() if vv is not None}}, "flags")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    t, lo = cfg.train, cfg.lora
+    checks = [
+        (cfg.backend in BACKENDS, "backend", f"must be one of {', '.join(BACKENDS)}"),
+        (lo.type in LORA_TYPES, "lora.type", f"must be one of {', '.join(LORA_TYPES)}"),
+        (t.dtype in DTYPES, "train.dtype", f"must be one of {', '.join(DTYPES)}"),
+        (t.steps is None or t.steps > 0, "train.steps", "must be positive"),
+        (t.epochs is None or t.epochs > 0, "train.epochs", "must be positive"),
+        (t.batch_size > 0, "train.batch_size", "must be positive"),
+        (t.grad_accumulation > 0, "train.grad_accumulation", "must be positive"),
+        (t.learning_rate > 0, "train.learning_rate", "must be positive"),
+        (t.warmup >= 0, "train.warmup", "must be >= 0"),
+        (0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be between 0 and 1"),
+        (t.max_seq_len >= 8, "train.max_seq_len", "must be at least 8"),
+        (t.eval_every > 0, "train.eval_every", "must be positive"),
+        (t.log_every > 0, "train.log_every", "must be positive"),
+        (t.save_every > 0, "train.save_every", "must be positive"),
+        (t.early_stop_patience is None or t.early_stop_patience > 0, "train.early_stop_patience", "must be positive"),
+        (lo.rank > 0, "lora.rank", "must be positive"),
+        (lo.alpha > 0, "lora.alpha", "must be positive"),
+        (0 <= lo.dropout < 1, "lora.dropout", "must be in [0, 1)"),
+        (len(lo.targets) > 0, "lora.targets", "must name at least one module"),
+        (lo.layers is None or lo.layers > 0, "lora.layers", "must be positive"),
+        (0 < cfg.data.valid_split < 1, "data.valid_split", "must be between 0 and 1"),
+        (0 <= cfg.data.replay < 1, "data.replay", "must be in [0, 1)"),
+    ]
+    for ok, key, why in checks:
+        if not ok:
+            raise ConfigError(f"'{key}' {why}")
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

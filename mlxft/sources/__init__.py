@@ -1,0 +1,65 @@
+"""Where base models come from. `resolve_model` turns any model argument into a local HF folder.
+
+Accepted: nothing (the embedded default), a run directory (its base plus its adapter), a local
+HF-format folder, a `.gguf` file, `ollama:NAME[:TAG]`, or a Hugging Face repo id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlxft.errors import ModelError
+
+
+@dataclass
+class ResolvedModel:
+    path: Path                  # HF-format folder: config.json, safetensors, tokenizer
+    spec: str                   # what the user passed (or "default")
+    adapter: Path | None = None  # set when the spec was a run directory
+    run: Path | None = None
+    revision: str | None = None  # commit hash for Hub models
+    source: str = "local"       # default | local | gguf | hub | ollama | run
+
+
+def resolve_model(spec: str | None, *, adapter: str = "best", allow_download: bool = True) -> ResolvedModel:
+    from mlxft.runs import Run, is_run_dir
+
+    if spec is None or spec in ("", "default"):
+        from mlxft.sources.default import default_model_path
+
+        return ResolvedModel(path=default_model_path(), spec="default", source="default")
+    path = Path(spec).expanduser()
+    if is_run_dir(path):
+        run = Run(path)
+        meta = run.meta()
+        return ResolvedModel(path=run.base_model_path(), spec=str(spec), adapter=run.adapter(adapter),
+                             run=path, revision=meta.get("revision"), source="run")
+    if path.is_dir():
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            raise ModelError(f"{path}: is an adapter, not a model; pass its run directory instead")
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path}: not a model folder (no config.json) and not a run directory")
+        return ResolvedModel(path=path, spec=str(spec), source="local")
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"{path}: GGUF file not found")
+        from mlxft.sources.gguf import import_gguf
+
+        return ResolvedModel(path=import_gguf(path), spec=str(spec), source="gguf")
+    if spec.startswith("ollama:"):
+        try:
+            from mlxft.sources.ollama import resolve_ollama
+        except ImportError:
+            raise ModelError("ollama: model references are not supported in this build") from None
+        from mlxft.sources.gguf import import_gguf
+
+        return ResolvedModel(path=import_gguf(resolve_ollama(spec)), spec=spec, source="ollama")
+    if "/" in spec and not path.exists() and not spec.startswith((".", "/", "~")):
+        try:
+            from mlxft.sources.hub import resolve_hub_model
+        except ImportError:
+            raise ModelError(f"'{spec}': Hub models are not supported in this build") from None
+        local, revision = resolve_hub_model(spec, allow_download=allow_download)
+        return ResolvedModel(path=local, spec=spec, revision=revision, source="hub")
+    raise ModelError(f"'{spec}': no such model folder, GGUF file, run directory or Hub repo id")

@@ -1,0 +1,1 @@
+"""mlxft tests; fast by default, `-m slow` for the real-model tier."""
