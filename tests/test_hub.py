@@ -1,0 +1,290 @@
+"""Pulling from the Hub with the real huggingface_hub client against a loopback fake Hub
+(tests/hub_server.py): pull, pinned revision, errors, a cut connection then a resumed pull,
+offline use afterwards, and the `mlxft pull` / `mlxft models` commands."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mlxft.cli import cli
+from mlxft.errors import ModelError
+from tests.hub_server import FakeHub
+
+REPO = "tiny-org/tiny-llama"
+
+
+def tiny_llama_files(seed: int = 0, hidden: int = 16, vocab: int = 32, layers: int = 1,
+                     big: bool = False) -> dict[str, bytes]:
+    """A loadable tiny llama: config, a word-level tokenizer and float32 safetensors weights."""
+    from safetensors.numpy import save
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    rng = np.random.default_rng(seed)
+    words = ["<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(vocab - 3)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    inter = hidden * 2
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (hidden, hidden),
+                       p + "self_attn.v_proj.weight": (hidden, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+                       p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+                       p + "mlp.down_proj.weight": (hidden, inter),
+                       p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)})
+    if big:  # a bigger file, so a cut mid-file leaves a real partial download
+        shapes["lm_head.weight"] = (vocab * 64, hidden)
+    tensors = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "vocab_size": vocab, "max_position_embeddings": 64,
+              "rms_norm_eps": 1e-5, "tie_word_embeddings": not big, "bos_token_id": 0, "eos_token_id": 1,
+              "torch_dtype": "float32"}
+    return {
+        "config.json": json.dumps(config).encode(),
+        "generation_config.json": json.dumps({"bos_token_id": 0, "eos_token_id": 1}).encode(),
+        "tokenizer.json": tok.to_str().encode(),
+        "tokenizer_config.json": json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+                                             "eos_token": "</s>", "unk_token": "<unk>",
+                                             "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}).encode(),
+        "model.safetensors": save(tensors),
+        "README.md": b"# tiny\n",
+        "pytorch_model.bin": b"PICKLE-DO-NOT-FETCH",
+        "onnx/model.onnx": b"onnx",
+    }
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """A fake Hub on loopback, with HF_ENDPOINT pointed at it and offline mode off."""
+    import huggingface_hub.constants as hf_constants
+
+    server = FakeHub()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; mlxft reads the env var at call time
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    yield server
+    server.close()
+
+
+def go_offline(monkeypatch):
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+
+
+def cache_root() -> Path:
+    return Path(os.environ["HF_HOME"]) / "hub"
+
+
+def test_pull_fetches_only_what_a_finetune_needs(hub):
+    from mlxft.sources.hub import pull_model
+
+    files = tiny_llama_files()
+    hub.add_repo(REPO, files)
+    result = pull_model(REPO)
+    snap = result.path
+    assert snap == cache_root() / "models--tiny-org--tiny-llama" / "snapshots" / result.commit
+    assert sorted(p.name for p in snap.iterdir()) == sorted(
+        ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"])
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (snap / name).read_bytes() == files[name]
+        assert (snap / name).is_symlink()  # HF cache layout: snapshot entries point into blobs/
+    assert (cache_root() / "models--tiny-org--tiny-llama" / "refs" / "main").read_text() == result.commit
+    fetched = {r[1] for r in hub.requests("GET")}
+    assert not any("pytorch_model.bin" in p or "onnx" in p or "README" in p for p in fetched)
+    # the big file came through the CDN redirect, like LFS files on the Hub
+    assert hub.requests("GET", "/blobs/")
+    # pulling again downloads nothing
+    n_get = len(hub.requests("GET"))
+    again = pull_model(REPO)
+    assert again.cached and again.commit == result.commit
+    assert len(hub.requests("GET")) == n_get + 1  # only the model_info call
+
+
+def test_pinned_revision_and_standard_cache_readers(hub):
+    from huggingface_hub import hf_hub_download
+
+    from mlxft.sources import resolve_model
+    from mlxft.sources.hub import pull_model
+
+    repo = hub.add_repo(REPO, tiny_llama_files(seed=1))
+    old = repo.refs["main"]
+    repo.add_commit(tiny_llama_files(seed=2))
+    new = repo.refs["main"]
+    assert old != new
+    pinned = pull_model(REPO, old)
+    assert pinned.commit == old and pinned.path.name == old
+    assert (pinned.path / "model.safetensors").read_bytes() == tiny_llama_files(seed=1)["model.safetensors"]
+    # a model argument with @REV resolves to that commit and reports it (run.json records it)
+    resolved = resolve_model(f"{REPO}@{old[:40]}")
+    assert resolved.revision == old and resolved.source == "hub" and resolved.path == pinned.path
+    latest = resolve_model(REPO)
+    assert latest.revision == new
+    # the cache is the standard one: huggingface_hub finds the files without the network
+    path = hf_hub_download(REPO, "config.json", revision=old, cache_dir=str(cache_root()), local_files_only=True)
+    assert Path(path).read_bytes() == tiny_llama_files(seed=1)["config.json"]
+
+
+def test_unknown_repo_and_revision_are_one_line_errors(hub):
+    from mlxft.sources.hub import pull_model
+
+    with pytest.raises(ModelError, match=r"nobody/nothing: no such model on the Hub \(404\)"):
+        pull_model("nobody/nothing")
+    hub.add_repo(REPO, tiny_llama_files())
+    with pytest.raises(ModelError, match="revision 'v9' not found"):
+        pull_model(REPO, "v9")
+    result = CliRunner().invoke(cli, ["pull", "nobody/nothing"])
+    assert result.exit_code == 1
+    assert "nobody/nothing: no such model on the Hub" in result.output
+    assert not (cache_root() / "models--nobody--nothing").exists()
+
+
+def test_gated_repo_needs_a_token(hub, monkeypatch):
+    from mlxft.sources.hub import pull_model
+
+    hub.add_repo(REPO, tiny_llama_files(), gated=True, allowed_tokens={"hf_good"})
+    with pytest.raises(ModelError, match="gated repo, and no token is set"):
+        pull_model(REPO)
+    assert not (cache_root() / "models--tiny-org--tiny-llama").exists()
+    monkeypatch.setenv("HF_TOKEN", "hf_bad")
+    with pytest.raises(ModelError, match="gated repo, and HF_TOKEN has no access"):
+        pull_model(REPO)
+    monkeypatch.setenv("HF_TOKEN", "hf_good")
+    result = pull_model(REPO)
+    assert (result.path / "model.safetensors").is_file()
+    assert any(h.get("authorization") == "Bearer hf_good" for _, p, h in hub.requests("HEAD", "/resolve/"))
+    # the token is not sent to the CDN host
+    assert all("authorization" not in h for _, _, h in hub.requests("GET", "/blobs/"))
+
+
+@pytest.mark.parametrize("case,match", [
+    ("pickle", "has only pickle weights"),
+    ("encoder", "is not a causal language model"),
+    ("truncated", "model.safetensors is truncated or corrupt"),
+    ("no_config", "not a transformers model repo"),
+])
+def test_bad_repos_leave_nothing_behind(hub, case, match):
+    from mlxft.sources.hub import pull_model
+
+    files = tiny_llama_files()
+    if case == "pickle":
+        del files["model.safetensors"]
+    elif case == "encoder":
+        files["config.json"] = json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"}).encode()
+    elif case == "truncated":
+        files["model.safetensors"] = files["model.safetensors"][:-100]
+    elif case == "no_config":
+        del files["config.json"]
+    hub.add_repo(REPO, files)
+    with pytest.raises(ModelError, match=match) as err:
+        pull_model(REPO)
+    assert "\n" not in str(err.value.message)
+    assert not (cache_root() / "models--tiny-org--tiny-llama").exists()
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """huggingface_hub writes downloads in 10 MB chunks (bytes of an unfinished chunk are lost
+    when a connection drops); 4 KB chunks let a small test file show a partial download."""
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 4096)
+
+
+def test_cut_connection_then_resumed_pull(hub, small_chunks):
+    """The CDN drops the connection mid-file and stays down: the pull fails with a one-line
+    error, keeps the partial file, and the next pull asks only for the missing bytes."""
+    from mlxft.sources.hub import pull_model
+
+    files = tiny_llama_files(big=True)
+    weights = files["model.safetensors"]
+    hub.add_repo(REPO, files)
+    cut_at = len(weights) // 3
+    hub.cut["model.safetensors"] = cut_at
+    hub.fail_after_cut = True
+    with pytest.raises(ModelError, match="download interrupted.*run `mlxft pull tiny-org/tiny-llama` again"):
+        pull_model(REPO)
+    storage = cache_root() / "models--tiny-org--tiny-llama"
+    partial = storage / "blobs" / (hashlib.sha256(weights).hexdigest() + ".incomplete")
+    kept = partial.stat().st_size
+    assert cut_at - 4096 < kept <= cut_at
+    assert not any((storage / "snapshots").rglob("model.safetensors"))  # nothing half-written in the snapshot
+    hub.failing = False
+    before = len(hub.requests("GET", "/blobs/"))
+    result = pull_model(REPO)
+    resumed = hub.requests("GET", "/blobs/")[before:]
+    assert [h.get("range") for _, _, h in resumed] == [f"bytes={kept}-"]
+    assert (result.path / "model.safetensors").read_bytes() == weights
+    assert result.downloaded < len(weights)
+    assert not partial.exists()
+
+
+def test_cut_connection_resumes_within_one_pull(hub, small_chunks):
+    """A single dropped connection is retried at once from where it stopped (Range request)."""
+    from mlxft.sources.hub import pull_model
+
+    files = tiny_llama_files(big=True)
+    hub.add_repo(REPO, files)
+    hub.cut["model.safetensors"] = 3 * 4096
+    result = pull_model(REPO)
+    assert (result.path / "model.safetensors").read_bytes() == files["model.safetensors"]
+    assert [h.get("range") for _, _, h in hub.requests("GET", "/blobs/")] == [None, f"bytes={3 * 4096}-"]
+
+
+def test_offline_after_pull(hub, monkeypatch):
+    from mlxft.sources import resolve_model
+    from mlxft.sources.hub import pull_model
+
+    hub.add_repo(REPO, tiny_llama_files())
+    pulled = pull_model(REPO)
+    hub.close()  # no network at all from here on
+    go_offline(monkeypatch)
+    resolved = resolve_model(REPO)
+    assert resolved.path == pulled.path and resolved.revision == pulled.commit
+    runner = CliRunner()
+    listing = runner.invoke(cli, ["models", "--json"])
+    assert listing.exit_code == 0, listing.output
+    rows = [r for r in json.loads(listing.stdout) if r["repo"] == REPO]
+    assert rows and rows[0]["revision"] == pulled.commit and rows[0]["complete"]
+    assert rows[0]["architecture"] == "LlamaForCausalLM" and rows[0]["backends"]["torch"]
+    again = runner.invoke(cli, ["pull", REPO])
+    assert again.exit_code == 0 and again.stdout.strip() == str(pulled.path)
+    missing = runner.invoke(cli, ["pull", "other/model"])
+    assert missing.exit_code == 1
+    assert "HF_HUB_OFFLINE=1" in missing.output and len(missing.output.strip().splitlines()) == 1
+    with pytest.raises(ModelError, match="not in the Hugging Face cache .* HF_HUB_OFFLINE=1"):
+        resolve_model("other/model")
+
+
+def test_no_network_is_one_line(hub):
+    from mlxft.sources.hub import pull_model
+
+    hub.close()
+    with pytest.raises(ModelError, match="tiny-org/tiny-llama: cannot reach the Hub at http://127.0.0.1"):
+        pull_model(REPO)
+
+
+def test_pull_and_models_commands(hub):
+    hub.add_repo(REPO, tiny_llama_files())
+    runner = CliRunner()
+    pulled = runner.invoke(cli, ["pull", REPO, "--json"])
+    assert pulled.exit_code == 0, pulled.output
+    info = json.loads(pulled.stdout)
+    assert Path(info["path"]).is_dir() and len(info["revision"]) == 40
+    table = runner.invoke(cli, ["models"])
+    assert table.exit_code == 0 and REPO in table.stdout and info["revision"][:12] in table.stdout
+    removed = runner.invoke(cli, ["models", "rm", REPO, "--yes"])
+    assert removed.exit_code == 0, removed.output
+    assert not (cache_root() / "models--tiny-org--tiny-llama").exists()
+    assert json.loads(runner.invoke(cli, ["models", "--json"]).stdout) == [] or all(
+        r["repo"] != REPO for r in json.loads(runner.invoke(cli, ["models", "--json"]).stdout))
