@@ -1,0 +1,161 @@
+"""MLX-quantized models (`mlx-community/*-4bit`) for the PyTorch backend.
+
+mlx-lm stores an affine-quantized layer as three tensors: `<name>.weight` (uint32 words holding
+`bits`-bit integers, least significant bits first), `<name>.scales` and `<name>.biases` (one per
+group of `group_size` inputs); the real weight is `scales * q + biases`, as `mx.dequantize` computes.
+config.json says so under "quantization": {"group_size": 64, "bits": 4, <per-layer overrides>}.
+
+`torch_loadable_path(path)` returns `path` unchanged for ordinary models, and otherwise a folder
+under MLXFT_HOME/dequantized/ holding the same model with dense weights (in the scales' dtype),
+made once and reused. Pure torch: mlx is not needed to read these files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from mlxft.atomic import atomic_dir
+from mlxft.errors import ModelError
+from mlxft.paths import home
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+
+
+def _config(path: Path) -> dict:
+    try:
+        data = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def is_mlx_quantized(path: Path) -> bool:
+    """True when `path` is an HF-format folder whose config.json carries mlx-lm's quantization."""
+    q = _config(Path(path)).get("quantization")
+    return isinstance(q, dict) and "bits" in q
+
+
+def _layer_params(quant: dict, name: str) -> tuple[int, int, str]:
+    """(bits, group_size, mode) for the layer `name` (its weight name without '.weight')."""
+    override = quant.get(name)
+    if isinstance(override, dict):
+        quant = {**quant, **override}
+    return int(quant["bits"]), int(quant.get("group_size", 64)), str(quant.get("mode", "affine"))
+
+
+def unpack(packed, bits: int, n_in: int):
+    """uint32 words (out, n_in*bits/32) -> integer codes (out, n_in) as int64, using mlx's packing:
+    a little-endian bit stream per row (for 2/4/8 bits, value j of a word is bits*j upward)."""
+    import torch
+
+    rows = packed.shape[0]
+    if 32 % bits == 0:
+        words = packed.to(torch.int64) & 0xFFFFFFFF
+        per = 32 // bits
+        shifts = torch.arange(per, dtype=torch.int64) * bits
+        codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(rows, -1)[:, :n_in]
+    raw = packed.contiguous().view(torch.uint8).to(torch.int64).reshape(rows, -1)
+    bitstream = (raw.unsqueeze(-1) >> torch.arange(8)) & 1  # (rows, bytes, 8), LSB first
+    bitstream = bitstream.reshape(rows, -1)[:, : n_in * bits].reshape(rows, n_in, bits)
+    return (bitstream << torch.arange(bits)).sum(-1)
+
+
+def dequantize(packed, scales, biases, bits: int, group_size: int):
+    """Dense weight (out, in) in the dtype of `scales`, as mx.dequantize(mode='affine') gives."""
+    import torch
+
+    n_in = scales.shape[-1] * group_size
+    codes = unpack(packed, bits, n_in).to(torch.float32)
+    w = codes.reshape(codes.shape[0], -1, group_size) * scales.to(torch.float32).unsqueeze(-1) \
+        + biases.to(torch.float32).unsqueeze(-1)
+    return w.reshape(codes.shape[0], n_in).to(scales.dtype)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / s for s in shards]
+    return sorted(path.glob("*.safetensors"))
+
+
+def _cache_key(path: Path, files: list[Path]) -> str:
+    h = hashlib.sha256(str(path.resolve()).encode())
+    for f in [path / "config.json", *files]:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
+def torch_loadable_path(path: Path) -> Path:
+    """`path` itself unless it is MLX-quantized; else a cached folder with dequantized weights."""
+    path = Path(path)
+    if not is_mlx_quantized(path):
+        return path
+    files = _weight_files(path)
+    if not files:
+        raise ModelError(f"{path}: MLX-quantized model without safetensors weights")
+    name = path.parent.parent.name.replace("models--", "") if path.parent.name == "snapshots" else path.name
+    target = home() / "dequantized" / f"{name}-{_cache_key(path, files)}"
+    if (target / "config.json").is_file():
+        return target
+    from mlxft.ui import console
+
+    with console.status(f"Dequantizing MLX weights of {path.name} for PyTorch (once)"):
+        with atomic_dir(target) as tmp:
+            _dequantize_folder(path, files, tmp)
+    return target
+
+
+def _dequantize_folder(path: Path, files: list[Path], out: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    config = _config(path)
+    quant = config.pop("quantization")
+    config.pop("quantization_config", None)
+    weight_map: dict[str, str] = {}
+    dtype_name = None
+    for f in files:
+        tensors = {}
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                keys = set(fh.keys())
+                for key in sorted(keys):
+                    if key.endswith((".scales", ".biases")) and key.rsplit(".", 1)[0] + ".weight" in keys:
+                        continue
+                    base = key[: -len(".weight")] if key.endswith(".weight") else None
+                    if base and f"{base}.scales" in keys:
+                        bits, group, mode = _layer_params(quant, base)
+                        if mode != "affine" or bits not in SUPPORTED_BITS:
+                            raise ModelError(f"{path}: {base} uses MLX quantization mode '{mode}' with "
+                                             f"{bits} bits; only affine {SUPPORTED_BITS} can be dequantized")
+                        biases = fh.get_tensor(f"{base}.biases") if f"{base}.biases" in keys else None
+                        if biases is None:
+                            raise ModelError(f"{path}: {base} has scales but no biases (not affine)")
+                        scales = fh.get_tensor(f"{base}.scales")
+                        tensors[key] = dequantize(fh.get_tensor(key), scales, biases, bits, group)
+                        dtype_name = dtype_name or str(scales.dtype).replace("torch.", "")
+                    else:
+                        tensors[key] = fh.get_tensor(key)
+        except ModelError:
+            raise
+        except Exception as exc:
+            raise ModelError(f"{f}: truncated or corrupt safetensors file ({type(exc).__name__})") from None
+        save_file(tensors, str(out / f.name), metadata={"format": "pt"})
+        weight_map.update({k: f.name for k in tensors})
+    if len(files) > 1:
+        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    if dtype_name:
+        config["torch_dtype"] = dtype_name
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for extra in path.iterdir():
+        if extra.is_file() and extra.suffix != ".safetensors" and extra.name not in (
+                "config.json", "model.safetensors.index.json"):
+            shutil.copyfile(extra, out / extra.name)
+    (out / "mlxft_source.json").write_text(json.dumps(
+        {"kind": "mlx-dequantized", "source": str(path.resolve()), "quantization": quant}, indent=2))
