@@ -264,7 +264,7 @@ def llama_vocab():
 
 
 @pytest.mark.llamacpp
-def test_smollm2_tokenizer_matches_llamacpp(default_model_dir, llama_vocab):
+def test_smollm2_tokenizer_matches_llamacpp(llama_vocab, default_model_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(default_model_dir)
