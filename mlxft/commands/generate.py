@@ -1,0 +1,57 @@
+"""`mlxft generate`: one completion from a model or a run (base plus its adapter)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.command()
+@click.argument("model_or_run", required=False)
+@click.option("--prompt", "-p", required=True, help="The prompt (a user message unless --raw).")
+@click.option("--max-tokens", "-n", default=128, show_default=True, type=click.IntRange(1, 100000))
+@click.option("--temperature", "-t", default=0.0, show_default=True, type=click.FloatRange(0, 10),
+              help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--system", "-s", help="System prompt (default: the run's, if it set one).")
+@click.option("--raw", is_flag=True, help="Send the prompt as-is, without the chat template.")
+@click.option("--backend", "-b", type=click.Choice(["auto", "torch", "mlx"]), default="auto", show_default=True)
+@click.option("--adapter", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="Which adapter of a run to use.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print {prompt, text, tokens} as JSON instead of streaming.")
+def generate(model_or_run, prompt, max_tokens, temperature, top_p, system, raw, backend, adapter, seed, as_json):
+    """Generate text from MODEL_OR_RUN (default: the built-in SmolLM2-135M-Instruct).
+
+    A run directory means its base model plus its best adapter. The answer streams to stdout.
+    """
+    import random
+
+    from mlxft import ui
+    from mlxft.inference import TokenPrinter, format_prompt, load_for_inference, run_system_prompt
+
+    random.seed(seed)
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:
+        pass
+    with ui.console.status("Loading model"):
+        engine, resolved = load_for_inference(model_or_run, backend, adapter)
+    if system is None:
+        system = run_system_prompt(resolved)
+    ids = format_prompt(engine.tokenizer, prompt, raw=raw, system=system)
+
+    def write(text):
+        if not as_json:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    printer = TokenPrinter(engine.tokenizer, write)
+    engine.generate(ids, max_tokens, temperature=temperature, top_p=top_p, on_token=printer)
+    if as_json:
+        ui.emit_json({"model": resolved.spec, "prompt": prompt, "text": printer.text(), "tokens": len(printer.ids)})
+    else:
+        sys.stdout.write("\n")
