@@ -49,12 +49,13 @@ def resolve_model(spec: str | None, *, adapter: str = "best", allow_download: bo
         return ResolvedModel(path=import_gguf(path), spec=str(spec), source="gguf")
     if spec.startswith("ollama:"):
         try:
-            from mlxft.sources.ollama import resolve_ollama
+            from mlxft.sources.ollama import ollama_gguf_name, resolve_ollama
         except ImportError:
             raise ModelError("ollama: model references are not supported in this build") from None
         from mlxft.sources.gguf import import_gguf
 
-        return ResolvedModel(path=import_gguf(resolve_ollama(spec)), spec=spec, source="ollama")
+        blob = resolve_ollama(spec)
+        return ResolvedModel(path=import_gguf(blob, name=ollama_gguf_name(spec)), spec=spec, source="ollama")
     if "/" in spec and not path.exists() and not spec.startswith((".", "/", "~")):
         try:
             from mlxft.sources.hub import resolve_hub_model
