@@ -1,0 +1,128 @@
+"""PyTorch backend end to end on a tiny model: loss falls, the run directory is complete, the
+adapter loads in PEFT with identical logits, and a fixed seed repeats the loss curve."""
+
+import json
+
+import pytest
+
+from mlxft.config import build_config
+from mlxft.pipeline import train_run
+from mlxft.runs import Run
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+ROWS = [{"messages": [{"role": "user", "content": f"What is code {i}?"},
+                      {"role": "assistant", "content": f"Code {i} is {'alpha bravo charlie'.split()[i % 3]}."}]}
+        for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, default_model_dir):
+    """A tiny model whose embeddings are large enough (init 0.2) for a frozen tied head to express
+    confident predictions, so LoRA can visibly fit a small set."""
+    from tests.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "m", default_model_dir, initializer_range=0.2)
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    p = tmp_path / "train.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return p
+
+
+def tiny_cfg(model_dir, data_file, steps=30, **sets):
+    base = [f"train.steps={steps}", "train.batch_size=4", "train.learning_rate=2e-2", "train.eval_every=10",
+            "train.save_every=10", "train.dtype=float32", "lora.rank=8", "lora.alpha=16", "train.warmup=2",
+            "retention.enabled=false"]
+    base += [f"{k}={v}" for k, v in sets.items()]
+    return build_config(None, base, {"model": str(model_dir), "data": {"train": str(data_file)}})
+
+
+def test_loss_falls_and_run_dir_is_complete(tiny_model_dir, data_file, tmp_path):
+    summary = train_run(tiny_cfg(tiny_model_dir, data_file), tmp_path / "run")
+    run = Run(tmp_path / "run")
+    rows = run.metrics()
+    train = [r["loss"] for r in rows if r["type"] == "train"]
+    valid = [r["loss"] for r in rows if r["type"] == "valid"]
+    assert len(train) == 30 and len(valid) == 3
+    assert sum(train[-5:]) / 5 < sum(train[:5]) / 5 - 1.0  # nats
+    assert summary["steps"] == 30 and summary["best_val_loss"] == min(valid)
+    for name in ("config.yaml", "run.json", "metrics.jsonl", "loss.png", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "adapter-best/adapter_model.safetensors",
+                 "checkpoint/trainer.json", "checkpoint/optimizer.pt"):
+        assert (run.path / name).is_file(), name
+    meta = run.meta()
+    assert meta["status"] == "done" and meta["backend"] == "torch"
+    assert "train.steps" not in (run.path / "config.yaml").read_text()  # nested YAML, not flat keys
+    assert "steps: 30" in (run.path / "config.yaml").read_text()
+
+
+def test_adapter_loads_in_peft_with_identical_logits(tiny_model_dir, data_file, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mlxft.inference import load_for_inference
+
+    train_run(tiny_cfg(tiny_model_dir, data_file, steps=5), tmp_path / "run")
+    engine, resolved = load_for_inference(str(tmp_path / "run"), backend="torch")
+    assert resolved.adapter == tmp_path / "run" / "adapter-best"
+    ids = torch.tensor([engine.tokenizer("What is code 7?")["input_ids"]])
+    ours = engine.model(input_ids=ids).logits
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    plain = base(input_ids=ids).logits
+    peft_model = PeftModel.from_pretrained(base, str(resolved.adapter)).eval()
+    theirs = peft_model(input_ids=ids).logits
+    assert torch.equal(ours, theirs)
+    assert not torch.allclose(plain, theirs, atol=1e-4)  # the adapter really changes the model
+
+
+def test_same_seed_same_curve(tiny_model_dir, data_file, tmp_path):
+    curves = []
+    for name in ("a", "b"):
+        train_run(tiny_cfg(tiny_model_dir, data_file, steps=6, **{"lora.dropout": 0.1}), tmp_path / name)
+        curves.append([r["loss"] for r in Run(tmp_path / name).metrics() if r["type"] == "train"])
+    assert curves[0] == curves[1]
+
+
+def test_grad_accumulation_matches_big_batch(tiny_model_dir, data_file, tmp_path):
+    """batch 4 x accumulation 2 takes the same first step as batch 8 (same samples, same loss)."""
+    from mlxft.backends.torch_backend import TorchBackend
+    from mlxft.data import collate, load_dataset
+
+    cfg = tiny_cfg(tiny_model_dir, data_file)
+    losses = []
+    for split in (1, 2):
+        b = TorchBackend(cfg)
+        b.load(tiny_model_dir)
+        ds = load_dataset(data_file, b.tokenizer, 128)
+        samples = ds.samples[:8]
+        pad = b.tokenizer.pad_token_id
+        batches = [collate(samples, pad)] if split == 1 else [collate(samples[:4], pad), collate(samples[4:], pad)]
+        losses.append(b.train_step(batches, lr=1e-3).loss)
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+def test_dora_and_layer_subset_train(tiny_model_dir, data_file, tmp_path):
+    cfg = tiny_cfg(tiny_model_dir, data_file, steps=3, **{"lora.type": "dora", "lora.layers": 1,
+                                                          "lora.targets": "q_proj,v_proj"})
+    train_run(cfg, tmp_path / "run")
+    adapter_cfg = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["use_dora"] is True and adapter_cfg["layers_to_transform"] == [1]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all("layers.1." in k for k in keys)
+    assert any("lora_magnitude_vector" in k for k in keys)
+
+
+def test_bad_targets_error(tiny_model_dir, data_file, tmp_path):
+    from mlxft.errors import ModelError
+
+    cfg = tiny_cfg(tiny_model_dir, data_file, steps=1, **{"lora.targets": "c_attn"})
+    with pytest.raises(ModelError, match="lora.targets"):
+        train_run(cfg, tmp_path / "run")
