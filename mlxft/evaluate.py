@@ -1,0 +1,104 @@
+"""Loss, perplexity and token accuracy of a model on a JSONL set, and base vs tuned for a run.
+
+The data is read and masked exactly as for training (same formats, chat template, prompt
+masking, system prompt and max_seq_len; for a run, its own recipe's settings). Over all target
+tokens t of all samples:
+
+    loss       = -(1/N) sum_t log p(t | prefix)       (nats per target token)
+    perplexity = exp(loss)
+    accuracy   = share of targets that are the model's top-1 prediction
+
+For a run directory the base model alone and the base plus the run's adapter are scored on the
+same tokens, and the difference (tuned - base) is reported.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from pathlib import Path
+
+from mlxft.config import Config
+from mlxft.data import Dataset, collate, eval_batches, load_dataset
+
+
+def score_dataset(engine, dataset: Dataset, batch_size: int = 8) -> dict:
+    """The figures of one loaded backend on a tokenized dataset."""
+    loss_sum = 0.0
+    n = correct = 0
+    pad = engine.tokenizer.pad_token_id
+    for idx in eval_batches(dataset.samples, batch_size):
+        r = engine.eval_batch(collate([dataset.samples[i] for i in idx], pad))
+        loss_sum += r.loss_sum
+        n += r.n_targets
+        correct += r.n_correct
+    loss = loss_sum / max(n, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "accuracy": correct / max(n, 1), "tokens": n}
+
+
+def _run_config(resolved) -> Config:
+    from mlxft.config import build_config
+
+    if resolved.run is not None and (Path(resolved.run) / "config.yaml").is_file():
+        try:
+            return build_config(str(Path(resolved.run) / "config.yaml"))
+        except Exception:
+            pass
+    return Config()
+
+
+def _engine(backend_name: str, cfg: Config):
+    from mlxft.backends.select import make_backend
+
+    ecfg = Config()
+    ecfg.seed = cfg.seed
+    ecfg.train.dtype = "float32" if backend_name == "torch" else "auto"
+    return make_backend(backend_name, ecfg)
+
+
+def evaluate(model_spec: str | None, data: str | None, backend: str = "auto", adapter: str = "best",
+             batch_size: int = 8, max_seq_len: int | None = None, skip_bad_lines: bool = False) -> dict:
+    """Evaluate a model (or a run: base and tuned) on `data` (for a run, default: its validation file)."""
+    from mlxft import ui
+    from mlxft.backends.select import choose_backend
+    from mlxft.errors import MlxftError
+    from mlxft.sources import resolve_model
+
+    resolved = resolve_model(model_spec, adapter=adapter)
+    cfg = _run_config(resolved)
+    if data is None:
+        data = cfg.data.valid if resolved.run is not None else None
+        if not data:
+            raise MlxftError("no evaluation data", "pass --data FILE.jsonl")
+    name, _ = choose_backend(backend)
+    seq = max_seq_len or cfg.train.max_seq_len
+
+    def load(adapter_path):
+        engine = _engine(name, cfg)
+        label = "base + adapter" if adapter_path else "model"
+        with ui.console.status(f"Loading {label} ({resolved.spec}) on {name}"):
+            engine.load(resolved.path, adapter=adapter_path, train=False)
+        return engine
+
+    engine = load(None)
+    dataset = load_dataset(data, engine.tokenizer, max_seq_len=seq, mask_prompt=cfg.train.mask_prompt,
+                           system_prompt=cfg.data.system_prompt, skip_bad_lines=skip_bad_lines)
+    if dataset.truncated:
+        ui.warn(f"{data}: {dataset.truncated} samples longer than {seq} tokens were truncated")
+    out = {"model": resolved.spec, "data": str(data), "samples": len(dataset), "format": dataset.fmt,
+           "backend": name}
+    with ui.console.status(f"Evaluating {len(dataset)} samples"):
+        base = score_dataset(engine, dataset, batch_size)
+    out["tokens"] = base.pop("tokens")
+    if resolved.adapter is None:
+        out.update(base)
+        return out
+    del engine
+    gc.collect()
+    engine = load(resolved.adapter)
+    with ui.console.status(f"Evaluating {len(dataset)} samples with the adapter"):
+        tuned = score_dataset(engine, dataset, batch_size)
+    tuned.pop("tokens")
+    out.update(base_model=str(resolved.path), adapter=str(resolved.adapter), base=base, tuned=tuned,
+               delta={k: tuned[k] - base[k] for k in base})
+    return out

@@ -1,0 +1,363 @@
+"""Retention (forgetting) check and replay: how far fine-tuning moved the model away from what
+the base model said on everyday prompts, and a way to hold it close.
+
+Probe set: mlxft/probes/general.jsonl, everyday questions (sent through the chat template) and
+short texts to continue (sent raw), written for mlxft. The first `retention.probes` are used.
+
+Before training (the adapter is freshly initialised, so the model is exactly the base model) the
+base answers every probe greedily (at most `retention.max_new_tokens` tokens; its end-of-turn
+token is kept when it stopped on its own), and the log-likelihood of that answer under the base
+is measured with the same teacher-forced forward pass used afterwards. This baseline lands in
+RUN/retention_baseline.json and is cached under MLXFT_HOME/retention/, keyed by base model
+path (plus the starting adapter's hash), backend, dtype, device, system prompt, token budget and
+the probes' text, so a repeat run does not regenerate it.
+
+After training the tuned model scores the same answers. For probe i with n_i answer tokens:
+
+    d_i   = (log p_tuned(answer_i) - log p_base(answer_i)) / n_i     (nats per token)
+    r_i   = min(1, exp(d_i))       per-token likelihood ratio of the base's own answer, capped
+    score = mean_i r_i
+
+1.0: the tuned model is at least as likely as the base to say what the base said, on every
+probe. 0.8: on average the per-token probability of the base's answer fell by a fifth. Also
+reported: `agreement`, the share of answer tokens the tuned model still predicts top-1 given
+the same prefix (the base itself scores ~1.0: its answers are its own greedy choices), and the
+worst probes. The score is measured for the adapter fuse/export use (best by validation),
+and for the last adapter when that differs. Below `retention.warn_below` a warning with advice
+is printed.
+
+Replay (`data.replay: r`): the base answers a second, disjoint prompt set
+(mlxft/probes/replay.jsonl; never the retention probes, which would inflate the score) and
+those conversations are added to the training data so they make up a share r of it. Answers
+cut off by the token budget are trimmed to their last full sentence or dropped. They are written
+to RUN/replay.jsonl (chat format) and cached like the baseline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from pathlib import Path
+
+from mlxft.data import Sample, collate
+
+PROBES_DIR = Path(__file__).resolve().parent / "probes"
+GENERAL_PROBES = PROBES_DIR / "general.jsonl"
+REPLAY_PROMPTS = PROBES_DIR / "replay.jsonl"
+BASELINE_FILE = "retention_baseline.json"
+REPLAY_FILE = "replay.jsonl"
+REPLAY_MAX_TOKENS = 80
+CACHE_VERSION = 1
+
+ADVICE = ("to keep more of the base model: train fewer steps (or set train.early_stop_patience), "
+          "lower lora.rank or train.learning_rate, or mix in the base model's own answers with "
+          "data.replay: 0.2")
+
+
+# ---------------------------------------------------------------------------- probe files
+
+
+def load_probes(path: Path = GENERAL_PROBES, limit: int | None = None) -> list[dict]:
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return rows[:limit] if limit is not None else rows
+
+
+def _sha(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _cache_dir() -> Path:
+    from mlxft.paths import home
+
+    return home() / "retention"
+
+
+def _model_identity(cfg, run, backend) -> dict:
+    """What the 'base' of this run is: its model path, plus the starting adapter when training
+    continues from another run."""
+    from mlxft.runs import Run, is_run_dir
+
+    meta = run.meta()
+    ident = {"model_path": meta.get("model_path"), "backend": backend.name, "dtype": backend.dtype_name(),
+             "device": backend.device_name(), "system_prompt": cfg.data.system_prompt}
+    if cfg.model and is_run_dir(cfg.model):
+        try:
+            adapter = Run(Path(cfg.model)).adapter()
+            ident["start_adapter"] = _file_sha(adapter / "adapter_model.safetensors")
+        except Exception:
+            ident["start_adapter"] = str(cfg.model)
+    return ident
+
+
+@contextlib.contextmanager
+def _eval_mode(backend):
+    """Run in inference mode and put the model back as it was (the torch backend's generate()
+    leaves it in eval mode, which would switch off dropout and gradient checkpointing)."""
+    model = getattr(backend, "model", None)
+    was = getattr(model, "training", None)
+    if was is not None and hasattr(model, "eval"):
+        model.eval()
+    try:
+        yield
+    finally:
+        if was is not None and hasattr(model, "train"):
+            model.train(was)
+
+
+# ---------------------------------------------------------------------------- prompts and scoring
+
+
+def probe_prompt_ids(tokenizer, probe: dict, system: str | None) -> list[int]:
+    from mlxft.inference import format_prompt
+
+    return format_prompt(tokenizer, probe["prompt"], raw=probe.get("kind") == "text", system=system)
+
+
+def _answer(backend, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], bool]:
+    """Greedy answer ids and whether the model stopped on its own (its end token is appended)."""
+    ids = list(backend.generate(prompt_ids, max_tokens, temperature=0.0))
+    stopped = len(ids) < max_tokens
+    eos = backend.tokenizer.eos_token_id
+    if stopped and eos is not None:
+        ids.append(eos)
+    return ids, stopped
+
+
+def score_answers(backend, items: list[tuple[list[int], list[int]]]) -> list[tuple[float, int, int]]:
+    """(log-likelihood, tokens, top-1 agreements) of each answer after its prompt."""
+    out = []
+    pad = backend.tokenizer.pad_token_id
+    for prompt_ids, answer_ids in items:
+        sample = Sample(ids=list(prompt_ids) + list(answer_ids),
+                        targets=[False] * len(prompt_ids) + [True] * len(answer_ids))
+        r = backend.eval_batch(collate([sample], pad))
+        out.append((-r.loss_sum, r.n_targets, r.n_correct))
+    return out
+
+
+def build_baseline(cfg, backend) -> dict:
+    """Generate and score the base model's answers to the probes."""
+    probes = load_probes(limit=cfg.retention.probes)
+    tok = backend.tokenizer
+    rows = []
+    with _eval_mode(backend):
+        for p in probes:
+            prompt_ids = probe_prompt_ids(tok, p, cfg.data.system_prompt)
+            answer_ids, stopped = _answer(backend, prompt_ids, cfg.retention.max_new_tokens)
+            if not answer_ids:
+                continue
+            (lp, n, correct), = score_answers(backend, [(prompt_ids, answer_ids)])
+            rows.append({"id": p["id"], "kind": p.get("kind", "chat"), "prompt": p["prompt"],
+                         "answer": tok.decode(answer_ids, skip_special_tokens=True), "stopped": stopped,
+                         "prompt_ids": prompt_ids, "answer_ids": answer_ids, "logprob": lp, "tokens": n,
+                         "agreement": correct / max(n, 1)})
+    return {"version": CACHE_VERSION, "max_new_tokens": cfg.retention.max_new_tokens, "probes": rows}
+
+
+def _cached_json(path: Path, build):
+    from mlxft.atomic import atomic_file
+
+    if path.is_file():
+        try:
+            return json.loads(path.read_text()), True
+        except (OSError, json.JSONDecodeError):
+            pass
+    data = build()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path, "w") as fh:
+            json.dump(data, fh)
+    except OSError:
+        pass  # a read-only cache only costs time
+    return data, False
+
+
+def compare(baseline: dict, scored: list[tuple[float, int, int]]) -> dict:
+    """The retention figures from a baseline and the tuned model's scores of the same answers."""
+    ratios, deltas, per_probe = [], [], []
+    agree = total = 0
+    for row, (lp, n, correct) in zip(baseline["probes"], scored):
+        d = (lp - row["logprob"]) / max(n, 1)
+        r = min(1.0, math.exp(min(d, 0.0)))
+        ratios.append(r)
+        deltas.append(d)
+        agree += correct
+        total += n
+        per_probe.append({"id": row["id"], "prompt": row["prompt"], "ratio": round(r, 4),
+                          "nats_per_token": round(d, 4)})
+    if not ratios:
+        return {"score": None, "reason": "no probes"}
+    worst = sorted(per_probe, key=lambda p: p["ratio"])[:3]
+    return {"score": sum(ratios) / len(ratios), "agreement": agree / max(total, 1),
+            "nats_per_token": sum(deltas) / len(deltas), "probes": len(ratios),
+            "base_agreement": sum(r["agreement"] * r["tokens"] for r in baseline["probes"]) / max(total, 1),
+            "worst": worst}
+
+
+# ---------------------------------------------------------------------------- pipeline hooks
+
+
+def before_training(cfg, run, backend) -> None:
+    """Record the base model's probe answers (RUN/retention_baseline.json) and, with data.replay,
+    its answers to the replay prompts (RUN/replay.jsonl). The backend must still behave as the
+    base model (a fresh adapter)."""
+    from mlxft import ui
+
+    ident = _model_identity(cfg, run, backend)
+    if cfg.retention.enabled and cfg.retention.probes > 0:
+        probes = load_probes(limit=cfg.retention.probes)
+        key = _sha({**ident, "probes": probes, "max_new_tokens": cfg.retention.max_new_tokens,
+                    "v": CACHE_VERSION})[:24]
+        with ui.console.status(f"Recording the base model's answers to {len(probes)} retention probes"):
+            baseline, cached = _cached_json(_cache_dir() / f"baseline-{key}.json",
+                                            lambda: build_baseline(cfg, backend))
+        baseline["identity"] = ident
+        (run.path / BASELINE_FILE).write_text(json.dumps(baseline, indent=1))
+        ui.info(f"retention baseline: {len(baseline['probes'])} probes"
+                f"{' (cached)' if cached else ''} -> {run.path / BASELINE_FILE}")
+    if cfg.data.replay > 0:
+        n_lines = _count_records(cfg.data.train)
+        need = min(len(load_probes(REPLAY_PROMPTS)), replay_count(cfg.data.replay, n_lines))
+        with ui.console.status(f"Recording the base model's answers to {need} replay prompts"):
+            records = replay_records(cfg, run, backend, need)
+        with open(run.path / REPLAY_FILE, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in records)
+        ui.info(f"replay: {len(records)} conversations of the base model -> {run.path / REPLAY_FILE}")
+
+
+def _count_records(path) -> int:
+    try:
+        with open(path, "rb") as fh:
+            return sum(1 for line in fh if line.strip())
+    except (OSError, TypeError):
+        return 0
+
+
+def replay_count(share: float, n_train: int) -> int:
+    """Replay samples so that they are `share` of the mixed training set."""
+    if share <= 0 or n_train <= 0:
+        return 0
+    return max(1, round(share * n_train / (1 - share)))
+
+
+def _trim_to_sentence(text: str) -> str | None:
+    cut = max(text.rfind(c) for c in ".!?")
+    return text[: cut + 1].strip() if cut > 0 else None
+
+
+def replay_records(cfg, run, backend, n: int) -> list[dict]:
+    """The base model's answers to the first n replay prompts, as chat records (cached per prompt)."""
+    from mlxft.atomic import atomic_file
+
+    ident = _model_identity(cfg, run, backend)
+    path = _cache_dir() / f"replay-{_sha({**ident, 'max': REPLAY_MAX_TOKENS, 'v': CACHE_VERSION})[:24]}.json"
+    try:
+        cache = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        cache = {}
+    tok = backend.tokenizer
+    records, changed = [], False
+    with _eval_mode(backend):
+        for p in load_probes(REPLAY_PROMPTS)[:n]:
+            key = f"{p['id']}:{_sha(p['prompt'])[:12]}"
+            if key not in cache:
+                ids, stopped = _answer(backend, probe_prompt_ids(tok, p, cfg.data.system_prompt), REPLAY_MAX_TOKENS)
+                text = tok.decode(ids, skip_special_tokens=True).strip()
+                cache[key] = text if stopped else _trim_to_sentence(text)
+                changed = True
+            if cache[key]:
+                records.append({"messages": [{"role": "user", "content": p["prompt"]},
+                                             {"role": "assistant", "content": cache[key]}], "id": p["id"]})
+    if changed:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_file(path, "w") as fh:
+                json.dump(cache, fh)
+        except OSError:
+            pass
+    return records
+
+
+def replay_samples(cfg, run, tokenizer, n_train: int) -> list[Sample]:
+    """Tokenized replay conversations making up a share data.replay of the training set (the
+    recorded ones repeat when there are fewer than needed)."""
+    from mlxft import ui
+    from mlxft.data import tokenize_record
+
+    path = run.path / REPLAY_FILE
+    if not path.is_file():
+        ui.warn(f"data.replay: {path} missing (the base model's answers were not recorded); training without replay")
+        return []
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not records:
+        return []
+    want = replay_count(cfg.data.replay, n_train)
+    out = []
+    for i in range(want):
+        rec = records[i % len(records)]
+        s = tokenize_record(tokenizer, rec, "chat", cfg.train.mask_prompt, cfg.data.system_prompt)
+        s.ids, s.targets = s.ids[: cfg.train.max_seq_len], s.targets[: cfg.train.max_seq_len]
+        if s.n_targets:
+            s.source = f"replay:{rec.get('id', i)}"
+            out.append(s)
+    ui.info(f"replay: {len(out)} of the base model's own answers mixed into {n_train} training samples "
+            f"(data.replay={cfg.data.replay})")
+    return out
+
+
+def _last_step_is_best(run) -> bool:
+    rows = run.metrics()
+    valid = [r for r in rows if r.get("type") == "valid"]
+    steps = [r["step"] for r in rows if r.get("type") == "train"]
+    if not valid or not steps:
+        return True
+    best = valid[0]
+    for r in valid[1:]:
+        if r["loss"] < best["loss"]:
+            best = r
+    return best["step"] == max(steps)
+
+
+def score_run(cfg, run, backend) -> dict:
+    """Score the backend's current model against the run's baseline."""
+    baseline = json.loads((run.path / BASELINE_FILE).read_text())
+    with _eval_mode(backend):
+        scored = score_answers(backend, [(r["prompt_ids"], r["answer_ids"]) for r in baseline["probes"]])
+    return compare(baseline, scored)
+
+
+def after_training(cfg, run, backend) -> dict:
+    """Retention of the tuned model (best adapter, and last when different); warns below
+    retention.warn_below. The result goes into run.json and `mlxft train`'s summary."""
+    from mlxft import ui
+
+    if not cfg.retention.enabled:
+        return {"score": None, "reason": "retention.enabled is false"}
+    if not (run.path / BASELINE_FILE).is_file():
+        return {"score": None, "reason": f"no {BASELINE_FILE} in the run"}
+    with ui.console.status("Scoring retention probes"):
+        last = score_run(cfg, run, backend)
+        result = dict(last, adapter="last")
+        if not _last_step_is_best(run) and (run.best_adapter / "adapter_config.json").is_file():
+            backend.load(run.base_model_path(), adapter=run.best_adapter, train=False)
+            result = dict(score_run(cfg, run, backend), adapter="best", score_last=last["score"])
+    score = result.get("score")
+    result["warn_below"] = cfg.retention.warn_below
+    if score is not None:
+        ui.info(f"retention: {score:.3f} (probe answers of the base model; top-1 agreement "
+                f"{result['agreement']:.3f}, {result['nats_per_token']:+.3f} nats/token, {result['adapter']} adapter)")
+        if score < cfg.retention.warn_below:
+            result["warning"] = (f"retention {score:.3f} is below retention.warn_below={cfg.retention.warn_below}: "
+                                 f"the tuned model drifted from the base model on everyday prompts; {ADVICE}")
+            ui.warn(result["warning"])
+    return result

@@ -1,0 +1,135 @@
+"""`mlxft eval`: figures equal a hand computation on a tiny model; a run shows base and tuned
+side by side with the difference; bad data fails on one line naming the file and line."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from mlxft.cli import cli
+
+CHATS = [
+    [{"role": "user", "content": "What colour is the sky?"}, {"role": "assistant", "content": "Blue, mostly."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."},
+     {"role": "assistant", "content": "An apple."}, {"role": "user", "content": "Another?"},
+     {"role": "assistant", "content": "A pear."}],
+    [{"role": "user", "content": "Count to three."}, {"role": "assistant", "content": "One, two, three."}],
+]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def train_tiny(model_dir, out, data, valid, *sets):
+    from mlxft.config import build_config
+    from mlxft.pipeline import train_run
+
+    cfg = build_config(None, ["train.dtype=float32", *sets],
+                       {"model": str(model_dir), "backend": "torch", "data": {"train": str(data), "valid": str(valid)}})
+    return train_run(cfg, out)
+
+
+def hand_figures(model_dir, path, fmt="chat"):
+    """Loss / ppl / accuracy straight from transformers logits, one unpadded sample at a time."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlxft.data import tokenize_record
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    nll, n, correct = 0.0, 0, 0
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        sample = tokenize_record(tok, record, fmt, mask_prompt=True)
+        picked = tok.decode([t for t, m in zip(sample.ids, sample.targets) if m])
+        if fmt == "chat":  # the training masking: exactly the assistant turns and their end-of-turn token
+            messages = record["messages"]
+            assert picked == "".join(m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant")
+        else:  # text: every token, and the EOS the model must learn to emit
+            assert picked.endswith(record["text"] + tok.eos_token)
+        ids = torch.tensor([sample.ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+        for t in range(1, len(sample.ids)):
+            if sample.targets[t]:
+                nll -= float(logp[t - 1, sample.ids[t]])
+                correct += int(int(logp[t - 1].argmax()) == sample.ids[t])
+                n += 1
+    return {"loss": nll / n, "ppl": math.exp(nll / n), "accuracy": correct / n, "tokens": n}
+
+
+@pytest.fixture(scope="module")
+def varied_model(tmp_path_factory, default_model_dir):
+    """A tiny model with an untied head, so its top-1 predictions vary (some are right)."""
+    from tests.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("eval") / "tiny", default_model_dir, seed=3,
+                           tie_word_embeddings=False)
+
+
+def test_eval_equals_hand_computation(varied_model, tmp_path):
+    data = write_jsonl(tmp_path / "chats.jsonl", [{"messages": m} for m in CHATS])
+    res = CliRunner().invoke(cli, ["eval", str(varied_model), "--data", str(data), "--json", "--batch-size", "2"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    want = hand_figures(varied_model, data)
+    assert got["samples"] == 3 and got["tokens"] == want["tokens"]
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-4)
+    assert got["accuracy"] == pytest.approx(want["accuracy"])
+    text = CliRunner().invoke(cli, ["eval", str(varied_model), "--data", str(data)])
+    assert text.exit_code == 0 and "perplexity" in text.stdout and f"{want['loss']:.4f}" in text.stdout
+
+
+def test_eval_run_base_vs_tuned(tiny_model_dir, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"messages": m} for m in CHATS] * 4)
+    valid = write_jsonl(tmp_path / "valid.jsonl", [{"messages": m} for m in CHATS])
+    run = tmp_path / "run"
+    train_tiny(tiny_model_dir, run, train, valid, "train.steps=12", "train.learning_rate=1e-2",
+               "retention.enabled=false", "train.eval_every=4")
+    res = CliRunner().invoke(cli, ["eval", str(run), "--json"])  # default data: the run's validation file
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    assert got["data"] == str(valid) and got["adapter"].endswith("adapter-best")
+    base = hand_figures(tiny_model_dir, valid)
+    assert got["base"]["loss"] == pytest.approx(base["loss"], rel=1e-5)
+    assert got["tuned"]["loss"] < got["base"]["loss"] - 0.1  # trained on the same conversations
+    for key in ("loss", "ppl", "accuracy"):
+        assert got["delta"][key] == pytest.approx(got["tuned"][key] - got["base"][key])
+    # the tuned figure is the best adapter's: its validation loss as the trainer recorded it
+    from mlxft.runs import Run
+
+    best = min(r["loss"] for r in Run(run).metrics() if r.get("type") == "valid")
+    assert got["tuned"]["loss"] == pytest.approx(best, rel=1e-4)
+    table = CliRunner().invoke(cli, ["eval", str(run), "--data", str(valid)])
+    assert table.exit_code == 0
+    assert "base" in table.stdout and "tuned" in table.stdout and "change" in table.stdout
+
+
+def test_eval_text_format_equals_hand_computation(varied_model, tmp_path):
+    """Text records: every token scored, BOS/EOS as in training; padding in a batch changes nothing."""
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": "The cat sat on the mat, and then it slept."},
+                                                 {"text": "a b c d e f g"}, {"text": "Hello!"}])
+    res = CliRunner().invoke(cli, ["eval", str(varied_model), "--data", str(data), "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    want = hand_figures(varied_model, data, fmt="text")
+    assert got["format"] == "text" and got["tokens"] == want["tokens"]
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert got["accuracy"] == pytest.approx(want["accuracy"])
+
+
+def test_eval_bad_data_is_one_line(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    res = CliRunner().invoke(cli, ["eval", str(tiny_model_dir), "--data", str(bad)])
+    assert res.exit_code == 1
+    assert f"{bad}:1" in res.output and "assistant" in res.output
+    none = CliRunner().invoke(cli, ["eval", str(tiny_model_dir)])
+    assert none.exit_code == 1 and "--data" in none.output

@@ -1,0 +1,170 @@
+"""Retention check and replay: the score falls when a tiny model is trained hard on unrelated
+data and stays near 1.0 with a tiny learning rate; the baseline is cached per base model;
+replay mixes the base model's own answers in at the requested share."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.test_eval import write_jsonl
+
+FEW = ["retention.probes=6", "retention.max_new_tokens=8", "train.dtype=float32"]
+
+
+@pytest.fixture(scope="module")
+def varied_model(tmp_path_factory, default_model_dir):
+    """Tiny model with an untied head: its greedy answers are varied tokens, not all newlines."""
+    from tests.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("ret") / "tiny", default_model_dir, seed=1,
+                           tie_word_embeddings=False)
+
+
+@pytest.fixture
+def unrelated(tmp_path):
+    """Nothing like the probes: one nonsense chant repeated."""
+    rec = {"messages": [{"role": "user", "content": "zork"}, {"role": "assistant", "content": "plugh xyzzy " * 6}]}
+    return write_jsonl(tmp_path / "unrelated.jsonl", [rec] * 16)
+
+
+def train(model, out, data, *sets):
+    from mlxft.config import build_config
+    from mlxft.pipeline import train_run
+
+    cfg = build_config(None, [*FEW, *sets], {"model": str(model), "backend": "torch",
+                                            "data": {"train": str(data), "valid": str(data)}})
+    return train_run(cfg, out)
+
+
+def count_generate(monkeypatch) -> list:
+    from mlxft.backends.torch_backend import TorchBackend
+
+    calls = []
+    real = TorchBackend.generate
+
+    def counted(self, *a, **kw):
+        calls.append(1)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(TorchBackend, "generate", counted)
+    return calls
+
+
+def test_retention_falls_when_trained_hard(varied_model, unrelated, tmp_path, capsys):
+    summary = train(varied_model, tmp_path / "hard", unrelated, "train.steps=30", "train.learning_rate=5e-2",
+                    "lora.rank=16", "train.eval_every=30")
+    ret = summary["retention"]
+    assert ret["probes"] == 6 and ret["base_agreement"] > 0.9
+    assert ret["score"] < 0.7, ret  # ~0.5 measured; ~1.0 untrained
+    assert ret["agreement"] < ret["base_agreement"]
+    assert "warning" in ret and "data.replay" in ret["warning"] and "learning_rate" in ret["warning"]
+    assert "below retention.warn_below" in capsys.readouterr().err
+    meta = json.loads((tmp_path / "hard" / "run.json").read_text())
+    assert meta["results"]["retention"]["score"] == pytest.approx(ret["score"])
+    baseline = json.loads((tmp_path / "hard" / "retention_baseline.json").read_text())
+    assert len(baseline["probes"]) == 6 and all(p["answer_ids"] for p in baseline["probes"])
+
+
+def test_retention_near_one_with_tiny_lr_and_baseline_cached(varied_model, unrelated, tmp_path, monkeypatch):
+    from mlxft.paths import home
+
+    calls = count_generate(monkeypatch)
+    first = train(varied_model, tmp_path / "a", unrelated, "train.steps=3", "train.learning_rate=1e-7",
+                  "retention.probes=5")
+    assert len(calls) == 5  # the base answered each probe once
+    ret = first["retention"]
+    assert ret["score"] > 0.999 and ret["agreement"] > 0.95 and abs(ret["nats_per_token"]) < 1e-3
+    assert "warning" not in ret
+    calls.clear()
+    second = train(varied_model, tmp_path / "b", unrelated, "train.steps=3", "train.learning_rate=1e-7",
+                   "retention.probes=5")
+    assert calls == []  # cached under MLXFT_HOME/retention
+    assert second["retention"]["score"] == pytest.approx(ret["score"])
+    a = json.loads((tmp_path / "a" / "retention_baseline.json").read_text())
+    b = json.loads((tmp_path / "b" / "retention_baseline.json").read_text())
+    assert a["probes"] == b["probes"]
+    assert any(p.name.startswith("baseline-") for p in (home() / "retention").iterdir())
+
+
+def test_retention_scores_best_adapter(varied_model, unrelated, tmp_path):
+    """When validation is best before the last step, the adapter that fuse/export use is the one scored."""
+    from mlxft.runs import Run
+
+    # validate on the probes' kind of text so validation loss worsens as training drifts
+    valid = write_jsonl(tmp_path / "valid.jsonl", [
+        {"messages": [{"role": "user", "content": "What is the capital of France?"},
+                      {"role": "assistant", "content": "Paris is the capital of France."}]}])
+    from mlxft.config import build_config
+    from mlxft.pipeline import train_run
+
+    cfg = build_config(None, [*FEW, "train.steps=12", "train.learning_rate=3e-2", "train.eval_every=2",
+                              "retention.probes=3"],
+                       {"model": str(varied_model), "backend": "torch",
+                        "data": {"train": str(unrelated), "valid": str(valid)}})
+    summary = train_run(cfg, tmp_path / "run")
+    ret = summary["retention"]
+    if summary["best_step"] == summary["steps"]:
+        assert ret["adapter"] == "last"
+    else:
+        assert ret["adapter"] == "best" and "score_last" in ret
+    assert Run(tmp_path / "run").adapter().name == "adapter-best"
+
+
+def test_replay_count_and_samples(default_model_dir, tmp_path):
+    from mlxft.config import Config
+    from mlxft.retention import REPLAY_FILE, replay_count, replay_samples
+    from mlxft.runs import create_run
+    from mlxft.tokenizer import load_tokenizer
+
+    assert replay_count(0.0, 100) == 0
+    assert replay_count(0.2, 80) == 20  # 20 of 100 = 0.2
+    assert replay_count(0.5, 10) == 10
+    tok = load_tokenizer(default_model_dir)
+    run = create_run(tmp_path / "run")
+    recs = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"Question {i}?"},
+                                         {"role": "assistant", "content": f"Answer {i}."}]} for i in range(3)]
+    write_jsonl(run.path / REPLAY_FILE, recs)
+    cfg = Config()
+    cfg.data.replay = 0.25
+    samples = replay_samples(cfg, run, tok, 30)
+    assert len(samples) == 10  # recorded answers repeat to reach the share
+    assert [s.source for s in samples[:4]] == ["replay:r0", "replay:r1", "replay:r2", "replay:r0"]
+    picked = tok.decode([t for t, m in zip(samples[1].ids, samples[1].targets) if m])
+    assert picked == "Answer 1.<|im_end|>"  # loss only on the base model's answer, as in training
+
+
+def test_replay_records_trim_and_drop(default_model_dir, tmp_path):
+    """Answers cut off by the token budget keep their last full sentence, or are dropped."""
+    from mlxft.config import Config
+    from mlxft.retention import REPLAY_MAX_TOKENS, replay_records
+    from mlxft.runs import create_run
+    from mlxft.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(default_model_dir)
+    answers = [("Short and done.", True), ("Rain is water falling. It comes from clouds and", False),
+               ("no sentence end at all", False)]
+
+    class Stub:
+        name = "stub"
+        tokenizer = tok
+        calls = 0
+
+        def generate(self, prompt_ids, max_tokens, temperature=0.0, **kw):
+            text, stopped = answers[Stub.calls]
+            Stub.calls += 1
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            # a cut-off answer uses the whole budget (padded here with a special token that decodes to "")
+            return ids if stopped else ids + [tok.pad_token_id] * (max_tokens - len(ids))
+
+        def dtype_name(self):
+            return "float32"
+
+        def device_name(self):
+            return "cpu"
+
+    run = create_run(tmp_path / "run", model_path=str(default_model_dir))
+    records = replay_records(Config(), run, Stub(), 3)
+    assert [r["messages"][1]["content"] for r in records] == ["Short and done.", "Rain is water falling."]
+    assert Stub.calls == 3 and REPLAY_MAX_TOKENS > 20
