@@ -145,3 +145,20 @@ def test_unsupported_models_fail_in_one_line(tiny_model_dir, tmp_path, edit, wor
     msg = exc.value.message
     assert "\n" not in msg and all(w in msg for w in words)
     assert be.model is None
+
+
+def test_learning_rate_is_applied_per_step(tiny_model_dir):
+    """The compiled step reads the rate set for each step (the shared warmup/cosine schedule)."""
+    from mlx.utils import tree_flatten
+
+    be = _mlx(config(), tiny_model_dir)
+    batch = collate(samples(), 2)
+
+    def params():
+        return {k: np.array(v) for k, v in tree_flatten(be.model.trainable_parameters())}
+
+    start = params()
+    be.train_step([batch], 0.0)
+    assert all(np.array_equal(start[k], v) for k, v in params().items())
+    be.train_step([batch], 1e-2)
+    assert any(not np.array_equal(start[k], v) for k, v in params().items())

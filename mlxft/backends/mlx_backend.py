@@ -148,6 +148,8 @@ class MLXBackend(Backend):
         self.model_path, self.config = model_path, config
         if self.cfg.train.dtype != "auto":
             model.set_dtype(getattr(mx, self.cfg.train.dtype))
+        elif self._compute_dtype(model) == mx.float32 and self._metal():
+            model.set_dtype(mx.bfloat16)  # as the torch backend's auto: bf16 where the GPU computes it
         self.dtype = self._compute_dtype(model)
         model.freeze()
         if adapter is not None:
@@ -179,11 +181,17 @@ class MLXBackend(Backend):
             mx.reset_peak_memory()
         del nn
 
+    def _metal(self) -> bool:
+        try:
+            return bool(self.mx.metal.is_available())
+        except Exception:
+            return False
+
     def _setup_device(self) -> None:
         """On Metal: wire the recommended working set as mlx-lm does; size the cache limit."""
         mx = self.mx
         try:
-            if mx.metal.is_available():
+            if self._metal():
                 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
                 maybe_set_recommended_wired_limit()
