@@ -131,8 +131,6 @@ class MLXBackend(Backend):
 
     def load(self, model_path: Path, adapter: Path | None = None, train: bool = True) -> None:
         mx = self.mx
-        import mlx.nn as nn
-
         model_path = Path(model_path)
         config = check_model(model_path)
         self._setup_device()
@@ -166,10 +164,12 @@ class MLXBackend(Backend):
         if train:
             import mlx.optimizers as optim
 
-            if self.cfg.train.grad_checkpoint:
+            block = type(model.layers[0])
+            if self.cfg.train.grad_checkpoint and not getattr(block, "_mlxft_checkpointed", False):
                 from mlx_lm.tuner.trainer import grad_checkpoint
 
-                grad_checkpoint(model.layers[0])
+                grad_checkpoint(model.layers[0])  # patches the block class, once per process
+                block._mlxft_checkpointed = True
             self.optimizer = optim.AdamW(learning_rate=self.cfg.train.learning_rate, betas=[0.9, 0.999],
                                          eps=1e-8, weight_decay=self.cfg.train.weight_decay, bias_correction=True)
             self.optimizer.init(model.trainable_parameters())
@@ -179,7 +179,6 @@ class MLXBackend(Backend):
         mx.eval(model.parameters())
         if hasattr(mx, "reset_peak_memory"):
             mx.reset_peak_memory()
-        del nn
 
     def _metal(self) -> bool:
         try:
