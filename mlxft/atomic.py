@@ -10,6 +10,27 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
+def write_errors(what: str, path: Path | str):
+    """Turn OS write failures (disk full, read-only, permission) into a one-line user error."""
+    from mlxft.errors import MlxftError
+
+    try:
+        yield
+    except MlxftError:
+        raise
+    except Exception as exc:
+        # safetensors and torch report write failures as their own exception types.
+        text = " ".join(str(exc).split())
+        if isinstance(exc, OSError):
+            reason = exc.strerror or text
+        elif "No space left" in text or "I/O error" in text or "os error" in text:
+            reason = "No space left on device" if "No space left" in text else text
+        else:
+            raise
+        raise MlxftError(f"{path}: cannot write {what} ({reason}); anything written before is intact") from None
+
+
+@contextlib.contextmanager
 def atomic_dir(target: Path | str):
     """Yield a temporary folder beside `target`; on success it replaces `target` in one rename
     (the old one is moved aside first and removed after). On failure the old target is untouched."""
@@ -30,6 +51,19 @@ def atomic_dir(target: Path | str):
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(target: Path | str) -> bool:
+    """If a process died between atomic_dir's two renames, put the previous folder back.
+    Returns True when `target` exists afterwards."""
+    target = Path(target)
+    if target.exists():
+        return True
+    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds:
+        os.replace(olds[-1], target)
+        return True
+    return False
 
 
 @contextlib.contextmanager

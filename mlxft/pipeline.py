@@ -3,6 +3,7 @@ create the run directory, train, record results and plot the curves."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import time
 from pathlib import Path
@@ -82,10 +83,11 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
     except BaseException as exc:
         from mlxft.errors import Interrupted
 
-        if isinstance(exc, Interrupted):
-            run.update_meta(status="interrupted", step=exc.args[0])
-        elif isinstance(exc, MlxftError):
-            run.update_meta(status="failed", error=exc.message)
+        with contextlib.suppress(OSError):  # a full disk must not hide the original error
+            if isinstance(exc, Interrupted):
+                run.update_meta(status="interrupted", step=exc.args[0])
+            elif isinstance(exc, MlxftError):
+                run.update_meta(status="failed", error=exc.message)
         raise
     summary["wall_seconds"] = round(time.time() - started, 2)
     if retention is not None:
@@ -101,6 +103,9 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
 def resume_config(run_dir: Path) -> Config:
     if not is_run_dir(run_dir):
         raise MlxftError(f"--resume {run_dir}: not a run directory (no run.json)")
+    from mlxft.atomic import recover_dir
+
+    recover_dir(Path(run_dir) / "checkpoint")
     if not (Path(run_dir) / "checkpoint" / "trainer.json").is_file():
         raise MlxftError(f"--resume {run_dir}: the run has no checkpoint yet; start it again instead")
     meta = Run(Path(run_dir)).meta()

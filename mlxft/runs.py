@@ -92,9 +92,12 @@ class Run:
 
 
 def create_run(path: Path | str, **meta) -> Run:
+    from mlxft.atomic import write_errors
+
     run = Run(Path(path))
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.update_meta(created=time.strftime("%Y-%m-%dT%H:%M:%S"), **meta)
+    with write_errors("run directory", run.path):
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.update_meta(created=time.strftime("%Y-%m-%dT%H:%M:%S"), **meta)
     return run
 
 
@@ -116,8 +119,11 @@ class MetricsWriter:
         self.fh = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self.fh.write(json.dumps(record) + "\n")
-        self.fh.flush()
+        from mlxft.atomic import write_errors
+
+        with write_errors("metrics", self.fh.name):
+            self.fh.write(json.dumps(record) + "\n")
+            self.fh.flush()
 
     def close(self) -> None:
         self.fh.close()

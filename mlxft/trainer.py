@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlxft.atomic import atomic_dir
+from mlxft.atomic import atomic_dir, write_errors
 from mlxft.backends.base import Backend
 from mlxft.config import Config
 from mlxft.data import Dataset, collate, eval_batches, length_grouped_batches, pack
@@ -105,7 +105,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> None:
-        with atomic_dir(self.run.checkpoint) as tmp:
+        with write_errors("checkpoint", self.run.checkpoint), atomic_dir(self.run.checkpoint) as tmp:
             self.backend.save_adapter(tmp / "adapter")
             self.backend.save_state(tmp)
             extra = {"python_rng": repr(random.getstate()), "numpy_rng": _np_rng_state()}
@@ -178,7 +178,8 @@ class Trainer:
                         if self.state.best_val is None or val["loss"] < self.state.best_val:
                             self.state.best_val, self.state.best_step = val["loss"], step
                             self.state.evals_since_best = 0
-                            self.backend.save_adapter(self.run.best_adapter)
+                            with write_errors("best adapter", self.run.best_adapter):
+                                self.backend.save_adapter(self.run.best_adapter)
                         else:
                             self.state.evals_since_best += 1
                             if t.early_stop_patience and self.state.evals_since_best >= t.early_stop_patience:
@@ -199,7 +200,8 @@ class Trainer:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
             metrics.close()
-        self.backend.save_adapter(self.run.last_adapter)
+        with write_errors("adapter", self.run.last_adapter):
+            self.backend.save_adapter(self.run.last_adapter)
         return {"steps": self.state.step, "total_steps": self.total, "best_val_loss": self.state.best_val,
                 "best_step": self.state.best_step, "last_val_loss": last_val, "tokens": self.state.tokens,
                 "train_seconds": round(self.state.seconds, 2),

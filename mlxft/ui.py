@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.console import Console
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def is_interactive() -> bool:
@@ -36,3 +36,25 @@ def emit_json(data: Any) -> None:
 def result(text: str) -> None:
     sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
     sys.stdout.flush()
+
+
+def quiet_libraries() -> None:
+    """Silence library progress bars and deprecation chatter that would bury mlxft's own output."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:
+        pass

@@ -78,6 +78,9 @@ class TorchBackend(Backend):
         torch = self.torch
         from transformers import AutoModelForCausalLM
 
+        from mlxft.ui import quiet_libraries
+
+        quiet_libraries()
         torch.manual_seed(self.cfg.seed)
         model_path = torch_loadable(Path(model_path))
         self.tokenizer = load_tokenizer(model_path)
