@@ -39,6 +39,7 @@ import contextlib
 import hashlib
 import json
 import math
+import time
 from pathlib import Path
 
 from mlxft.data import Sample, collate
@@ -51,9 +52,11 @@ REPLAY_FILE = "replay.jsonl"
 REPLAY_MAX_TOKENS = 80
 CACHE_VERSION = 1
 
-ADVICE = ("to keep more of the base model: train fewer steps (or set train.early_stop_patience), "
-          "lower lora.rank or train.learning_rate, or mix in the base model's own answers with "
-          "data.replay: 0.2")
+def advice(cfg) -> str:
+    replay = (f"raise data.replay (now {cfg.data.replay:g}) to mix in more of the base model's own answers"
+              if cfg.data.replay > 0 else "mix in the base model's own answers with data.replay: 0.2")
+    return ("to keep more of the base model: train fewer steps (or set train.early_stop_patience), "
+            f"lower lora.rank or train.learning_rate, or {replay}")
 
 
 # ---------------------------------------------------------------------------- probe files
@@ -218,21 +221,24 @@ def before_training(cfg, run, backend) -> None:
         probes = load_probes(limit=cfg.retention.probes)
         key = _sha({**ident, "probes": probes, "max_new_tokens": cfg.retention.max_new_tokens,
                     "v": CACHE_VERSION})[:24]
+        started = time.perf_counter()
         with ui.console.status(f"Recording the base model's answers to {len(probes)} retention probes"):
             baseline, cached = _cached_json(_cache_dir() / f"baseline-{key}.json",
                                             lambda: build_baseline(cfg, backend))
         baseline["identity"] = ident
         (run.path / BASELINE_FILE).write_text(json.dumps(baseline, indent=1))
-        ui.info(f"retention baseline: {len(baseline['probes'])} probes"
-                f"{' (cached)' if cached else ''} -> {run.path / BASELINE_FILE}")
+        how = "cached" if cached else f"{time.perf_counter() - started:.1f}s"
+        ui.info(f"retention baseline: {len(baseline['probes'])} probes ({how}) -> {run.path / BASELINE_FILE}")
     if cfg.data.replay > 0:
         n_lines = _count_records(cfg.data.train)
         need = min(len(load_probes(REPLAY_PROMPTS)), replay_count(cfg.data.replay, n_lines))
+        started = time.perf_counter()
         with ui.console.status(f"Recording the base model's answers to {need} replay prompts"):
             records = replay_records(cfg, run, backend, need)
         with open(run.path / REPLAY_FILE, "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in records)
-        ui.info(f"replay: {len(records)} conversations of the base model -> {run.path / REPLAY_FILE}")
+        ui.info(f"replay: {len(records)} of {need} answers of the base model usable "
+                f"({time.perf_counter() - started:.1f}s) -> {run.path / REPLAY_FILE}")
 
 
 def _count_records(path) -> int:
@@ -358,6 +364,6 @@ def after_training(cfg, run, backend) -> dict:
                 f"{result['agreement']:.3f}, {result['nats_per_token']:+.3f} nats/token, {result['adapter']} adapter)")
         if score < cfg.retention.warn_below:
             result["warning"] = (f"retention {score:.3f} is below retention.warn_below={cfg.retention.warn_below}: "
-                                 f"the tuned model drifted from the base model on everyday prompts; {ADVICE}")
+                                 f"the tuned model drifted from the base model on everyday prompts; {advice(cfg)}")
             ui.warn(result["warning"])
     return result

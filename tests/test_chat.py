@@ -139,3 +139,14 @@ def test_chat_engine_errors(tmp_path):
 
     res = CliRunner().invoke(cli, ["chat", str(tmp_path), "--engine", "llama.cpp"])
     assert res.exit_code == 1 and "needs a .gguf file" in res.output
+
+
+@pytest.mark.mlx
+def test_chat_mlx_backend(chatty_model):
+    """The MLX backend chats the same greedy answer as the torch one (float32 tiny model)."""
+    pytest.importorskip("mlx_lm")
+    first = expected_answer(chatty_model, "hello there", max_tokens=6)
+    proc = subprocess.run([sys.executable, "-m", "mlxft", "chat", str(chatty_model), "-n", "6", "--backend", "mlx"],
+                          input="hello there\n", capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "(mlx" in proc.stderr and proc.stdout == first + "\n"

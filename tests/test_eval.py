@@ -91,7 +91,7 @@ def test_eval_run_base_vs_tuned(tiny_model_dir, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [{"messages": m} for m in CHATS] * 4)
     valid = write_jsonl(tmp_path / "valid.jsonl", [{"messages": m} for m in CHATS])
     run = tmp_path / "run"
-    train_tiny(tiny_model_dir, run, train, valid, "train.steps=12", "train.learning_rate=1e-2",
+    train_tiny(tiny_model_dir, run, train, valid, "train.steps=8", "train.learning_rate=1e-2",
                "retention.enabled=false", "train.eval_every=4")
     res = CliRunner().invoke(cli, ["eval", str(run), "--json"])  # default data: the run's validation file
     assert res.exit_code == 0, res.output
@@ -133,3 +133,15 @@ def test_eval_bad_data_is_one_line(tiny_model_dir, tmp_path):
     assert f"{bad}:1" in res.output and "assistant" in res.output
     none = CliRunner().invoke(cli, ["eval", str(tiny_model_dir)])
     assert none.exit_code == 1 and "--data" in none.output
+
+
+@pytest.mark.mlx
+def test_eval_mlx_backend_equals_hand_computation(varied_model, tmp_path):
+    pytest.importorskip("mlx_lm")
+    data = write_jsonl(tmp_path / "chats.jsonl", [{"messages": m} for m in CHATS])
+    res = CliRunner().invoke(cli, ["eval", str(varied_model), "--data", str(data), "--json", "--backend", "mlx"])
+    assert res.exit_code == 0, res.output
+    got, want = json.loads(res.stdout), hand_figures(varied_model, data)
+    assert got["backend"] == "mlx" and got["tokens"] == want["tokens"]
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+    assert got["accuracy"] == pytest.approx(want["accuracy"])

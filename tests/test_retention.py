@@ -164,7 +164,34 @@ def test_replay_records_trim_and_drop(default_model_dir, tmp_path):
         def device_name(self):
             return "cpu"
 
-    run = create_run(tmp_path / "run", model_path=str(default_model_dir))
+    run = create_run(tmp_path / "run", model_path=str(tmp_path))  # a fresh cache key
     records = replay_records(Config(), run, Stub(), 3)
     assert [r["messages"][1]["content"] for r in records] == ["Short and done.", "Rain is water falling."]
     assert Stub.calls == 3 and REPLAY_MAX_TOKENS > 20
+    again = replay_records(Config(), run, Stub(), 3)  # answered from the cache: no more generation
+    assert again == records and Stub.calls == 3
+
+
+@pytest.mark.slow
+def test_retention_and_replay_on_default_model(default_model_dir, tmp_path):
+    """The real SmolLM2-135M on the quickstart data: its greedy probe answers are its own top-1
+    choices under the teacher-forced scoring, a short run keeps a high score, and replay records
+    real sentences from the base model."""
+    from pathlib import Path
+
+    from mlxft.config import RECIPES_DIR
+
+    data = Path(RECIPES_DIR) / "data" / "quickstart"
+    from mlxft.config import build_config
+    from mlxft.pipeline import train_run
+
+    cfg = build_config(None, ["retention.probes=4", "retention.max_new_tokens=12", "train.steps=4",
+                              "data.replay=0.05", "train.eval_every=4"],
+                       {"model": str(default_model_dir), "backend": "torch",
+                        "data": {"train": str(data / "train.jsonl"), "valid": str(data / "valid.jsonl")}})
+    summary = train_run(cfg, tmp_path / "run")
+    ret = summary["retention"]
+    assert ret["base_agreement"] > 0.9 and 0.5 < ret["score"] <= 1.0
+    replay = [json.loads(x) for x in (tmp_path / "run" / "replay.jsonl").read_text().splitlines()]
+    assert 1 <= len(replay) <= 4
+    assert all(r["messages"][1]["content"].strip() for r in replay)
