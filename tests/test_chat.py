@@ -38,7 +38,8 @@ class Terminal:
     def __init__(self, args, stderr_path):
         self.master, slave = pty.openpty()
         self.err = open(stderr_path, "w")
-        self.proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=self.err, close_fds=True)
+        env = dict(os.environ, TERM="dumb")  # no bracketed-paste or colour escapes from readline
+        self.proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=self.err, close_fds=True, env=env)
         os.close(slave)
         self.buffer = b""
 
