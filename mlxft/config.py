@@ -18,7 +18,7 @@ import yaml
 from mlxft.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-PACKAGED_RECIPES_DIR = Path(__file__).resolve().parent / "resources" / "recipes"
+PACKAGED_RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # for non-editable installs
 
 
 @dataclass
@@ -304,6 +304,9 @@ def validate(cfg: Config) -> None:
         (lo.layers is None or lo.layers > 0, "lora.layers", "must be positive"),
         (0 < cfg.data.valid_split < 1, "data.valid_split", "must be between 0 and 1"),
         (0 <= cfg.data.replay < 1, "data.replay", "must be in [0, 1)"),
+        (cfg.retention.probes >= 0, "retention.probes", "must be >= 0"),
+        (cfg.retention.max_new_tokens >= 1, "retention.max_new_tokens", "must be at least 1"),
+        (0 <= cfg.retention.warn_below <= 1, "retention.warn_below", "must be between 0 and 1"),
     ]
     for ok, key, why in checks:
         if not ok:

@@ -115,6 +115,10 @@ def import_gguf(path: Path, name: str | None = None) -> Path:
     target = imported_models_dir() / f"{name or path.stem}-{digest[:12]}"
     if (target / "config.json").is_file() and _import_format(target) >= IMPORT_FORMAT:
         return target
+    # The same bytes under another name (an Ollama tag alias, a copied file): reuse that import.
+    for other in sorted(imported_models_dir().glob(f"*-{digest[:12]}")):
+        if (other / "config.json").is_file() and _import_format(other) >= IMPORT_FORMAT:
+            return other
     info = inspect_gguf(path)
     if info["architecture"] not in SUPPORTED_ARCHS:
         raise ModelError(f"{path}: GGUF architecture '{info['architecture']}' is not supported",
