@@ -1,5 +1,16 @@
-"""Training progress on stderr: a rich bar (step, loss, lr, tokens/s, ETA, memory) on a
-terminal; plain periodic lines otherwise."""
+"""Training progress on stderr: a rich bar (step, loss, lr, tokens/s, MFU, ETA, memory) on a
+terminal; plain periodic lines otherwise.
+
+MFU (model FLOPs utilisation) = tokens/s x FLOPs per token / the device's measured matmul FLOP/s
+(`mlxft.devicebench`, the figure `mlxft doctor --bench` prints, for the dtype training computes
+in). FLOPs per token is a documented approximation, computed by the backend
+(`TorchBackend.flops_per_token`): 2 x the weights of the transformer blocks' linear layers for
+the forward pass, plus 2 x those of the blocks from the earliest adapted one up for the activation
+gradients of the backward pass (frozen weights need no weight gradients). Left out: the output
+head (mlxft applies it only at target positions), attention scores, LoRA's own small matmuls,
+recomputation under gradient checkpointing (model FLOPs, not hardware FLOPs), and padding (tokens/s
+counts real tokens only). A backend that gives no FLOPs figure simply shows no MFU.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +20,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mlxft import ui
 from mlxft.sysinfo import peak_rss_bytes
+
+# Set by a backend when it loads a model for training: (FLOPs per trained token, device FLOP/s).
+# The trainer does not pass them yet; TrainProgress reads them when it starts and clears them
+# when it ends, so a later run with another backend never shows a stale figure.
+_model_flops: dict = {"per_token": None, "device": None}
+
+
+def set_model_flops(per_token: float | None, device_flops: float | None) -> None:
+    _model_flops.update(per_token=per_token, device=device_flops)
+
+
+def mfu(tok_s: float, per_token: float | None, device_flops: float | None) -> float | None:
+    """Model FLOPs utilisation as a fraction, None when either figure is unknown."""
+    if not per_token or not device_flops or tok_s <= 0:
+        return None
+    return tok_s * per_token / device_flops
 
 
 def fmt_bytes(n: int | None) -> str:
@@ -22,11 +49,14 @@ def fmt_bytes(n: int | None) -> str:
 
 
 class TrainProgress:
-    def __init__(self, total_steps: int, start_step: int = 0, plain_every: int = 10):
+    def __init__(self, total_steps: int, start_step: int = 0, plain_every: int = 10,
+                 flops_per_token: float | None = None, device_flops: float | None = None):
         self.total = total_steps
         self.interactive = ui.is_interactive()
         self.plain_every = plain_every
         self.started = time.monotonic()
+        self.flops_per_token = flops_per_token or _model_flops["per_token"]
+        self.device_flops = device_flops or _model_flops["device"]
         self.progress = None
         if self.interactive:
             self.progress = Progress(
@@ -41,13 +71,15 @@ class TrainProgress:
         return self
 
     def __exit__(self, *exc):
+        set_model_flops(None, None)
         if self.progress:
             self.progress.stop()
 
     def step(self, step: int, loss: float, lr: float, tok_s: float, val: float | None, peak: int | None):
         mem = fmt_bytes(peak or peak_rss_bytes())
+        util = mfu(tok_s, self.flops_per_token, self.device_flops)
         stats = f"loss {loss:.3f}" + (f" val {val:.3f}" if val is not None else "") + \
-                f" lr {lr:.1e} {tok_s:,.0f} tok/s mem {mem}"
+                f" lr {lr:.1e} {tok_s:,.0f} tok/s" + (f" mfu {util:.0%}" if util is not None else "") + f" mem {mem}"
         if self.progress:
             self.progress.update(self.task, completed=step, stats=stats)
         elif step == 1 or step % self.plain_every == 0 or step == self.total:
