@@ -18,13 +18,16 @@ Measured per contender, after --skip warm-up steps: trained tokens/s (real token
 excluded; the time from the end of step `skip` to the end of the last step, data preparation
 included), the wall time of the whole process (imports, load, train), peak RSS of the process
 (ru_maxrss), peak device memory where there is a device, the padding fraction of the positions
-computed, and the final loss (mean per-target loss of the last 5 steps; batches differ between
-contenders, so compare it loosely). Prints a markdown table and the ratios against the peers.
+computed, the final training loss (mean per-target loss of the last 5 steps; batches differ between
+contenders, so compare it loosely) and, for the PyTorch contenders, the validation loss after
+training (--valid, default the quickstart valid.jsonl: each sample alone, mean loss per target
+token, in the dtype the contender trained with; untimed). Prints a markdown table and the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -71,10 +74,22 @@ def result(name: str, steps: list[dict], args, **extra) -> dict:
     extra.pop("t0", None)
     tokens, slots = sum(s["tokens"] for s in timed), sum(s["slots"] for s in timed)
     tail = [s["loss"] for s in steps[-5:] if s.get("loss") is not None]
-    return {"name": name, "label": CONTENDERS[name], "steps": len(steps), "timed_steps": len(timed),
-            "seconds": seconds, "tokens": tokens, "tok_s": tokens / max(seconds, 1e-9),
-            "padding": 1 - tokens / max(slots, 1), "final_loss": sum(tail) / len(tail) if tail else None,
-            "wall_s": time.perf_counter() - STARTED, "peak_rss": peak_rss(), **extra}
+    row = {"name": name, "label": CONTENDERS[name], "steps": len(steps), "timed_steps": len(timed),
+           "seconds": seconds, "tokens": tokens, "tok_s": tokens / max(seconds, 1e-9),
+           "padding": 1 - tokens / max(slots, 1), "final_loss": sum(tail) / len(tail) if tail else None,
+           "wall_s": time.perf_counter() - STARTED}
+    row.update(extra)  # wall_s: imports + load + training, before the untimed validation pass
+    row["peak_rss"] = peak_rss()
+    return row
+
+
+def valid_samples(args, model_path: Path):
+    from mlxft.data import load_dataset
+    from mlxft.tokenizer import load_tokenizer
+
+    if not args.valid or not Path(args.valid).is_file():
+        return []
+    return load_dataset(args.valid, load_tokenizer(model_path), max_seq_len=args.max_seq_len).samples
 
 
 def mlxft_cfg(args, packing: bool = False):
@@ -98,7 +113,7 @@ def mlxft_cfg(args, packing: bool = False):
 
 def run_mlxft_torch(args, model_path: Path, work: Path, packing: bool) -> dict:
     from mlxft.backends.torch_backend import TorchBackend
-    from mlxft.data import Dataset
+    from mlxft.data import Dataset, collate
     from mlxft.runs import create_run
     from mlxft.trainer import Trainer
 
@@ -123,7 +138,13 @@ def run_mlxft_torch(args, model_path: Path, work: Path, packing: bool) -> dict:
     t0 = time.perf_counter()
     trainer.train()
     trainable, _ = backend.trainable_parameters()
-    return result("mlxft-torch-packed" if packing else "mlxft-torch", steps, args, t0=t0,
+    wall = time.perf_counter() - STARTED
+    loss_sum = n = 0
+    for s in valid_samples(args, model_path):
+        r = backend.eval_batch(collate([s], backend.tokenizer.pad_token_id))
+        loss_sum, n = loss_sum + r.loss_sum, n + r.n_targets
+    return result("mlxft-torch-packed" if packing else "mlxft-torch", steps, args, t0=t0, wall_s=wall,
+                  valid_loss=loss_sum / n if n else None,
                   peak_device=backend.peak_memory(), dtype=f"{backend.dtype_name()} base, float32 LoRA",
                   trainable=trainable, device=backend.device_name())
 
@@ -174,7 +195,18 @@ def run_trainer(args, model_path: Path, work: Path) -> dict:
     t0 = time.perf_counter()
     trainer.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return result("trainer", steps, args, t0=t0,
+    wall = time.perf_counter() - STARTED
+    loss_sum = n = 0
+    model.eval()
+    for s in valid_samples(args, model_path):
+        ids = torch.tensor([s.ids], device=model.device)
+        target = torch.tensor(s.targets[1:], device=model.device)
+        ctx = torch.autocast(model.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
+            logits = model(input_ids=ids).logits[0, :-1].float()
+        tok = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+        loss_sum, n = loss_sum + float(tok[target].sum()), n + int(target.sum())
+    return result("trainer", steps, args, t0=t0, wall_s=wall, valid_loss=loss_sum / n if n else None,
                   peak_device=int(torch.cuda.max_memory_allocated()) if cuda else None,
                   dtype="float32 weights, bf16 autocast (bf16=True)" if bf16 else "float32",
                   trainable=trainable, device="cuda" if cuda else "cpu")
@@ -215,12 +247,13 @@ def fmt_mib(n) -> str:
 
 
 def table(results: dict[str, dict]) -> str:
-    lines = ["| contender | tokens/s | train s | wall s | peak RSS MiB | peak device MiB | padding | final loss |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| contender | tokens/s | train s | wall s | peak RSS MiB | peak device MiB | padding | final loss "
+             "| valid loss |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results.values():
-        loss = "-" if r.get("final_loss") is None else f"{r['final_loss']:.3f}"
+        loss, val = ("-" if r.get(k) is None else f"{r[k]:.3f}" for k in ("final_loss", "valid_loss"))
         lines.append(f"| {r['label']} | {r['tok_s']:.1f} | {r['seconds']:.1f} | {r['wall_s']:.1f} | "
-                     f"{fmt_mib(r['peak_rss'])} | {fmt_mib(r.get('peak_device'))} | {r['padding']:.1%} | {loss} |")
+                     f"{fmt_mib(r['peak_rss'])} | {fmt_mib(r.get('peak_device'))} | {r['padding']:.1%} | {loss} "
+                     f"| {val} |")
     return "\n".join(lines)
 
 
@@ -239,6 +272,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="HF-format model folder (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--tiny", help="build a random llama HIDDENxLAYERS with the SmolLM2 tokenizer, e.g. 64x2")
     ap.add_argument("--data", type=Path, default=ROOT / "recipes" / "data" / "quickstart" / "train.jsonl")
+    ap.add_argument("--valid", type=Path, default=ROOT / "recipes" / "data" / "quickstart" / "valid.jsonl",
+                    help="validation JSONL scored after training (PyTorch contenders)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--skip", type=int, default=3, help="warm-up steps left out of tokens/s")
     ap.add_argument("--batch-size", type=int, default=8)
