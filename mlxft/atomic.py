@@ -21,7 +21,9 @@ def write_errors(what: str, path: Path | str):
     except Exception as exc:
         # safetensors and torch report write failures as their own exception types.
         text = " ".join(str(exc).split())
-        if isinstance(exc, OSError):
+        if isinstance(exc, OSError) and exc.errno is None and "requested and" in text:
+            reason = f"short write, the disk is probably full: {text}"
+        elif isinstance(exc, OSError):
             reason = exc.strerror or text
         elif "No space left" in text or "I/O error" in text or "os error" in text:
             reason = "No space left on device" if "No space left" in text else text

@@ -57,7 +57,9 @@ def export(model_or_run, output, quant, adapter_only, modelfile, adapter, as_jso
     def on_tensor(i, n, name):
         status.update(f"Writing {out.name}: tensor {i}/{n} {name}")
 
-    with ui.console.status(f"Preparing {out.name}") as status:
+    from mlxft.atomic import write_errors
+
+    with write_errors("GGUF file", out), ui.console.status(f"Preparing {out.name}") as status:
         if adapter_only:
             from mlxft.export.gguf import export_adapter
 

@@ -34,7 +34,9 @@ def fuse(model_or_run, output, quantize_bits, adapter, as_json):
     out = Path(output)
     if out.resolve() in (resolved.path.resolve(), resolved.adapter.resolve()):
         raise MlxftError(f"-o {output}: would overwrite the model being read")
-    with ui.console.status(f"Fusing {resolved.adapter} into {resolved.path.name}"):
+    from mlxft.atomic import write_errors
+
+    with write_errors("fused model", out), ui.console.status(f"Fusing {resolved.adapter} into {resolved.path.name}"):
         result = fuse_model(resolved.path, resolved.adapter, out,
                             quantize_bits=int(quantize_bits) if quantize_bits else None)
     if as_json:

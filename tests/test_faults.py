@@ -1,0 +1,129 @@
+"""Faults beyond the trainer's: corrupted GGUF files, non-finite training, and a disk that fills
+during export. Each ends in a one-line error and leaves earlier files intact."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mlxft.errors import MlxftError, ModelError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def gguf_bytes(tmp_path_factory, default_model_dir):
+    from tests.test_gguf_import import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path_factory.mktemp("g") / "tiny.gguf", n_tokens=600)
+    return path.read_bytes()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(min_value=0, max_value=100), flips=st.lists(
+    st.tuples(st.integers(min_value=0, max_value=4095), st.integers(min_value=0, max_value=255)), max_size=6))
+def test_corrupted_gguf_never_crashes(tmp_path, gguf_bytes, cut, flips):
+    """Truncated at a random point and/or with bytes of its header region overwritten, the
+    reader answers with a ModelError naming the file, or (damage in weight bytes) imports."""
+    from mlxft.sources.gguf import inspect_gguf
+
+    data = bytearray(gguf_bytes[: max(1, len(gguf_bytes) * cut // 100)] if cut < 100 else gguf_bytes)
+    for pos, value in flips:
+        if pos < len(data):
+            data[pos] = value
+    path = tmp_path / f"bad-{cut}-{len(flips)}.gguf"
+    path.write_bytes(bytes(data))
+    try:
+        info = inspect_gguf(path)
+    except ModelError as exc:
+        assert str(path) in str(exc) and "\n" not in str(exc)
+        return
+    assert info["architecture"]
+
+
+def test_nonfinite_loss_stops_with_advice_and_keeps_checkpoint(tiny_model_dir, tmp_path):
+    from mlxft.backends.torch_backend import TorchBackend
+    from mlxft.config import build_config
+    from mlxft.data import load_dataset, split_dataset
+    from mlxft.runs import Run, create_run
+    from mlxft.trainer import Trainer
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"line number {i} of the data"}) + "\n" for i in range(12)))
+    cfg = build_config(None, ["train.steps=6", "train.batch_size=2", "train.save_every=1", "train.dtype=float32",
+                              "retention.enabled=false"], {"data": {"train": str(data)}})
+    backend = TorchBackend(cfg)
+    backend.load(tiny_model_dir)
+    train_set, valid_set = split_dataset(load_dataset(data, backend.tokenizer, 64), 0.2, 0)
+    run = create_run(tmp_path / "run", model="tiny", model_path=str(tiny_model_dir))
+    real_loss = backend._loss_sum
+    calls = {"n": 0}
+
+    def poisoned(hidden, labels, need_grad):  # the 4th training step's loss is NaN
+        calls["n"] += 1
+        loss = real_loss(hidden, labels, need_grad)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    backend._loss_sum = poisoned
+    with pytest.raises(MlxftError, match=r"step 4: loss or gradients are not finite.*learning_rate"):
+        Trainer(cfg, run, backend, train_set, valid_set).train()
+    state = json.loads((Run(run.path).checkpoint / "trainer.json").read_text())["state"]
+    assert state["step"] == 3
+
+    cfg.train.skip_nonfinite = True
+    calls["n"] = 0
+    run2 = create_run(tmp_path / "run2", model="tiny", model_path=str(tiny_model_dir))
+    summary = Trainer(cfg, run2, backend, train_set, valid_set).train()
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 6
+
+
+def fill(folder: Path, leave: int) -> None:
+    """Write a ballast file until only about `leave` bytes are free."""
+    import shutil
+
+    free = shutil.disk_usage(folder).free
+    with open(folder / "ballast", "wb") as fh:
+        fh.truncate(0)
+        fh.write(b"\0" * max(0, free - leave))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_disk_full_during_export_keeps_previous_file(tiny_model_dir, tmp_path, monkeypatch):
+    """On an 80 MiB tmpfs: the free-space check refuses an export that cannot fit, and when the
+    disk fills mid-write anyway the error is one line and the previous GGUF is untouched."""
+    from click.testing import CliRunner
+
+    import mlxft.fuse
+    from mlxft.cli import cli
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("tmpfs mount not permitted here")
+    try:
+        env = dict(os.environ, PYTHONPATH=str(ROOT), MLXFT_NO_PROGRESS="1")
+        out = mnt / "model.gguf"
+        export = [sys.executable, "-m", "mlxft", "export", str(tiny_model_dir), "-o", str(out)]
+        first = subprocess.run(export + ["--quant", "f16"], env=env, capture_output=True, text=True)
+        assert first.returncode == 0, first.stderr[-2000:]
+        before = out.read_bytes()
+        fill(mnt, 70 << 20)
+        res = subprocess.run(export + ["--quant", "f32"], env=env, capture_output=True, text=True)
+        assert res.returncode == 1 and "not enough disk space" in res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert out.read_bytes() == before
+        # Past the check (say another program filled the disk meanwhile): ENOSPC mid-write.
+        fill(mnt, 4 << 20)
+        monkeypatch.setattr(mlxft.fuse, "check_disk_space", lambda *a, **k: None)
+        result = CliRunner().invoke(cli, ["export", str(tiny_model_dir), "-o", str(out), "--quant", "f32"])
+        assert result.exit_code == 1, result.output
+        assert "No space left" in result.output or "cannot write" in result.output, result.output
+        assert out.read_bytes() == before
+        assert sorted(p.name for p in mnt.iterdir()) == ["ballast", "model.gguf"]  # no temporary left
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
