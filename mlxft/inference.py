@@ -5,7 +5,8 @@ from __future__ import annotations
 from mlxft.config import Config
 
 
-def load_for_inference(model_spec: str | None, backend: str = "auto", adapter: str = "best"):
+def load_for_inference(model_spec: str | None, backend: str = "auto", adapter: str = "best",
+                       trust_remote_code: bool = False):
     """Return (backend instance, ResolvedModel) ready to generate or evaluate."""
     from mlxft.backends.select import choose_backend, make_backend
     from mlxft.sources import resolve_model
@@ -15,6 +16,7 @@ def load_for_inference(model_spec: str | None, backend: str = "auto", adapter: s
     cfg = Config()
     cfg.train.dtype = "float32" if name == "torch" else "auto"
     engine = make_backend(name, cfg)
+    engine.trust_remote_code = trust_remote_code
     engine.load(resolved.path, adapter=resolved.adapter, train=False)
     return engine, resolved
 

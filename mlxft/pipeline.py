@@ -43,7 +43,8 @@ def _optional(module: str):
         raise
 
 
-def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: bool = False) -> dict:
+def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: bool = False,
+              trust_remote_code: bool = False) -> dict:
     from mlxft.backends.select import choose_backend, make_backend
     from mlxft.sources import resolve_model
     from mlxft.trainer import Trainer
@@ -51,6 +52,7 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
     backend_name, why = choose_backend(cfg.backend)
     resolved = resolve_model(cfg.model)
     backend = make_backend(backend_name, cfg)
+    backend.trust_remote_code = trust_remote_code
     if resume:
         run = Run(out)
         start_adapter = run.checkpoint / "adapter"

@@ -7,11 +7,11 @@ from pathlib import Path
 from mlxft.errors import ModelError
 
 
-def load_tokenizer(model_path: Path):
+def load_tokenizer(model_path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(model_path))
+        tok = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise ModelError(f"{model_path}: cannot load tokenizer "
                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None

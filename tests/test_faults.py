@@ -127,3 +127,30 @@ def test_disk_full_during_export_keeps_previous_file(tiny_model_dir, tmp_path, m
         assert sorted(p.name for p in mnt.iterdir()) == ["ballast", "model.gguf"]  # no temporary left
     finally:
         subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_remote_code_in_a_model_folder_does_not_run(tiny_model_dir, tmp_path):
+    """A model folder that ships Python (config auto_map) loads with the library's own classes;
+    its code runs only with --trust-remote-code, which this test does not pass."""
+    import shutil
+
+    model = tmp_path / "evil"
+    shutil.copytree(tiny_model_dir, model)
+    marker = tmp_path / "remote-code-ran"
+    (model / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n"
+                                            "from transformers import LlamaForCausalLM as EvilModel\n")
+    (model / "tokenization_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n"
+                                                "from transformers import PreTrainedTokenizerFast as EvilTok\n")
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilModel"}
+    (model / "config.json").write_text(json.dumps(cfg))
+    tok_cfg = json.loads((model / "tokenizer_config.json").read_text())
+    tok_cfg["auto_map"] = {"AutoTokenizer": [None, "tokenization_evil.EvilTok"]}
+    (model / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MLXFT_NO_PROGRESS="1")
+    res = subprocess.run([sys.executable, "-m", "mlxft", "generate", str(model), "--prompt", "hi",
+                          "--max-tokens", "2", "--backend", "torch"], env=env, capture_output=True, text=True)
+    assert not marker.exists()
+    assert res.returncode in (0, 1)
+    if res.returncode == 1:
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr

@@ -31,6 +31,8 @@ class Backend(abc.ABC):
     """One model plus (optionally) a LoRA/DoRA adapter, on one device."""
 
     name: str = "base"
+    # Code shipped inside a model repo runs only when the user passes --trust-remote-code.
+    trust_remote_code: bool = False
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

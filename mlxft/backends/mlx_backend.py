@@ -142,7 +142,7 @@ class MLXBackend(Backend):
         except Exception as exc:
             raise ModelError(f"{model_path}: cannot load with mlx-lm ({type(exc).__name__}: "
                              f"{' '.join(str(exc).split())[:200]})") from None
-        self.tokenizer = load_tokenizer(model_path)
+        self.tokenizer = load_tokenizer(model_path, self.trust_remote_code)
         self.model_path, self.config = model_path, config
         if self.cfg.train.dtype != "auto":
             model.set_dtype(getattr(mx, self.cfg.train.dtype))

@@ -16,6 +16,7 @@ Speed and memory (measured on a 2-core AVX512-BF16 CPU with SmolLM2-135M; docs/b
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Callable
@@ -25,8 +26,6 @@ from mlxft.config import Config
 from mlxft.data import Batch
 from mlxft.errors import ModelError
 from mlxft.tokenizer import load_tokenizer
-
-import contextlib
 
 LOSS_CHUNK = 512  # target positions per lm_head chunk: 512 x 49k f32 logits = 100 MB at a time
 EAGER_ATTENTION_MAX_LEN = 160  # CPU: eager attention up to this padded length, SDPA above
@@ -96,10 +95,11 @@ class TorchBackend(Backend):
         quiet_libraries()
         torch.manual_seed(self.cfg.seed)
         model_path = torch_loadable(Path(model_path))
-        self.tokenizer = load_tokenizer(model_path)
+        self.tokenizer = load_tokenizer(model_path, self.trust_remote_code)
         try:
             base = AutoModelForCausalLM.from_pretrained(
-                str(model_path), dtype=self.dtype, trust_remote_code=False, use_safetensors=True)
+                str(model_path), dtype=self.dtype, trust_remote_code=self.trust_remote_code,
+                use_safetensors=True)
         except Exception as exc:
             raise ModelError(f"{model_path}: cannot load model ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
         base.to(self.device)
@@ -286,10 +286,22 @@ class TorchBackend(Backend):
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=loss_total, n_targets=n_total, grad_norm=grad_norm, finite=finite)
 
+    @contextlib.contextmanager
+    def _inference(self):
+        """No dropout and no gradients; the model goes back to training mode afterwards."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.torch.no_grad():
+                yield
+        finally:
+            if was_training:
+                self.model.train()
+
     def eval_batch(self, batch: Batch) -> EvalResult:
         torch = self.torch
         head, cap = self._head()
-        with torch.no_grad(), self._compute():
+        with self._inference(), self._compute():
             hidden, labels = self._hidden(batch)
             loss_sum, correct = 0.0, 0
             for i in range(0, hidden.shape[0], LOSS_CHUNK):
@@ -303,7 +315,7 @@ class TorchBackend(Backend):
         torch = self.torch
         ids, attn, mask, _ = self._tensors(batch)
         self._pick_attention(ids.shape[1])
-        with torch.no_grad(), self._compute():
+        with self._inference(), self._compute():
             logits = self._causal_lm()(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
             logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
             return [float(x) for x in (logp * mask).sum(-1)]
@@ -361,8 +373,7 @@ class TorchBackend(Backend):
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        self.model.eval()
-        with torch.no_grad():
+        with self._inference():
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
         new = out[0, len(prompt_ids):].tolist()
         while new and new[-1] in stop:

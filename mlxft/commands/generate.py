@@ -20,8 +20,10 @@ import click
 @click.option("--adapter", type=click.Choice(["best", "last"]), default="best", show_default=True,
               help="Which adapter of a run to use.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--trust-remote-code", is_flag=True, help="Allow Python code shipped inside the model repo to run.")
 @click.option("--json", "as_json", is_flag=True, help="Print {prompt, text, tokens} as JSON instead of streaming.")
-def generate(model_or_run, prompt, max_tokens, temperature, top_p, system, raw, backend, adapter, seed, as_json):
+def generate(model_or_run, prompt, max_tokens, temperature, top_p, system, raw, backend, adapter, seed,
+             trust_remote_code, as_json):
     """Generate text from MODEL_OR_RUN (default: the built-in SmolLM2-135M-Instruct).
 
     A run directory means its base model plus its best adapter. The answer streams to stdout.
@@ -39,7 +41,7 @@ def generate(model_or_run, prompt, max_tokens, temperature, top_p, system, raw, 
     except ImportError:
         pass
     with ui.console.status("Loading model"):
-        engine, resolved = load_for_inference(model_or_run, backend, adapter)
+        engine, resolved = load_for_inference(model_or_run, backend, adapter, trust_remote_code)
     if system is None:
         system = run_system_prompt(resolved)
     ids = format_prompt(engine.tokenizer, prompt, raw=raw, system=system)

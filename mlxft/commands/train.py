@@ -18,8 +18,9 @@ import click
 @click.option("--out", "-o", type=click.Path(), help="Run directory (default: runs/RECIPE).")
 @click.option("--resume", type=click.Path(), help="Continue an interrupted run from its last checkpoint.")
 @click.option("--skip-bad-lines", is_flag=True, help="Skip malformed data lines (counted and reported).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow Python code shipped inside the model repo to run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result summary as JSON on stdout.")
-def train(recipe, model, data, valid, backend, sets, steps, out, resume, skip_bad_lines, as_json):
+def train(recipe, model, data, valid, backend, sets, steps, out, resume, skip_bad_lines, trust_remote_code, as_json):
     """Fine-tune MODEL on your data with LoRA (or DoRA / QLoRA).
 
     RECIPE is a name from `mlxft recipes list` or a YAML file. Precedence: defaults < recipe <
@@ -54,7 +55,8 @@ def train(recipe, model, data, valid, backend, sets, steps, out, resume, skip_ba
         name = Path(recipe).stem if recipe else "run"
         out_dir = Path(out) if out else default_run_dir(name)
     try:
-        summary = train_run(cfg, out_dir, resume=bool(resume), skip_bad_lines=skip_bad_lines)
+        summary = train_run(cfg, out_dir, resume=bool(resume), skip_bad_lines=skip_bad_lines,
+                            trust_remote_code=trust_remote_code)
     except Exception as exc:
         from mlxft.errors import Interrupted
 
