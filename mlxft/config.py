@@ -52,7 +52,6 @@ class TrainConfig:
     eval_batches: int | None = None
     early_stop_patience: int | None = None
     skip_nonfinite: bool = False
-    compile: bool = False
 
 
 @dataclass
