@@ -22,12 +22,14 @@ from mlxft.config import Config
 from mlxft.data import Dataset, collate, eval_batches, load_dataset
 
 
-def score_dataset(engine, dataset: Dataset, batch_size: int = 8) -> dict:
-    """The figures of one loaded backend on a tokenized dataset."""
+def score_dataset(engine, dataset: Dataset, batch_size: int = 8, max_batches: int | None = None) -> dict:
+    """The figures of one loaded backend on a tokenized dataset (used by `mlxft eval` and by the
+    trainer's validation)."""
     loss_sum = 0.0
     n = correct = 0
     pad = engine.tokenizer.pad_token_id
-    for idx in eval_batches(dataset.samples, batch_size):
+    batches = eval_batches(dataset.samples, batch_size)
+    for idx in batches[:max_batches] if max_batches else batches:
         r = engine.eval_batch(collate([dataset.samples[i] for i in idx], pad))
         loss_sum += r.loss_sum
         n += r.n_targets

@@ -22,7 +22,7 @@ import numpy as np
 from mlxft.atomic import atomic_dir, write_errors
 from mlxft.backends.base import Backend
 from mlxft.config import Config
-from mlxft.data import Dataset, collate, eval_batches, length_grouped_batches, pack
+from mlxft.data import Dataset, collate, length_grouped_batches, pack
 from mlxft.errors import Interrupted, MlxftError
 from mlxft.progress import TrainProgress
 from mlxft.runs import MetricsWriter, Run
@@ -90,17 +90,9 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> dict:
-        loss_sum = n = correct = 0
-        batches = eval_batches(self.valid_set.samples, self.cfg.train.batch_size)
-        if self.cfg.train.eval_batches:
-            batches = batches[: self.cfg.train.eval_batches]
-        for idx in batches:
-            r = self.backend.eval_batch(collate([self.valid_set.samples[i] for i in idx], self.pad_id))
-            loss_sum += r.loss_sum
-            n += r.n_targets
-            correct += r.n_correct
-        loss = loss_sum / max(n, 1)
-        return {"loss": loss, "ppl": math.exp(min(loss, 50)), "accuracy": correct / max(n, 1), "tokens": n}
+        from mlxft.evaluate import score_dataset
+
+        return score_dataset(self.backend, self.valid_set, self.cfg.train.batch_size, self.cfg.train.eval_batches)
 
     # ------------------------------------------------------------------ checkpoints
 
