@@ -9,6 +9,15 @@ import tempfile
 from pathlib import Path
 
 
+def _disk_nearly_full(path: Path | str, slack: int = 1 << 20) -> bool:
+    from mlxft.sysinfo import free_disk_bytes
+
+    try:
+        return free_disk_bytes(path) < slack
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def write_errors(what: str, path: Path | str):
     """Turn OS write failures (disk full, read-only, permission) into a one-line user error."""
@@ -27,6 +36,9 @@ def write_errors(what: str, path: Path | str):
             reason = exc.strerror or text
         elif "No space left" in text or "I/O error" in text or "os error" in text:
             reason = "No space left on device" if "No space left" in text else text
+        elif "inline_container" in text or _disk_nearly_full(path):
+            # torch.save reports a full disk as a RuntimeError from its zip writer.
+            reason = "No space left on device" if _disk_nearly_full(path) else f"write failed: {text[:160]}"
         else:
             raise
         raise MlxftError(f"{path}: cannot write {what} ({reason}); anything written before is intact") from None
