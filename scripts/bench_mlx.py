@@ -198,13 +198,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-mlx-"))
     model_path = args.model
     if args.tiny:
-        from mlxft.sources.default import default_model_path
-        from tests.tiny import make_tiny_model
+        from tests.tiny import make_tiny_model_from_spec
 
-        hidden, layers = (int(x) for x in args.tiny.lower().split("x"))
-        model_path = make_tiny_model(work / f"tiny-{hidden}x{layers}", default_model_path(), hidden_size=hidden,
-                                     intermediate_size=hidden * 2, num_hidden_layers=layers,
-                                     num_attention_heads=max(1, hidden // 16), num_key_value_heads=max(1, hidden // 32))
+        model_path = make_tiny_model_from_spec(work, args.tiny)
     if model_path is None:
         ap.error("give --model or --tiny")
     data = args.data or synthetic_chat(work / "train.jsonl", args.samples, args.seed)

@@ -30,3 +30,14 @@ def make_tiny_model(out: Path, tokenizer_dir: Path, arch: str = "llama", seed: i
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def make_tiny_model_from_spec(work: Path, spec: str) -> Path:
+    """A tiny llama from a "HIDDENxLAYERS" spec (benchmark scripts' --tiny), with the default
+    model's tokenizer."""
+    from mlxft.sources.default import default_model_path
+
+    hidden, layers = (int(x) for x in spec.lower().split("x"))
+    return make_tiny_model(Path(work) / f"tiny-{hidden}x{layers}", default_model_path(), hidden_size=hidden,
+                           intermediate_size=hidden * 2, num_hidden_layers=layers,
+                           num_attention_heads=max(1, hidden // 16), num_key_value_heads=max(1, hidden // 32))

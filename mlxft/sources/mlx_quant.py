@@ -20,21 +20,14 @@ from pathlib import Path
 from mlxft.atomic import atomic_dir
 from mlxft.errors import ModelError
 from mlxft.paths import home
+from mlxft.sources.capabilities import read_config
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 
 
-def _config(path: Path) -> dict:
-    try:
-        data = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def is_mlx_quantized(path: Path) -> bool:
     """True when `path` is an HF-format folder whose config.json carries mlx-lm's quantization."""
-    q = _config(Path(path)).get("quantization")
+    q = read_config(Path(path)).get("quantization")
     return isinstance(q, dict) and "bits" in q
 
 
@@ -115,7 +108,7 @@ def _dequantize_folder(path: Path, files: list[Path], out: Path) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    config = _config(path)
+    config = read_config(path)
     quant = config.pop("quantization")
     config.pop("quantization_config", None)
     weight_map: dict[str, str] = {}
