@@ -65,6 +65,14 @@ def cli():
     """
 
 
+def _label_rank(exc: click.ClickException) -> None:
+    """Under a launcher, every rank's errors reach the same terminal: say which rank spoke."""
+    world = sys.modules.get("mlxft.distributed")
+    w = world.get_world() if world else None
+    if w is not None and w.distributed and not exc.message.startswith("rank "):
+        exc.message = f"[rank {w.rank}] {exc.message}"
+
+
 def main() -> None:
     """Console-script entry: one-line errors unless MLXFT_DEBUG=1."""
     debug = bool(os.environ.get("MLXFT_DEBUG"))
@@ -74,6 +82,7 @@ def main() -> None:
         click.echo("Aborted.", err=True)
         sys.exit(130)
     except click.ClickException as exc:
+        _label_rank(exc)
         exc.show()
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:

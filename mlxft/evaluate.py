@@ -22,18 +22,26 @@ from mlxft.config import Config
 from mlxft.data import Dataset, collate, eval_batches, load_dataset
 
 
-def score_dataset(engine, dataset: Dataset, batch_size: int = 8, max_batches: int | None = None) -> dict:
+def score_dataset(engine, dataset: Dataset, batch_size: int = 8, max_batches: int | None = None,
+                  world=None) -> dict:
     """The figures of one loaded backend on a tokenized dataset (used by `mlxft eval` and by the
-    trainer's validation)."""
+    trainer's validation). In a distributed world each rank scores every size-th batch and the
+    sums are added over ranks, so every rank gets the figures of the whole set."""
     loss_sum = 0.0
     n = correct = 0
     pad = engine.tokenizer.pad_token_id
     batches = eval_batches(dataset.samples, batch_size)
-    for idx in batches[:max_batches] if max_batches else batches:
+    batches = batches[:max_batches] if max_batches else batches
+    if world is not None and world.distributed:
+        batches = batches[world.rank::world.size]
+    for idx in batches:
         r = engine.eval_batch(collate([dataset.samples[i] for i in idx], pad))
         loss_sum += r.loss_sum
         n += r.n_targets
         correct += r.n_correct
+    if world is not None and world.distributed:
+        loss_sum, n, correct = world.all_sum([loss_sum, n, correct])
+        n, correct = int(round(n)), int(round(correct))
     loss = loss_sum / max(n, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "accuracy": correct / max(n, 1), "tokens": n}
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import time
 from pathlib import Path
 
 from mlxft import ui
 from mlxft.config import Config, build_config, to_yaml
-from mlxft.data import Dataset, load_dataset, split_dataset
+from mlxft.data import Dataset, Sample, load_dataset, split_dataset
 from mlxft.errors import ConfigError, MlxftError
 from mlxft.runs import Run, create_run, is_run_dir
 
@@ -43,28 +44,46 @@ def _optional(module: str):
         raise
 
 
+def _share_replay(world, samples: list[Sample] | None) -> list[Sample]:
+    """Rank 0 recorded the base model's answers; every rank trains on the same replay samples."""
+    if not world.distributed:
+        return samples or []
+    blob = json.dumps([[s.ids, s.targets, s.source] for s in samples or []]).encode() if world.is_root else None
+    return [Sample(ids, targets, source) for ids, targets, source in json.loads(world.broadcast_bytes(blob))]
+
+
 def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: bool = False,
-              trust_remote_code: bool = False) -> dict:
+              trust_remote_code: bool = False, resume_from: Path | None = None) -> dict:
+    """Train one run. In a distributed world every rank calls this; `resume_from` is where this
+    rank reads the checkpoint (rank 0: RUN/checkpoint; others: the copy rank 0 sent them)."""
     from mlxft.backends.select import choose_backend, make_backend
+    from mlxft.distributed import backend_for_launcher, get_world
+    from mlxft.rank_agreement import check_agreement, fingerprint
     from mlxft.sources import resolve_model
     from mlxft.trainer import Trainer
 
-    backend_name, why = choose_backend(cfg.backend)
+    world = get_world()
+    backend_name, why = choose_backend(backend_for_launcher(world.launcher if world.distributed else None,
+                                                            cfg.backend))
+    if world.distributed:
+        why = f"{world.size} ranks under {world.launcher}" if cfg.backend == "auto" else \
+            f"{why}; {world.size} ranks under {world.launcher}"
     resolved = resolve_model(cfg.model)
-    backend = make_backend(backend_name, cfg)
+    backend = make_backend(backend_name, cfg, world)
     backend.trust_remote_code = trust_remote_code
+    run = Run(out)
     if resume:
-        run = Run(out)
-        start_adapter = run.checkpoint / "adapter"
+        start_adapter = Path(resume_from or run.checkpoint) / "adapter"
     else:
         start_adapter = resolved.adapter  # a run directory as --model continues from its adapter
     with ui.console.status(f"Loading {resolved.spec} on {backend_name}"):
         backend.load(resolved.path, adapter=start_adapter, train=True)
     train_set, valid_set = load_data(cfg, backend.tokenizer, skip_bad_lines)
-    if not resume:
+    check_agreement(world, fingerprint(cfg, resolved.path, start_adapter, backend_name, train_set, valid_set))
+    if not resume and world.is_root:
         run = create_run(out, model=resolved.spec, model_path=str(resolved.path.resolve()),
                          revision=resolved.revision, source=resolved.source, backend=backend_name,
-                         backend_reason=why, status="running")
+                         backend_reason=why, status="running", world_size=world.size)
         (run.path / "config.yaml").write_text(to_yaml(cfg))
     trainable, total = backend.trainable_parameters()
     ui.info(f"[bold]mlxft train[/bold] {resolved.spec} -> {run.path}  backend={backend_name} "
@@ -73,12 +92,15 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
             f"LoRA{'/DoRA' if cfg.lora.type == 'dora' else ''} r={cfg.lora.rank} alpha={cfg.lora.alpha}: "
             f"{trainable:,} trainable of {total:,} parameters")
     retention = _optional("mlxft.retention") if (cfg.retention.enabled or cfg.data.replay) else None
-    if retention is not None and not resume:
+    # Retention baselines and replay answers are generated once, by rank 0, into the run directory.
+    if retention is not None and not resume and world.is_root:
         retention.before_training(cfg, run, backend)
     if retention is not None and cfg.data.replay > 0:
-        train_set.samples.extend(retention.replay_samples(cfg, run, backend.tokenizer, len(train_set)))
-    trainer = Trainer(cfg, run, backend, train_set, valid_set)
-    run.update_meta(status="running", total_steps=trainer.total)
+        replay = retention.replay_samples(cfg, run, backend.tokenizer, len(train_set)) if world.is_root else None
+        train_set.samples.extend(_share_replay(world, replay))
+    trainer = Trainer(cfg, run, backend, train_set, valid_set, resume_from=resume_from)
+    if world.is_root:
+        run.update_meta(status="running", total_steps=trainer.total)
     started = time.time()
     try:
         summary = trainer.train(resume=resume)
@@ -86,12 +108,14 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
         from mlxft.errors import Interrupted
 
         with contextlib.suppress(OSError):  # a full disk must not hide the original error
-            if isinstance(exc, Interrupted):
+            if world.is_root and isinstance(exc, Interrupted):
                 run.update_meta(status="interrupted", step=exc.args[0])
-            elif isinstance(exc, MlxftError):
+            elif world.is_root and isinstance(exc, MlxftError):
                 run.update_meta(status="failed", error=exc.message)
         raise
     summary["wall_seconds"] = round(time.time() - started, 2)
+    if not world.is_root:
+        return {**summary, "run": str(run.path)}
     if retention is not None:
         summary["retention"] = retention.after_training(cfg, run, backend)
     from mlxft.plot import save_loss_png
@@ -115,3 +139,27 @@ def resume_config(run_dir: Path) -> Config:
         raise MlxftError(f"--resume {run_dir}: the run already finished")
     cfg = build_config(str(Path(run_dir) / "config.yaml"))
     return cfg
+
+
+def resume_source(world, run_dir: Path, keep: Path | None) -> tuple[Config, Path]:
+    """(config, checkpoint folder this rank reads) for --resume. In a distributed world rank 0
+    checks the run and sends its config and checkpoint to the other ranks, which may be on
+    hosts that do not have the run directory; `keep` is where they unpack it."""
+    from mlxft.distributed import bytes_to_dir, dir_to_bytes
+
+    if not world.distributed:
+        return resume_config(run_dir), Path(run_dir) / "checkpoint"
+    if world.is_root:
+        try:
+            cfg = resume_config(run_dir)
+            blob = dir_to_bytes(Path(run_dir), members=["config.yaml", "checkpoint"])
+        except MlxftError as exc:
+            world.broadcast_bytes(b"\0" + exc.message.encode())
+            raise
+        world.broadcast_bytes(blob)
+        return cfg, Path(run_dir) / "checkpoint"
+    blob = world.broadcast_bytes(None)
+    if blob.startswith(b"\0"):
+        raise MlxftError(f"--resume {run_dir}: rank 0 could not resume ({blob[1:].decode()})")
+    bytes_to_dir(blob, keep)
+    return build_config(str(keep / "config.yaml")), keep / "checkpoint"

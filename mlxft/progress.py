@@ -50,9 +50,10 @@ def fmt_bytes(n: int | None) -> str:
 
 class TrainProgress:
     def __init__(self, total_steps: int, start_step: int = 0, plain_every: int = 10,
-                 flops_per_token: float | None = None, device_flops: float | None = None):
+                 flops_per_token: float | None = None, device_flops: float | None = None, enabled: bool = True):
         self.total = total_steps
-        self.interactive = ui.is_interactive()
+        self.enabled = enabled  # False on ranks other than 0: one progress display per run
+        self.interactive = enabled and ui.is_interactive()
         self.plain_every = plain_every
         self.started = time.monotonic()
         self.flops_per_token = flops_per_token or _model_flops["per_token"]
@@ -82,8 +83,11 @@ class TrainProgress:
                 f" lr {lr:.1e} {tok_s:,.0f} tok/s" + (f" mfu {util:.0%}" if util is not None else "") + f" mem {mem}"
         if self.progress:
             self.progress.update(self.task, completed=step, stats=stats)
+        elif not self.enabled:
+            return
         elif step == 1 or step % self.plain_every == 0 or step == self.total:
             ui.console.print(f"step {step}/{self.total} {stats}")
 
     def message(self, text: str):
-        ui.console.print(text)
+        if self.enabled:
+            ui.console.print(text)

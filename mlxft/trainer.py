@@ -5,6 +5,14 @@ A checkpoint (RUN/checkpoint/) holds the adapter, the backend's optimizer and RN
 trainer.json: the step, the data cursor (epoch, batch index), the best validation loss and the
 early-stopping counter. Data order is a pure function of (seed, epoch), so a resumed run sees
 exactly the batches the uninterrupted run would have seen.
+
+Distributed (data parallel): every rank holds the whole tokenized dataset and walks the same
+global batch order; each micro-batch of train.batch_size samples is dealt round-robin to the
+ranks, the loss is normalised by the global target count and the backend sums gradients over
+ranks, so train.batch_size, the step count and the learning-rate schedule mean what they mean
+in a single process. Rank 0 alone writes the run directory; a checkpoint also holds every other
+rank's optimizer and RNG state (checkpoint/ranks/N/), gathered to rank 0 before anything is
+written, so a rank that dies mid-save leaves the previous checkpoint whole.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import json
 import math
 import random
 import signal
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +31,8 @@ import numpy as np
 from mlxft.atomic import atomic_dir, write_errors
 from mlxft.backends.base import Backend
 from mlxft.config import Config
-from mlxft.data import Dataset, collate, length_grouped_batches, pack
+from mlxft.data import Batch, Dataset, collate, length_grouped_batches, pack
+from mlxft.distributed import PeerLost, bytes_to_dir, dir_to_bytes
 from mlxft.errors import Interrupted, MlxftError
 from mlxft.progress import TrainProgress
 from mlxft.runs import MetricsWriter, Run
@@ -55,9 +65,15 @@ def total_steps(cfg: Config, n_train: int) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run: Run, backend: Backend, train_set: Dataset, valid_set: Dataset):
+    def __init__(self, cfg: Config, run: Run, backend: Backend, train_set: Dataset, valid_set: Dataset,
+                 resume_from: Path | None = None):
         self.cfg, self.run, self.backend = cfg, run, backend
+        self.world = backend.world
+        self.writes = self.world.is_root  # only rank 0 touches the run directory
         self.train_set, self.valid_set = train_set, valid_set
+        self.resume_from = Path(resume_from) if resume_from else run.checkpoint
+        self.saved_step: int | None = None
+        self._last_val: float | None = None
         self.total = total_steps(cfg, len(train_set))
         self.warmup = warmup_steps(cfg.train.warmup, self.total)
         self.state = TrainState()
@@ -73,7 +89,7 @@ class Trainer:
             self._epoch_batches = (epoch, order)
         return self._epoch_batches[1]
 
-    def _next_micro_batch(self):
+    def _next_micro_indices(self) -> list[int]:
         s = self.state
         batches = self._batches_for(s.epoch)
         if s.batch_index >= len(batches):
@@ -82,39 +98,75 @@ class Trainer:
             batches = self._batches_for(s.epoch)
         idx = batches[s.batch_index]
         s.batch_index += 1
-        samples = [self.train_set.samples[i] for i in idx]
-        if self.cfg.train.packing:
-            return pack(samples, self.pad_id, self.cfg.train.max_seq_len)
-        return collate(samples, self.pad_id)
+        return idx
+
+    def _next_step_batches(self) -> tuple[list[Batch], int, int]:
+        """This rank's micro-batches for the next optimizer step, with the target and token
+        counts of the whole (global) step."""
+        rank, size = self.world.rank, self.world.size
+        local, n_targets, n_tokens = [], 0, 0
+        for _ in range(self.cfg.train.grad_accumulation):
+            samples = [self.train_set.samples[i] for i in self._next_micro_indices()]
+            n_targets += sum(s.n_targets for s in samples)
+            n_tokens += sum(len(s) for s in samples)
+            shard = samples[rank::size]
+            if not shard:
+                continue
+            if self.cfg.train.packing:
+                local.append(pack(shard, self.pad_id, self.cfg.train.max_seq_len))
+            else:
+                local.append(collate(shard, self.pad_id))
+        return local, n_targets, n_tokens
 
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> dict:
         from mlxft.evaluate import score_dataset
 
-        return score_dataset(self.backend, self.valid_set, self.cfg.train.batch_size, self.cfg.train.eval_batches)
+        return score_dataset(self.backend, self.valid_set, self.cfg.train.batch_size, self.cfg.train.eval_batches,
+                             world=self.world)
 
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> None:
+        rank_states = None
+        if self.world.distributed:
+            # Gather first: if a rank is gone this raises before a byte is written.
+            with tempfile.TemporaryDirectory(prefix="mlxft-state-") as d:
+                self.backend.save_state(Path(d))
+                rank_states = self.world.all_gather_bytes(dir_to_bytes(Path(d)))
+        if not self.writes:
+            return
         with write_errors("checkpoint", self.run.checkpoint), atomic_dir(self.run.checkpoint) as tmp:
             self.backend.save_adapter(tmp / "adapter")
-            self.backend.save_state(tmp)
-            extra = {"python_rng": repr(random.getstate()), "numpy_rng": _np_rng_state()}
+            if rank_states is None:
+                self.backend.save_state(tmp)
+            else:
+                bytes_to_dir(rank_states[0], tmp)
+                for r, blob in enumerate(rank_states[1:], start=1):
+                    bytes_to_dir(blob, tmp / "ranks" / str(r))
+            extra = {"python_rng": repr(random.getstate()), "numpy_rng": _np_rng_state(),
+                     "world_size": self.world.size}
             (tmp / "trainer.json").write_text(json.dumps({"state": asdict(self.state), **extra}, indent=2))
+        self.saved_step = self.state.step
 
     def restore_checkpoint(self) -> None:
-        ckpt = self.run.checkpoint
+        ckpt = self.resume_from
         try:
             data = json.loads((ckpt / "trainer.json").read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise MlxftError(f"{ckpt}: no usable checkpoint to resume from ({exc})") from None
         self.state = TrainState(**data["state"])
-        self.backend.load_state(ckpt)
-        # Keep only the records up to the checkpoint, so the resumed curve continues it exactly.
-        rows = [r for r in self.run.metrics() if r.get("step", 0) <= self.state.step]
-        with open(self.run.metrics_file, "w") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in rows)
+        own = ckpt / "ranks" / str(self.world.rank)
+        # A rank the checkpoint has no state for (the world grew) starts from rank 0's optimizer
+        # state, which every rank shares; only its dropout stream differs from an unbroken run.
+        self.backend.load_state(own if self.world.rank and own.is_dir() else ckpt)
+        self.saved_step = self.state.step
+        if self.writes:
+            # Keep only the records up to the checkpoint, so the resumed curve continues it exactly.
+            rows = [r for r in self.run.metrics() if r.get("step", 0) <= self.state.step]
+            with open(self.run.metrics_file, "w") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in rows)
 
     # ------------------------------------------------------------------ signals
 
@@ -126,79 +178,114 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
+    def _stop_requested(self) -> bool:
+        """Whether any rank was asked to stop: all ranks agree, so they checkpoint together."""
+        if not self.world.distributed:
+            return bool(self._stop_signal)
+        return self.world.all_sum([1.0 if self._stop_signal else 0.0])[0] > 0
+
+    def _peer_lost(self, exc: PeerLost, step: int) -> PeerLost:
+        if self.saved_step is None:
+            where = "no checkpoint had been written yet"
+        else:
+            where = f"the last checkpoint (step {self.saved_step}) in {self.run.checkpoint} is intact"
+        return PeerLost(f"{self.world.label()}: lost contact with another rank during step {step} "
+                        f"({exc.detail}); {where}",
+                        f"resume with the same launcher and: mlxft train --resume {self.run.path}")
+
     def train(self, resume: bool = False) -> dict:
         cfg, t = self.cfg, self.cfg.train
         if resume:
             self.restore_checkpoint()
-        metrics = MetricsWriter(self.run.metrics_file)
+        self.backend.broadcast_trainable()
+        metrics = MetricsWriter(self.run.metrics_file) if self.writes else None
         old_int = signal.signal(signal.SIGINT, self._on_signal)
         old_term = signal.signal(signal.SIGTERM, self._on_signal)
         stopped_early = False
-        last_val = self.state.best_val
+        self._last_val = self.state.best_val
         try:
-            with TrainProgress(self.total, self.state.step) as progress:
+            with TrainProgress(self.total, self.state.step, enabled=self.writes) as progress:
                 while self.state.step < self.total:
                     step = self.state.step + 1
-                    lr = learning_rate(step, self.total, t.learning_rate, self.warmup, t.min_lr_ratio)
-                    micro = [self._next_micro_batch() for _ in range(t.grad_accumulation)]
-                    started = time.perf_counter()
-                    result = self.backend.train_step(micro, lr)
-                    elapsed = time.perf_counter() - started
-                    tokens = sum(b.n_tokens for b in micro)
-                    self.state.step = step
-                    if not result.finite:
-                        if not t.skip_nonfinite:
-                            self.state.step -= 1
-                            raise MlxftError(
-                                f"step {step}: loss or gradients are not finite (loss={result.loss}, "
-                                f"grad_norm={result.grad_norm}); the last good checkpoint is in {self.run.checkpoint}",
-                                "lower train.learning_rate, lower lora.alpha relative to lora.rank, or set "
-                                "train.skip_nonfinite: true")
-                        self.state.skipped_steps += 1
-                        metrics.write({"type": "skipped", "step": step, "reason": "non-finite"})
-                        continue
-                    self.state.tokens += tokens
-                    self.state.seconds += elapsed
-                    if step % t.log_every == 0 or step == self.total:
-                        metrics.write({"type": "train", "step": step, "loss": result.loss, "lr": lr,
-                                       "grad_norm": result.grad_norm, "tokens": tokens, "targets": result.n_targets,
-                                       "tok_s": tokens / max(elapsed, 1e-9), "elapsed": round(self.state.seconds, 3)})
-                    if step % t.eval_every == 0 or step == self.total:
-                        val = self.evaluate()
-                        last_val = val["loss"]
-                        metrics.write({"type": "valid", "step": step, **val})
-                        if self.state.best_val is None or val["loss"] < self.state.best_val:
-                            self.state.best_val, self.state.best_step = val["loss"], step
-                            self.state.evals_since_best = 0
-                            with write_errors("best adapter", self.run.best_adapter):
-                                self.backend.save_adapter(self.run.best_adapter)
-                        else:
-                            self.state.evals_since_best += 1
-                            if t.early_stop_patience and self.state.evals_since_best >= t.early_stop_patience:
-                                progress.message(f"early stop at step {step}: validation loss has not improved "
-                                                 f"for {t.early_stop_patience} evaluations (best {self.state.best_val:.4f} "
-                                                 f"at step {self.state.best_step})")
-                                stopped_early = True
-                    progress.step(step, result.loss, lr, self.state.tokens / max(self.state.seconds, 1e-9),
-                                  last_val, self.backend.peak_memory())
-                    if step % t.save_every == 0 or step == self.total or stopped_early:
-                        self.save_checkpoint()
-                    if self._stop_signal:
-                        self.save_checkpoint()
-                        raise Interrupted(step)
+                    try:
+                        stopped_early = self._one_step(step, metrics, progress)
+                        if stopped_early is None:
+                            continue
+                        if step % t.save_every == 0 or step == self.total or stopped_early:
+                            self.save_checkpoint()
+                        if self._stop_requested():
+                            if self.saved_step != step:
+                                self.save_checkpoint()
+                            raise Interrupted(step)
+                    except PeerLost as exc:
+                        raise self._peer_lost(exc, step) from None
                     if stopped_early:
                         break
         finally:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
-            metrics.close()
-        with write_errors("adapter", self.run.last_adapter):
-            self.backend.save_adapter(self.run.last_adapter)
+            if metrics is not None:
+                metrics.close()
+        if self.writes:
+            with write_errors("adapter", self.run.last_adapter):
+                self.backend.save_adapter(self.run.last_adapter)
         return {"steps": self.state.step, "total_steps": self.total, "best_val_loss": self.state.best_val,
-                "best_step": self.state.best_step, "last_val_loss": last_val, "tokens": self.state.tokens,
+                "best_step": self.state.best_step, "last_val_loss": self._last_val, "tokens": self.state.tokens,
                 "train_seconds": round(self.state.seconds, 2),
                 "tok_s": self.state.tokens / max(self.state.seconds, 1e-9),
-                "skipped_steps": self.state.skipped_steps, "early_stopped": stopped_early}
+                "skipped_steps": self.state.skipped_steps, "early_stopped": stopped_early,
+                "world_size": self.world.size}
+
+    def _one_step(self, step: int, metrics, progress) -> bool | None:
+        """Run optimizer step `step`; None when the step was skipped (non-finite), else whether
+        early stopping fired."""
+        t = self.cfg.train
+        lr = learning_rate(step, self.total, t.learning_rate, self.warmup, t.min_lr_ratio)
+        micro, n_targets, tokens = self._next_step_batches()
+        started = time.perf_counter()
+        result = self.backend.train_step(micro, lr, n_total=n_targets)
+        elapsed = time.perf_counter() - started
+        self.state.step = step
+        if not result.finite:
+            if not t.skip_nonfinite:
+                self.state.step -= 1
+                raise MlxftError(
+                    f"step {step}: loss or gradients are not finite (loss={result.loss}, "
+                    f"grad_norm={result.grad_norm}); the last good checkpoint is in {self.run.checkpoint}",
+                    "lower train.learning_rate, lower lora.alpha relative to lora.rank, or set "
+                    "train.skip_nonfinite: true")
+            self.state.skipped_steps += 1
+            if metrics:
+                metrics.write({"type": "skipped", "step": step, "reason": "non-finite"})
+            return None
+        self.state.tokens += tokens
+        self.state.seconds += elapsed
+        if metrics and (step % t.log_every == 0 or step == self.total):
+            metrics.write({"type": "train", "step": step, "loss": result.loss, "lr": lr,
+                           "grad_norm": result.grad_norm, "tokens": tokens, "targets": n_targets,
+                           "tok_s": tokens / max(elapsed, 1e-9), "elapsed": round(self.state.seconds, 3)})
+        stopped_early = False
+        if step % t.eval_every == 0 or step == self.total:
+            val = self.evaluate()
+            self._last_val = val["loss"]
+            if metrics:
+                metrics.write({"type": "valid", "step": step, **val})
+            if self.state.best_val is None or val["loss"] < self.state.best_val:
+                self.state.best_val, self.state.best_step = val["loss"], step
+                self.state.evals_since_best = 0
+                if self.writes:
+                    with write_errors("best adapter", self.run.best_adapter):
+                        self.backend.save_adapter(self.run.best_adapter)
+            else:
+                self.state.evals_since_best += 1
+                if t.early_stop_patience and self.state.evals_since_best >= t.early_stop_patience:
+                    progress.message(f"early stop at step {step}: validation loss has not improved "
+                                     f"for {t.early_stop_patience} evaluations (best {self.state.best_val:.4f} "
+                                     f"at step {self.state.best_step})")
+                    stopped_early = True
+        progress.step(step, result.loss, lr, self.state.tokens / max(self.state.seconds, 1e-9),
+                      self._last_val, self.backend.peak_memory())
+        return stopped_early
 
 
 def _np_rng_state() -> list:

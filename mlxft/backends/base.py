@@ -10,6 +10,7 @@ from typing import Callable
 
 from mlxft.config import Config
 from mlxft.data import Batch
+from mlxft.distributed import World
 
 
 @dataclass
@@ -34,9 +35,11 @@ class Backend(abc.ABC):
     # Code shipped inside a model repo runs only when the user passes --trust-remote-code.
     trust_remote_code: bool = False
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, world: World | None = None):
         self.cfg = cfg
         self.tokenizer = None
+        # Data parallel: train_step sums gradients over the world's ranks before clipping.
+        self.world = world or World()
 
     @abc.abstractmethod
     def load(self, model_path: Path, adapter: Path | None = None, train: bool = True) -> None:
@@ -44,8 +47,18 @@ class Backend(abc.ABC):
         no `adapter` is given, else load `adapter` (trainable when `train`)."""
 
     @abc.abstractmethod
-    def train_step(self, batches: list[Batch], lr: float) -> StepResult:
-        """Accumulate gradients over `batches` (one optimizer step) and apply them at `lr`."""
+    def train_step(self, batches: list[Batch], lr: float, n_total: int | None = None) -> StepResult:
+        """Accumulate gradients over `batches` (one optimizer step) and apply them at `lr`.
+
+        The loss is the sum over target tokens divided by `n_total`, the target count of the
+        whole step (default: of `batches`). In a distributed world each rank passes its shard
+        of the global batch with the global count; gradients and loss are summed over ranks, so
+        every rank applies the same update as a single process given the whole batch. A rank
+        whose shard is empty passes no batches and still takes part in the sum."""
+
+    @abc.abstractmethod
+    def broadcast_trainable(self) -> None:
+        """Copy rank 0's trainable weights to every rank (start of a distributed run)."""
 
     @abc.abstractmethod
     def eval_batch(self, batch: Batch) -> EvalResult:

@@ -97,6 +97,13 @@ def packed_allowed(seg):
     return ((same & causal) | pad_self)[:, None]
 
 
+def tree_map_zeros(tree):
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    return tree_map(mx.zeros_like, tree)
+
+
 def _round_up(n: int, k: int) -> int:
     return max(k, -(-n // k) * k)
 
@@ -114,8 +121,8 @@ def _assign(dst, src):
 class MLXBackend(Backend):
     name = "mlx"
 
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
+    def __init__(self, cfg: Config, world=None):
+        super().__init__(cfg, world)
         import mlx.core as mx
 
         self.mx = mx
@@ -173,6 +180,8 @@ class MLXBackend(Backend):
             self.optimizer = optim.AdamW(learning_rate=self.cfg.train.learning_rate, betas=[0.9, 0.999],
                                          eps=1e-8, weight_decay=self.cfg.train.weight_decay, bias_correction=True)
             self.optimizer.init(model.trainable_parameters())
+            if self.world.rank:
+                mx.random.seed(self.cfg.seed + self.world.rank)  # own dropout masks per rank
             model.train()
         else:
             model.eval()
@@ -371,11 +380,12 @@ class MLXBackend(Backend):
 
     # ------------------------------------------------------------------ compute
 
-    def train_step(self, batches: list[Batch], lr: float) -> StepResult:
+    def train_step(self, batches: list[Batch], lr: float, n_total: int | None = None) -> StepResult:
         mx = self.mx
         fns = self._build()
         self.model.train()
-        n_total = sum(b.n_targets for b in batches)
+        if n_total is None:
+            n_total = sum(b.n_targets for b in batches)
         scale = mx.array(1.0 / max(n_total, 1), mx.float32)
         self.optimizer.learning_rate = mx.array(lr, mx.float32)
         grads, loss_total = None, mx.array(0.0, mx.float32)
@@ -384,12 +394,48 @@ class MLXBackend(Backend):
             loss_total = loss_total + loss
             if i < len(batches) - 1:
                 mx.eval(loss_total, grads)
+        if self.world.distributed:
+            grads, loss_total = self._sum_over_ranks(grads, loss_total)
         norm = fns["update"](grads, loss_total)
         mx.eval(self.model.state, self.optimizer.state, mx.random.state, loss_total, norm)
         self._maybe_clear_cache()
         loss_value, norm_value = float(loss_total.item()), float(norm.item())
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
         return StepResult(loss=loss_value, n_targets=n_total, grad_norm=norm_value, finite=finite)
+
+    def _sum_over_ranks(self, grads, loss_total):
+        """One all_sum per optimizer step: every gradient and the loss in a single flat f32
+        array (a rank with an empty shard contributes zeros)."""
+        mx = self.mx
+        from mlx.utils import tree_flatten, tree_unflatten
+
+        if grads is None:
+            grads = tree_map_zeros(self.model.trainable_parameters())
+        leaves = tree_flatten(grads)
+        flat = mx.concatenate([g.reshape(-1).astype(mx.float32) for _, g in leaves] +
+                              [loss_total.reshape(1).astype(mx.float32)])
+        flat = self.world.all_sum_array(flat)
+        out, offset = [], 0
+        for name, g in leaves:
+            out.append((name, flat[offset:offset + g.size].reshape(g.shape).astype(g.dtype)))
+            offset += g.size
+        return tree_unflatten(out), flat[-1]
+
+    def broadcast_trainable(self) -> None:
+        if not self.world.distributed:
+            return
+        mx = self.mx
+        from mlx.utils import tree_flatten, tree_unflatten
+
+        leaves = tree_flatten(self.model.trainable_parameters())
+        flat = self.world.broadcast_array(mx.concatenate([p.reshape(-1).astype(mx.float32) for _, p in leaves]))
+        out, offset = [], 0
+        for name, p in leaves:
+            out.append((name, flat[offset:offset + p.size].reshape(p.shape).astype(p.dtype)))
+            offset += p.size
+        self.model.update(tree_unflatten(out))
+        mx.eval(self.model.parameters())
+        self._fns = {}
 
     def eval_batch(self, batch: Batch) -> EvalResult:
         mx = self.mx

@@ -50,11 +50,11 @@ def choose_backend(requested: str = "auto") -> tuple[str, str]:
     raise MlxftError("no training backend installed", "pip install 'mlxft[torch]' or 'mlxft[mlx]'")
 
 
-def make_backend(name: str, cfg: Config):
+def make_backend(name: str, cfg: Config, world=None):
     if name == "torch":
         from mlxft.backends.torch_backend import TorchBackend
 
-        return TorchBackend(cfg)
+        return TorchBackend(cfg, world=world)
     if name == "mlx":
         try:
             from mlxft.backends.mlx_backend import MLXBackend
@@ -62,5 +62,5 @@ def make_backend(name: str, cfg: Config):
             if "mlxft.backends.mlx_backend" in str(exc):
                 raise MlxftError("--backend mlx: the MLX backend is not part of this build") from None
             raise
-        return MLXBackend(cfg)
+        return MLXBackend(cfg, world)
     raise MlxftError(f"unknown backend '{name}'")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -72,12 +73,15 @@ def torch_loadable(model_path: Path) -> Path:
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, cfg: Config, device: str | None = None):
-        super().__init__(cfg)
+    def __init__(self, cfg: Config, device: str | None = None, world=None):
+        super().__init__(cfg, world)
         import torch
 
         self.torch = torch
-        self.device = device or pick_device()
+        self.device = device or getattr(self.world, "device", None) or pick_device()
+        if self.world.local_size > 1 and self.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            # Ranks sharing one machine share its cores; oversubscribed threads slow each 10x+.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world.local_size))
         self.dtype = pick_dtype(cfg.train.dtype, self.device)
         self.model = None
         self.optimizer = None
@@ -124,6 +128,8 @@ class TorchBackend(Backend):
 
         self._tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
         if train:
+            if self.world.rank:
+                torch.manual_seed(self.cfg.seed + self.world.rank)  # own dropout masks per rank
             self.model.train()
             params = [p for p in self.model.parameters() if p.requires_grad]
             self.optimizer = torch.optim.AdamW(params, lr=self.cfg.train.learning_rate, betas=(0.9, 0.999),
@@ -264,9 +270,10 @@ class TorchBackend(Backend):
                 total = total + chunk_loss(h, y)
         return total
 
-    def train_step(self, batches: list[Batch], lr: float) -> StepResult:
+    def train_step(self, batches: list[Batch], lr: float, n_total: int | None = None) -> StepResult:
         torch = self.torch
-        n_total = sum(b.n_targets for b in batches)
+        if n_total is None:
+            n_total = sum(b.n_targets for b in batches)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -278,6 +285,8 @@ class TorchBackend(Backend):
                 loss.backward()
             loss_total += float(loss.detach())
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.world.distributed:
+            loss_total = self._sum_over_ranks(params, loss_total)
         max_norm = self.cfg.train.max_grad_norm if self.cfg.train.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
@@ -285,6 +294,35 @@ class TorchBackend(Backend):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=loss_total, n_targets=n_total, grad_norm=grad_norm, finite=finite)
+
+    def _sum_over_ranks(self, params, loss_total: float) -> float:
+        """One all-reduce per optimizer step: every gradient and the loss in a single flat f32
+        buffer (LoRA gradients are small, so overlapping buckets with backward as DDP does would
+        not pay, and DDP's hooks would not see the chunked loss that bypasses the model's forward)."""
+        torch = self.torch
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.detach().reshape(-1).float() for g in grads] +
+                         [torch.tensor([loss_total], dtype=torch.float32, device=self.device)])
+        self.world.all_sum_tensor(flat)
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[offset:offset + n].view_as(g).to(p.dtype)
+            offset += n
+        return float(flat[-1])
+
+    def broadcast_trainable(self) -> None:
+        if not self.world.distributed:
+            return
+        torch = self.torch
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+        self.world.broadcast_tensor(flat)
+        offset = 0
+        with torch.no_grad():
+            for p in params:
+                p.copy_(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
 
     @contextlib.contextmanager
     def _inference(self):

@@ -20,7 +20,12 @@ import click
 @click.option("--skip-bad-lines", is_flag=True, help="Skip malformed data lines (counted and reported).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow Python code shipped inside the model repo to run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result summary as JSON on stdout.")
-def train(recipe, model, data, valid, backend, sets, steps, out, resume, skip_bad_lines, trust_remote_code, as_json):
+@click.option("--nproc", type=click.IntRange(min=1), help="Data-parallel ranks per host, started with torchrun "
+              "(torch) or mlx.launch (mlx).")
+@click.option("--hosts", help="MLX: comma-separated hosts (IPs for the ring backend) to train across, via mlx.launch.")
+@click.option("--hostfile", type=click.Path(), help="MLX: an mlx.launch hostfile (see mlx.distributed_config).")
+def train(recipe, model, data, valid, backend, sets, steps, out, resume, skip_bad_lines, trust_remote_code, as_json,
+          nproc, hosts, hostfile):
     """Fine-tune MODEL on your data with LoRA (or DoRA / QLoRA).
 
     RECIPE is a name from `mlxft recipes list` or a YAML file. Precedence: defaults < recipe <
@@ -31,16 +36,30 @@ def train(recipe, model, data, valid, backend, sets, steps, out, resume, skip_ba
       mlxft train quickstart
       mlxft train --data my.jsonl --set lora.rank=16 --steps 200
       mlxft train --resume runs/quickstart
+      mlxft train quickstart --nproc 2            # two data-parallel ranks here
+      torchrun --nproc-per-node 4 -m mlxft train quickstart
+      mlx.launch --hostfile hosts.json -- -m mlxft train quickstart
     """
+    import tempfile
+
     from mlxft import ui
     from mlxft.config import build_config
-    from mlxft.pipeline import resume_config, train_run
+    from mlxft.distributed import init_world, reset_world
+    from mlxft.pipeline import resume_source, train_run
     from mlxft.runs import default_run_dir
 
+    world = init_world()
+    if (nproc or hosts or hostfile) and world.distributed:
+        raise click.UsageError("--nproc/--hosts/--hostfile start a launcher; this process already runs under "
+                               f"{world.launcher}")
+    if not world.is_root:
+        ui.console.quiet = True  # rank 0 speaks for the run; errors still reach stderr
+    keep = tempfile.TemporaryDirectory(prefix="mlxft-resume-") if world.distributed and not world.is_root else None
+    resume_from = None
     if resume:
         if recipe or model or data or valid or sets or steps:
             raise click.UsageError("--resume takes the run's own config; give no recipe, --model, --data or --set")
-        cfg = resume_config(Path(resume))
+        cfg, resume_from = resume_source(world, Path(resume), Path(keep.name) if keep else None)
         if backend:
             cfg.backend = backend
         out_dir = Path(resume)
@@ -54,9 +73,13 @@ def train(recipe, model, data, valid, backend, sets, steps, out, resume, skip_ba
             cfg.train.epochs = None
         name = Path(recipe).stem if recipe else "run"
         out_dir = Path(out) if out else default_run_dir(name)
+        if world.distributed:  # rank 0 picked runs/NAME-N; the others name the same directory
+            out_dir = Path(world.broadcast_bytes(str(out_dir).encode()).decode())
+    if nproc or hosts or hostfile:
+        raise SystemExit(_launch(cfg, out_dir, nproc, hosts, hostfile, explicit_out=bool(out or resume)))
     try:
         summary = train_run(cfg, out_dir, resume=bool(resume), skip_bad_lines=skip_bad_lines,
-                            trust_remote_code=trust_remote_code)
+                            trust_remote_code=trust_remote_code, resume_from=resume_from)
     except Exception as exc:
         from mlxft.errors import Interrupted
 
@@ -65,6 +88,12 @@ def train(recipe, model, data, valid, backend, sets, steps, out, resume, skip_ba
                              f"  mlxft train --resume {out_dir}")
             raise SystemExit(130)
         raise
+    finally:
+        if keep is not None:
+            keep.cleanup()
+    reset_world()
+    if not world.is_root:
+        return
     if as_json:
         ui.emit_json(summary)
     else:
@@ -78,3 +107,16 @@ def train(recipe, model, data, valid, backend, sets, steps, out, resume, skip_ba
         if isinstance(ret, dict) and ret.get("score") is not None:
             ui.result(f"retention: {ret['score']:.3f}")
         ui.result(f"try it:  mlxft generate {summary['run']} --prompt \"...\"")
+
+
+def _launch(cfg, out_dir: Path, nproc, hosts, hostfile, explicit_out: bool) -> int:
+    import sys
+
+    from mlxft.backends.select import choose_backend
+    from mlxft.launch import launcher_command, run_launcher
+
+    backend, _ = choose_backend(cfg.backend)
+    argv = sys.argv[1:]
+    if not explicit_out:  # every rank must name the directory this process will read back
+        argv = [*argv, "--out", str(out_dir)]
+    return run_launcher(launcher_command(backend, argv, nproc, hosts, hostfile), out_dir)
