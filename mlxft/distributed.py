@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -79,7 +80,9 @@ class World:
         pass
 
     def _lost(self, exc: BaseException) -> PeerLost:
-        detail = " ".join(str(exc).split())[:160]
+        # "[/path/gloo/pair.cc:537] Read error ...: Connection reset by peer. This is typically..."
+        detail = re.sub(r"^\[[^\]]*:\d+\]\s*", "", " ".join(str(exc).split()))
+        detail = detail.split(". ")[0][:160]
         return PeerLost(f"{self.label()}: lost contact with another rank ({detail})",
                         "a rank was killed or crashed; see its own output", detail=detail)
 

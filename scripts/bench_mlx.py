@@ -71,10 +71,10 @@ def run_mlxft(args, model_path: Path, train, valid, workdir: Path) -> dict:
     steps = []
     original = backend.train_step
 
-    def timed(batches, lr):
+    def timed(batches, lr, n_total=None):
         before = dict(backend.stats)
         t0 = time.perf_counter()
-        result = original(batches, lr)
+        result = original(batches, lr, n_total)
         steps.append({"seconds": time.perf_counter() - t0, "tokens": backend.stats["tokens"] - before["tokens"],
                       "slots": backend.stats["slots"] - before["slots"], "loss": result.loss})
         if len(steps) == args.skip:

@@ -128,8 +128,8 @@ def run_mlxft_torch(args, model_path: Path, work: Path, packing: bool) -> dict:
     steps = []
     original = backend.train_step
 
-    def timed(batches, lr):
-        res = original(batches, lr)
+    def timed(batches, lr, n_total=None):
+        res = original(batches, lr, n_total)
         steps.append({"t": time.perf_counter(), "tokens": sum(b.n_tokens for b in batches),
                       "slots": sum(b.n_slots for b in batches), "loss": res.loss})
         return res

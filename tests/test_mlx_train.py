@@ -80,8 +80,8 @@ def test_resume_continues_the_curve(model_dir, tmp_path, monkeypatch):
     original = mb.MLXBackend.train_step
     calls = {"n": 0}
 
-    def interrupting(self, batches, lr):
-        result = original(self, batches, lr)
+    def interrupting(self, batches, lr, n_total=None):
+        result = original(self, batches, lr, n_total)
         calls["n"] += 1
         if calls["n"] == 6:
             import os

@@ -51,6 +51,7 @@ def test_ollama_model_resolves_and_imports(tiny_gguf, tmp_path, monkeypatch):
     from mlxft.sources import resolve_model
     from mlxft.sources.ollama import resolve_ollama
 
+    monkeypatch.setenv("MLXFT_HOME", str(tmp_path / "mlxft-home"))  # no import cached by an earlier session
     home_store = Path.home() / ".ollama" / "models"  # the default location (HOME is isolated)
     blob = make_store(home_store, tiny_gguf, name="tiny", tag="1b")
     assert resolve_ollama("ollama:tiny:1b") == blob

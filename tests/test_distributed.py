@@ -1,0 +1,310 @@
+"""Data-parallel training with two local ranks on loopback: torchrun with gloo, and mlx.launch
+with the ring backend on mlx[cpu].
+
+A 2-rank run gives the adapter of a 1-rank run with the same global batch; only rank 0 writes;
+killing one rank stops the other with a clear message and leaves the last checkpoint whole, and
+the run then resumes to the same adapter as an unbroken 2-rank run; ranks started with different
+data or recipes stop before any step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlxft.distributed import World, backend_for_launcher, bytes_to_dir, dir_to_bytes, launcher_in_env
+from mlxft.errors import ConfigError, MlxftError
+from mlxft.launch import launcher_command, strip_launch_options
+from mlxft.rank_agreement import check_agreement
+from tests.test_train_torch import ROWS
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+BASE_SETS = ["train.batch_size=4", "train.learning_rate=1e-2", "train.eval_every=3", "train.save_every=2",
+             "train.dtype=float32", "retention.enabled=false", "lora.dropout=0.0"]
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def env(marker: str | None = None) -> dict:
+    e = dict(os.environ)
+    e.update(MLXFT_NO_PROGRESS="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MLX_RANK", "MASTER_ADDR"):
+        e.pop(k, None)
+    if marker:
+        e["MLXFT_TEST_MARK"] = marker
+    return e
+
+
+def train_args(model: Path, data: Path, out: Path, sets=(), steps=6) -> list[str]:
+    args = ["train", "--model", str(model), "--data", str(data), "--out", str(out)]
+    for s in [f"train.steps={steps}", *BASE_SETS, *sets]:
+        args += ["--set", s]
+    return args
+
+
+def single(args) -> list[str]:
+    return [sys.executable, "-m", "mlxft", *args]
+
+
+def torchrun(args, n=2) -> list[str]:
+    port = random.randint(20000, 40000)
+    return [str(BIN / "torchrun"), "--nproc-per-node", str(n), "--master-port", str(port),
+            "--no-python", sys.executable, "-m", "mlxft", *args]
+
+
+def mlx_launch(args, n=2) -> list[str]:
+    port = random.randint(20000, 40000)
+    return [str(BIN / "mlx.launch"), "--backend", "ring", "-n", str(n), "--starting-port", str(port),
+            "--python", sys.executable, "--", "-m", "mlxft", *args]
+
+
+def run(cmd, marker=None, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env(marker), capture_output=True, text=True, timeout=timeout)
+
+
+def adapter(folder: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+def train_rows(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["type"] == "train"]
+
+
+def files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def rank_pid(marker: str, rank: int) -> int | None:
+    """The pid of the training process of `rank` among those started with `marker`."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"MLXFT_TEST_MARK={marker}".encode() not in environ or b"\0-m\0mlxft\0" not in cmdline:
+            continue
+        if f"RANK={rank}".encode() in environ or f"MLX_RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, default_model_dir) -> Path:
+    from tests.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "m", default_model_dir, initializer_range=0.2)
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    p = tmp_path / "train.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return p
+
+
+# ---------------------------------------------------------------------------- pure parts
+
+
+def test_launcher_detection_and_backend_choice():
+    assert launcher_in_env({}) is None
+    assert launcher_in_env({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "x"}) == "torchrun"
+    assert launcher_in_env({"MLX_RANK": "0", "MLX_HOSTFILE": "/tmp/h"}) == "mlx.launch"
+    assert backend_for_launcher("torchrun", "auto") == "torch"
+    assert backend_for_launcher("mlx.launch", "auto") == "mlx"
+    assert backend_for_launcher(None, "mlx") == "mlx"
+    with pytest.raises(MlxftError, match="started by torchrun"):
+        backend_for_launcher("torchrun", "mlx")
+
+
+def test_launch_options_are_removed_and_launchers_built():
+    argv = ["train", "quickstart", "--nproc", "2", "--hosts=10.0.0.1,10.0.0.2", "--set", "a=1",
+            "--hostfile", "h.json"]
+    assert strip_launch_options(argv) == ["train", "quickstart", "--set", "a=1"]
+    cmd = launcher_command("torch", argv, 2, None, None)
+    assert cmd[1:3] == ["--nproc-per-node", "2"] and cmd[-6:] == ["-m", "mlxft", "train", "quickstart", "--set", "a=1"]
+    cmd = launcher_command("mlx", argv, 2, "10.0.0.1,10.0.0.2", None)
+    assert cmd[cmd.index("--hosts") + 1] == "10.0.0.1,10.0.0.2" and cmd[cmd.index("-n") + 1] == "2"
+    assert cmd[cmd.index("--") + 1:] == ["-m", "mlxft", "train", "quickstart", "--set", "a=1"]
+    with pytest.raises(ConfigError, match="torchrun on every host"):
+        launcher_command("torch", argv, 1, "a,b", None)
+
+
+def test_dir_bytes_round_trip(tmp_path):
+    src = tmp_path / "src"
+    (src / "checkpoint" / "adapter").mkdir(parents=True)
+    (src / "checkpoint" / "adapter" / "w.bin").write_bytes(os.urandom(1000))
+    (src / "config.yaml").write_text("seed: 1\n")
+    (src / "other.txt").write_text("not sent")
+    dest = tmp_path / "dest"
+    bytes_to_dir(dir_to_bytes(src, members=["config.yaml", "checkpoint"]), dest)
+    assert files(dest) == {"config.yaml", "checkpoint/adapter/w.bin"}
+    assert (dest / "checkpoint/adapter/w.bin").read_bytes() == (src / "checkpoint/adapter/w.bin").read_bytes()
+
+
+class _Gathered(World):
+    """A world whose all-gather returns fingerprints as if other ranks had sent them."""
+
+    size = 2
+
+    def __init__(self, others):
+        self.others = others
+
+    def all_gather_bytes(self, data):
+        return [data, *(json.dumps(o).encode() for o in self.others)]
+
+
+def test_agreement_names_the_rank_and_what_differs():
+    mine = {"mlxft": "0.1", "backend": "torch", "model": "m", "adapter": "a", "data": "d1", "config": "c"}
+    check_agreement(_Gathered([dict(mine)]), mine)
+    with pytest.raises(ConfigError, match="rank 1 disagrees with rank 0 on the tokenized training"):
+        check_agreement(_Gathered([{**mine, "data": "d2"}]), mine)
+    with pytest.raises(ConfigError, match="on the recipe"):
+        check_agreement(_Gathered([{**mine, "config": "c2"}]), mine)
+
+
+# ---------------------------------------------------------------------------- two ranks
+
+
+@pytest.mark.parametrize("sets", [[], ["train.batch_size=3", "train.grad_accumulation=2", "train.packing=true"]],
+                         ids=["plain", "uneven-shards-accumulation-packing"])
+def test_torchrun_two_ranks_equal_one(model, data, tmp_path, sets):
+    pytest.importorskip("torch")
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = run(single(train_args(model, data, one, sets)))
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    before = files(tmp_path)
+    r2 = run(torchrun(train_args(model, data, two, sets)))
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert "2 ranks under torchrun" in r2.stderr
+    assert max_diff(adapter(one / "adapter"), adapter(two / "adapter")) < 1e-5
+    assert [r["step"] for r in train_rows(two)] == [r["step"] for r in train_rows(one)]
+    for a, b in zip(train_rows(one), train_rows(two)):
+        assert a["tokens"] == b["tokens"] and abs(a["loss"] - b["loss"]) < 1e-4
+    # Only rank 0 wrote: the 2-rank run directory is the 1-rank one plus rank 1's saved state,
+    # and nothing else appeared next to it.
+    extra = {f for f in files(two)} - {f for f in files(one)}
+    assert extra and all(f.startswith("checkpoint/ranks/1/") for f in extra)
+    assert files(tmp_path) - before == {f"two/{f}" for f in files(two)}
+    assert json.loads((two / "run.json").read_text())["world_size"] == 2
+
+
+def test_mlx_ring_two_ranks_equal_one(model, data, tmp_path):
+    pytest.importorskip("mlx.core")
+    pytest.importorskip("mlx_lm")
+    one, two = tmp_path / "one", tmp_path / "two"
+    sets = ["train.batch_size=3", "train.grad_accumulation=2"]
+    r1 = run(single([*train_args(model, data, one, sets), "--backend", "mlx"]))
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    r2 = run(mlx_launch(train_args(model, data, two, sets)))
+    assert "2 ranks under mlx.launch" in r2.stderr, r2.stderr[-3000:]
+    assert json.loads((two / "run.json").read_text())["status"] == "done"
+    assert max_diff(adapter(one / "adapter"), adapter(two / "adapter")) < 1e-5
+    extra = files(two) - files(one)
+    assert extra and all(f.startswith("checkpoint/ranks/1/") for f in extra)
+
+
+def test_ranks_with_different_data_stop_before_any_step(model, data, tmp_path):
+    pytest.importorskip("torch")
+    other = tmp_path / "train1.jsonl"
+    other.write_text("".join(json.dumps(r) + "\n" for r in ROWS[::-1]))
+    (tmp_path / "train0.jsonl").write_text(data.read_text())
+    out = tmp_path / "run"
+    args = " ".join(train_args(model, Path(str(tmp_path / "train") + "$RANK.jsonl"), out))
+    port = random.randint(20000, 40000)
+    cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(port), "--no-python",
+           "bash", "-c", f"exec {sys.executable} -m mlxft {args}"]
+    r = run(cmd)
+    assert r.returncode != 0
+    assert "rank 1 disagrees with rank 0 on the tokenized training and validation data" in r.stderr
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoint").exists()
+
+
+def test_backend_that_does_not_match_the_launcher_is_refused(model, data, tmp_path):
+    pytest.importorskip("torch")
+    r = run(torchrun([*train_args(model, data, tmp_path / "run"), "--backend", "mlx"]))
+    assert r.returncode != 0 and "this process was started by torchrun" in r.stderr
+
+
+def _kill_rank_then_resume(model, data, tmp_path, launch, steps):
+    """Start 2 ranks, SIGKILL rank 1 after some checkpoints, check the survivor's message and the
+    checkpoint, resume with 2 ranks and compare with an unbroken 2-rank run."""
+    sets = ["train.save_every=3", "train.eval_every=20", "lora.dropout=0.1", "train.log_every=1"]
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    r = run(launch(train_args(model, data, full, sets, steps)))
+    assert json.loads((full / "run.json").read_text())["status"] == "done", r.stderr[-3000:]
+
+    marker = uuid.uuid4().hex
+    proc = subprocess.Popen(launch(train_args(model, data, broken, sets, steps)), env=env(marker),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    pid = None
+    while time.time() < deadline:
+        pid = pid or rank_pid(marker, 1)
+        if pid and (broken / "metrics.jsonl").exists() and len(train_rows(broken)) >= 10:
+            break
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert "lost contact with another rank during step" in err, err[-3000:]
+    assert "is intact" in err
+    meta = json.loads((broken / "run.json").read_text())
+    assert meta["status"] in ("failed", "running")
+    trainer = json.loads((broken / "checkpoint" / "trainer.json").read_text())
+    assert 3 <= trainer["state"]["step"] < steps and trainer["world_size"] == 2
+    assert (broken / "checkpoint" / "ranks" / "1").is_dir()
+    assert not list(broken.glob("*.tmp*")) and not list(broken.glob(".*tmp*"))
+
+    r = run(launch(["train", "--resume", str(broken)]))
+    assert json.loads((broken / "run.json").read_text())["status"] == "done", r.stderr[-3000:]
+    assert max_diff(adapter(full / "adapter"), adapter(broken / "adapter")) < 1e-6
+    assert [x["loss"] for x in train_rows(full)] == pytest.approx([x["loss"] for x in train_rows(broken)], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_killed_rank_stops_the_other_and_the_run_resumes(model, data, tmp_path):
+    pytest.importorskip("torch")
+    _kill_rank_then_resume(model, data, tmp_path, torchrun, steps=200)
+
+
+@pytest.mark.slow
+def test_mlx_ring_killed_rank_stops_the_other_and_the_run_resumes(model, data, tmp_path):
+    pytest.importorskip("mlx.core")
+    pytest.importorskip("mlx_lm")
+    _kill_rank_then_resume(model, data, tmp_path, mlx_launch, steps=30)
+
+
+def test_nproc_starts_torchrun_for_the_user(model, data, tmp_path):
+    pytest.importorskip("torch")
+    if not (BIN / "torchrun").exists() and not shutil.which("torchrun"):
+        pytest.skip("torchrun not installed")
+    out = tmp_path / "run"
+    r = run(single([*train_args(model, data, out), "--nproc", "2", "--backend", "torch"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "launching: " in r.stderr and "torchrun" in r.stderr
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["status"] == "done" and meta["world_size"] == 2
