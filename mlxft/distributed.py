@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import sys
 import tarfile
 from pathlib import Path
 
@@ -253,6 +254,16 @@ def reset_world() -> None:
     if _world is not None:
         _world.close()
     _world = None
+
+
+def resume_command(world: World, run_dir) -> str:
+    """How to continue `run_dir` with the world that wrote it."""
+    if world.launcher == "torchrun":
+        return f"torchrun --nproc-per-node {world.local_size} -m mlxft train --resume {run_dir} (on every host)" \
+            if world.size > world.local_size else f"torchrun --nproc-per-node {world.size} -m mlxft train --resume {run_dir}"
+    if world.launcher == "mlx.launch":
+        return f"mlx.launch <the same hosts> --python {sys.executable} -- -m mlxft train --resume {run_dir}"
+    return f"mlxft train --resume {run_dir}"
 
 
 def backend_for_launcher(launcher: str | None, requested: str) -> str:

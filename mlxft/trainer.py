@@ -32,7 +32,7 @@ from mlxft.atomic import atomic_dir, write_errors
 from mlxft.backends.base import Backend
 from mlxft.config import Config
 from mlxft.data import Batch, Dataset, collate, length_grouped_batches, pack
-from mlxft.distributed import PeerLost, bytes_to_dir, dir_to_bytes
+from mlxft.distributed import PeerLost, bytes_to_dir, dir_to_bytes, resume_command
 from mlxft.errors import Interrupted, MlxftError
 from mlxft.progress import TrainProgress
 from mlxft.runs import MetricsWriter, Run
@@ -171,7 +171,9 @@ class Trainer:
     # ------------------------------------------------------------------ signals
 
     def _on_signal(self, signum, frame):
-        if self._stop_signal:
+        # A second Ctrl-C forces the way out; a launcher's SIGTERM after the terminal's SIGINT
+        # (torchrun forwards one) must not cut the checkpoint the first signal asked for.
+        if self._stop_signal == signum:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         self._stop_signal = signum
@@ -191,7 +193,7 @@ class Trainer:
             where = f"the last checkpoint (step {self.saved_step}) in {self.run.checkpoint} is intact"
         return PeerLost(f"{self.world.label()}: lost contact with another rank during step {step} "
                         f"({exc.detail}); {where}",
-                        f"resume with the same launcher and: mlxft train --resume {self.run.path}")
+                        f"resume with: {resume_command(self.world, self.run.path)}")
 
     def train(self, resume: bool = False) -> dict:
         cfg, t = self.cfg, self.cfg.train

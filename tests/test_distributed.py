@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -298,13 +297,12 @@ def test_mlx_ring_killed_rank_stops_the_other_and_the_run_resumes(model, data, t
     _kill_rank_then_resume(model, data, tmp_path, mlx_launch, steps=30)
 
 
-def test_nproc_starts_torchrun_for_the_user(model, data, tmp_path):
-    pytest.importorskip("torch")
-    if not (BIN / "torchrun").exists() and not shutil.which("torchrun"):
-        pytest.skip("torchrun not installed")
+@pytest.mark.parametrize("backend,launcher", [("torch", "torchrun"), ("mlx", "mlx.launch")])
+def test_nproc_starts_the_backends_launcher(model, data, tmp_path, backend, launcher):
+    pytest.importorskip("torch" if backend == "torch" else "mlx_lm")
     out = tmp_path / "run"
-    r = run(single([*train_args(model, data, out), "--nproc", "2", "--backend", "torch"]))
+    r = run(single([*train_args(model, data, out, steps=3), "--nproc", "2", "--backend", backend]))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "launching: " in r.stderr and "torchrun" in r.stderr
+    assert "launching: " in r.stderr and launcher in r.stderr and f"2 ranks under {launcher}" in r.stderr
     meta = json.loads((out / "run.json").read_text())
     assert meta["status"] == "done" and meta["world_size"] == 2

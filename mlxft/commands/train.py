@@ -38,7 +38,7 @@ def train(recipe, model, data, valid, backend, sets, steps, out, resume, skip_ba
       mlxft train --resume runs/quickstart
       mlxft train quickstart --nproc 2            # two data-parallel ranks here
       torchrun --nproc-per-node 4 -m mlxft train quickstart
-      mlx.launch --hostfile hosts.json -- -m mlxft train quickstart
+      mlx.launch --hostfile hosts.json --python PYTHON -- -m mlxft train quickstart
     """
     import tempfile
 
@@ -84,8 +84,10 @@ def train(recipe, model, data, valid, backend, sets, steps, out, resume, skip_ba
         from mlxft.errors import Interrupted
 
         if isinstance(exc, Interrupted):
+            from mlxft.distributed import resume_command
+
             ui.console.print(f"Interrupted at step {exc.args[0]}; checkpoint saved. Resume with:\n"
-                             f"  mlxft train --resume {out_dir}")
+                             f"  {resume_command(world, out_dir)}")
             raise SystemExit(130)
         raise
     finally:
