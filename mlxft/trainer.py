@@ -196,7 +196,7 @@ class Trainer:
                         f"resume with: {resume_command(self.world, self.run.path)}")
 
     def train(self, resume: bool = False) -> dict:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         if resume:
             self.restore_checkpoint()
         self.backend.broadcast_trainable()
@@ -210,9 +210,10 @@ class Trainer:
                 while self.state.step < self.total:
                     step = self.state.step + 1
                     try:
-                        stopped_early = self._one_step(step, metrics, progress)
-                        if stopped_early is None:
+                        outcome = self._one_step(step, metrics, progress)
+                        if outcome is None:  # a non-finite step skipped under train.skip_nonfinite
                             continue
+                        stopped_early = outcome
                         if step % t.save_every == 0 or step == self.total or stopped_early:
                             self.save_checkpoint()
                         if self._stop_requested():

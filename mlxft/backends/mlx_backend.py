@@ -104,6 +104,21 @@ def tree_map_zeros(tree):
     return tree_map(mx.zeros_like, tree)
 
 
+def _flat_f32(arrays):
+    import mlx.core as mx
+
+    return mx.concatenate([a.reshape(-1).astype(mx.float32) for a in arrays])
+
+
+def _split_like(flat, leaves) -> list:
+    """(name, array) pairs cut from `flat` in the shapes and dtypes of `leaves`."""
+    out, offset = [], 0
+    for name, like in leaves:
+        out.append((name, flat[offset:offset + like.size].reshape(like.shape).astype(like.dtype)))
+        offset += like.size
+    return out
+
+
 def _round_up(n: int, k: int) -> int:
     return max(k, -(-n // k) * k)
 
@@ -406,35 +421,23 @@ class MLXBackend(Backend):
     def _sum_over_ranks(self, grads, loss_total):
         """One all_sum per optimizer step: every gradient and the loss in a single flat f32
         array (a rank with an empty shard contributes zeros)."""
-        mx = self.mx
         from mlx.utils import tree_flatten, tree_unflatten
 
         if grads is None:
             grads = tree_map_zeros(self.model.trainable_parameters())
         leaves = tree_flatten(grads)
-        flat = mx.concatenate([g.reshape(-1).astype(mx.float32) for _, g in leaves] +
-                              [loss_total.reshape(1).astype(mx.float32)])
-        flat = self.world.all_sum_array(flat)
-        out, offset = [], 0
-        for name, g in leaves:
-            out.append((name, flat[offset:offset + g.size].reshape(g.shape).astype(g.dtype)))
-            offset += g.size
-        return tree_unflatten(out), flat[-1]
+        flat = self.world.all_sum_array(_flat_f32([*(g for _, g in leaves), loss_total]))
+        return tree_unflatten(_split_like(flat, leaves)), flat[-1]
 
     def broadcast_trainable(self) -> None:
         if not self.world.distributed:
             return
-        mx = self.mx
         from mlx.utils import tree_flatten, tree_unflatten
 
         leaves = tree_flatten(self.model.trainable_parameters())
-        flat = self.world.broadcast_array(mx.concatenate([p.reshape(-1).astype(mx.float32) for _, p in leaves]))
-        out, offset = [], 0
-        for name, p in leaves:
-            out.append((name, flat[offset:offset + p.size].reshape(p.shape).astype(p.dtype)))
-            offset += p.size
-        self.model.update(tree_unflatten(out))
-        mx.eval(self.model.parameters())
+        flat = self.world.broadcast_array(_flat_f32([p for _, p in leaves]))
+        self.model.update(tree_unflatten(_split_like(flat, leaves)))
+        self.mx.eval(self.model.parameters())
         self._fns = {}
 
     def eval_batch(self, batch: Batch) -> EvalResult:

@@ -301,14 +301,11 @@ class TorchBackend(Backend):
         not pay, and DDP's hooks would not see the chunked loss that bypasses the model's forward)."""
         torch = self.torch
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.detach().reshape(-1).float() for g in grads] +
-                         [torch.tensor([loss_total], dtype=torch.float32, device=self.device)])
+        loss = torch.tensor([loss_total], dtype=torch.float32, device=self.device)
+        flat = torch.cat([g.detach().reshape(-1).float() for g in [*grads, loss]])
         self.world.all_sum_tensor(flat)
-        offset = 0
-        for p, g in zip(params, grads):
-            n = g.numel()
-            p.grad = flat[offset:offset + n].view_as(g).to(p.dtype)
-            offset += n
+        for p, part in zip(params, _split_like(flat, params)):
+            p.grad = part
         return float(flat[-1])
 
     def broadcast_trainable(self) -> None:
@@ -318,11 +315,9 @@ class TorchBackend(Backend):
         params = [p for p in self.model.parameters() if p.requires_grad]
         flat = torch.cat([p.detach().reshape(-1).float() for p in params])
         self.world.broadcast_tensor(flat)
-        offset = 0
         with torch.no_grad():
-            for p in params:
-                p.copy_(flat[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+            for p, part in zip(params, _split_like(flat, params)):
+                p.copy_(part)
 
     @contextlib.contextmanager
     def _inference(self):
@@ -468,6 +463,15 @@ def _eos_ids(tokenizer, model) -> set[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(v for v in value if isinstance(v, int))
     return ids
+
+
+def _split_like(flat, tensors) -> list:
+    """Views of `flat` cut to the shapes and dtypes of `tensors`, in order."""
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset:offset + t.numel()].view_as(t).to(t.dtype))
+        offset += t.numel()
+    return out
 
 
 def packed_attention_mask(segment_ids, dtype):
