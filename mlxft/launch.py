@@ -34,10 +34,14 @@ def strip_launch_options(argv: list[str]) -> list[str]:
     return out
 
 
-def _tool(name: str) -> str:
+def find_launcher(name: str) -> str | None:
     """The launcher installed next to this Python (the venv's bin), else on PATH."""
     here = Path(sys.executable).parent / name
-    found = str(here) if here.exists() else shutil.which(name)
+    return str(here) if here.exists() else shutil.which(name)
+
+
+def _tool(name: str) -> str:
+    found = find_launcher(name)
     if not found:
         extra = "torch" if name == "torchrun" else "mlx"
         raise MlxftError(f"{name}: not found next to {sys.executable} or on PATH", f"pip install 'mlxft[{extra}]'")

@@ -60,6 +60,9 @@ def test_doctor_json_reports_auto_backend():
     info = json.loads(res.stdout)
     assert info["auto_backend"] in ("torch", "mlx")
     assert "cpu" in info["devices"] and "python" in info and info["auto_reason"]
+    assert set(info["launchers"]) == {"torchrun", "mlx.launch"}
+    if info["packages"]["torch"]:
+        assert info["launchers"]["torchrun"], "torch is installed, so torchrun is"
 
 
 def test_user_errors_are_one_line_exit_1(tmp_path):

@@ -22,6 +22,7 @@ def collect(bench: bool = False) -> dict:
 
     from mlxft.backends.select import choose_backend, metal_available, module_available
     from mlxft.errors import MlxftError
+    from mlxft.launch import find_launcher
     from mlxft.sysinfo import total_memory_bytes
 
     packages = {name: _version(name) for name in (
@@ -46,6 +47,7 @@ def collect(bench: bool = False) -> dict:
         "backends": {"torch": module_available("torch") and module_available("peft"),
                      "mlx": module_available("mlx") and module_available("mlx_lm")},
         "auto_backend": auto, "auto_reason": why,
+        "launchers": {name: find_launcher(name) for name in ("torchrun", "mlx.launch")},
     }
     if bench:
         from mlxft.devicebench import matmul_gflops
@@ -79,5 +81,7 @@ def doctor(as_json, bench):
     out(f"metal    {'available' if d['metal']['available'] else 'not available'}")
     out(f"backends torch: {'yes' if info['backends']['torch'] else 'no'}, mlx: {'yes' if info['backends']['mlx'] else 'no'}")
     out(f"auto     {info['auto_backend'] or 'none'} ({info['auto_reason']})")
+    launchers = ", ".join(f"{name}: {'yes' if path else 'no'}" for name, path in info["launchers"].items())
+    out(f"launch   {launchers} (data-parallel training; README 'More than one machine')")
     for row in info.get("bench", []):
         out(f"bench    {row['backend']:<6} {row['dtype']:<9} {row['gflops']:.1f} GFLOPS ({row['shape']})")
