@@ -32,8 +32,11 @@ def _torch_gflops(dtype_name: str, device: str = "cpu", shape=SHAPE) -> float:
 
     m, k, n = shape
     dtype = getattr(torch, dtype_name)
-    a = torch.randn(m, k, dtype=dtype, device=device)
-    b = torch.randn(k, n, dtype=dtype, device=device)
+    # A private generator: measuring must not move the global RNG that LoRA dropout draws from,
+    # or the first run on a machine (no cached figure) would train differently from later ones.
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(m, k, dtype=dtype, device=device, generator=gen)
+    b = torch.randn(k, n, dtype=dtype, device=device, generator=gen)
     if device == "cuda":
         def fn():
             for _ in range(20):
@@ -48,7 +51,8 @@ def _mlx_gflops(dtype_name: str, shape=SHAPE) -> float:
 
     m, k, n = shape
     dtype = getattr(mx, dtype_name)
-    a, b = mx.random.normal((m, k)).astype(dtype), mx.random.normal((k, n)).astype(dtype)
+    ka, kb = mx.random.split(mx.random.key(0))  # explicit keys leave the global RNG alone
+    a, b = mx.random.normal((m, k), key=ka).astype(dtype), mx.random.normal((k, n), key=kb).astype(dtype)
     return 2 * m * k * n / _time(lambda: mx.eval(a @ b)) / 1e9
 
 

@@ -280,8 +280,12 @@ def _kill_rank_then_resume(model, data, tmp_path, launch, steps):
 
     r = run(launch(["train", "--resume", str(broken)]))
     assert json.loads((broken / "run.json").read_text())["status"] == "done", r.stderr[-3000:]
+    curve = {x["step"]: x["loss"] for x in train_rows(broken)}
+    diverged = [(x["step"], x["loss"], curve.get(x["step"])) for x in train_rows(full)
+                if curve.get(x["step"]) is None or abs(curve[x["step"]] - x["loss"]) > 1e-6]
+    assert not diverged, (f"checkpoint step {trainer['state']['step']}; first (step, unbroken, resumed) "
+                          f"that differ: {diverged[:3]}\n{err[-1500:]}\n{r.stderr[-1500:]}")
     assert max_diff(adapter(full / "adapter"), adapter(broken / "adapter")) < 1e-6
-    assert [x["loss"] for x in train_rows(full)] == pytest.approx([x["loss"] for x in train_rows(broken)], abs=1e-6)
 
 
 @pytest.mark.slow

@@ -134,11 +134,12 @@ class TorchBackend(Backend):
             params = [p for p in self.model.parameters() if p.requires_grad]
             self.optimizer = torch.optim.AdamW(params, lr=self.cfg.train.learning_rate, betas=(0.9, 0.999),
                                                eps=1e-8, weight_decay=self.cfg.train.weight_decay)
-            from mlxft.devicebench import peak_gflops
-            from mlxft.progress import set_model_flops
+            if self.world.is_root:  # MFU is shown by rank 0 only; others need not measure
+                from mlxft.devicebench import peak_gflops
+                from mlxft.progress import set_model_flops
 
-            gflops = peak_gflops("torch", self.dtype_name(), self.device)
-            set_model_flops(self.flops_per_token(), gflops * 1e9 if gflops else None)
+                gflops = peak_gflops("torch", self.dtype_name(), self.device)
+                set_model_flops(self.flops_per_token(), gflops * 1e9 if gflops else None)
         else:
             self.model.eval()
 
