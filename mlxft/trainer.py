@@ -129,6 +129,11 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> None:
+        if not self.backend.trainable_finite():
+            last = f"step {self.saved_step}" if self.saved_step is not None else "none yet"
+            raise MlxftError(f"step {self.state.step}: the adapter weights are not finite, so the checkpoint was "
+                             f"not overwritten (last good: {last}, in {self.run.checkpoint})",
+                             "lower train.learning_rate or lora.alpha, or set train.skip_nonfinite: true")
         rank_states = None
         if self.world.distributed:
             # Gather first: if a rank is gone this raises before a byte is written.
@@ -244,6 +249,9 @@ class Trainer:
         early stopping fired."""
         t = self.cfg.train
         lr = learning_rate(step, self.total, t.learning_rate, self.warmup, t.min_lr_ratio)
+        if not math.isfinite(lr):
+            raise MlxftError(f"step {step}: the learning rate is not finite ({lr}); nothing was applied",
+                             "check train.learning_rate, train.warmup and train.min_lr_ratio")
         micro, n_targets, tokens = self._next_step_batches()
         started = time.perf_counter()
         result = self.backend.train_step(micro, lr, n_total=n_targets)

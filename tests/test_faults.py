@@ -82,6 +82,70 @@ def test_nonfinite_loss_stops_with_advice_and_keeps_checkpoint(tiny_model_dir, t
     assert summary["skipped_steps"] == 1 and summary["steps"] == 6
 
 
+def _faults_setup(tiny_model_dir, tmp_path):
+    from mlxft.backends.torch_backend import TorchBackend
+    from mlxft.config import build_config
+    from mlxft.data import load_dataset, split_dataset
+    from mlxft.runs import create_run
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"line number {i} of the data"}) + "\n" for i in range(12)))
+    cfg = build_config(None, ["train.steps=6", "train.batch_size=2", "train.save_every=1", "train.dtype=float32",
+                              "retention.enabled=false"], {"data": {"train": str(data)}})
+    backend = TorchBackend(cfg)
+    backend.load(tiny_model_dir)
+    train_set, valid_set = split_dataset(load_dataset(data, backend.tokenizer, 64), 0.2, 0)
+    run = create_run(tmp_path / "run", model="tiny", model_path=str(tiny_model_dir))
+    return cfg, backend, train_set, valid_set, run
+
+
+def _checkpoint_step_and_finite(run) -> tuple[int, bool]:
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from mlxft.runs import Run
+
+    ckpt = Run(run.path).checkpoint
+    tensors = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+    step = json.loads((ckpt / "trainer.json").read_text())["state"]["step"]
+    return step, all(np.isfinite(t).all() for t in tensors.values())
+
+
+def test_nonfinite_learning_rate_applies_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    import mlxft.trainer
+    from mlxft.trainer import Trainer
+
+    cfg, backend, train_set, valid_set, run = _faults_setup(tiny_model_dir, tmp_path)
+    real = mlxft.trainer.learning_rate
+    monkeypatch.setattr(mlxft.trainer, "learning_rate",
+                        lambda step, *a: float("nan") if step == 4 else real(step, *a))
+    with pytest.raises(MlxftError, match=r"step 4: the learning rate is not finite"):
+        Trainer(cfg, run, backend, train_set, valid_set).train()
+    assert _checkpoint_step_and_finite(run) == (3, True)
+    assert backend.trainable_finite()
+
+
+def test_poisoned_weights_never_reach_a_checkpoint(tiny_model_dir, tmp_path):
+    """Whatever makes the weights non-finite without a non-finite loss or gradient (here an
+    optimizer that writes NaN at step 4), the checkpoint keeps the last good step."""
+    from mlxft.trainer import Trainer
+
+    cfg, backend, train_set, valid_set, run = _faults_setup(tiny_model_dir, tmp_path)
+    real_step, calls = backend.optimizer.step, {"n": 0}
+
+    def poisoning_step(*a, **kw):
+        calls["n"] += 1
+        out = real_step(*a, **kw)
+        if calls["n"] == 4:
+            next(p for p in backend.model.parameters() if p.requires_grad).data.fill_(float("nan"))
+        return out
+
+    backend.optimizer.step = poisoning_step
+    with pytest.raises(MlxftError, match=r"step 4: the adapter weights are not finite.*last good: step 3"):
+        Trainer(cfg, run, backend, train_set, valid_set).train()
+    assert _checkpoint_step_and_finite(run) == (3, True)
+
+
 def fill(folder: Path, leave: int) -> None:
     """Write a ballast file until only about `leave` bytes are free."""
     import shutil

@@ -57,6 +57,10 @@ class Backend(abc.ABC):
         whose shard is empty passes no batches and still takes part in the sum."""
 
     @abc.abstractmethod
+    def trainable_finite(self) -> bool:
+        """Whether every trainable weight is finite (checked before a checkpoint is written)."""
+
+    @abc.abstractmethod
     def broadcast_trainable(self) -> None:
         """Copy rank 0's trainable weights to every rank (start of a distributed run)."""
 

@@ -429,6 +429,13 @@ class MLXBackend(Backend):
         flat = self.world.all_sum_array(_flat_f32([*(g for _, g in leaves), loss_total]))
         return tree_unflatten(_split_like(flat, leaves)), flat[-1]
 
+    def trainable_finite(self) -> bool:
+        from mlx.utils import tree_flatten
+
+        mx = self.mx
+        leaves = [p for _, p in tree_flatten(self.model.trainable_parameters())]
+        return bool(mx.all(mx.stack([mx.isfinite(p).all() for p in leaves])).item()) if leaves else True
+
     def broadcast_trainable(self) -> None:
         if not self.world.distributed:
             return

@@ -309,6 +309,11 @@ class TorchBackend(Backend):
             p.grad = part
         return float(flat[-1])
 
+    def trainable_finite(self) -> bool:
+        torch = self.torch
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
+
     def broadcast_trainable(self) -> None:
         if not self.world.distributed:
             return
