@@ -188,8 +188,9 @@ class MLXWorld(World):
 
     def all_sum(self, values: list[float]) -> list[float]:
         mx = self.mx
-        # float64 keeps summed losses exact enough; it exists on the CPU stream only.
-        out = self.all_sum_array(mx.array(np.asarray(values, dtype=np.float64)))
+        # float64 (CPU stream only) keeps large sums such as token counts exact; mx.array would
+        # make float32 of a float64 numpy array unless told.
+        out = self.all_sum_array(mx.array(np.asarray(values, dtype=np.float64), dtype=mx.float64))
         return [float(v) for v in np.array(out)]
 
     def _lengths(self, n: int) -> list[int]:

@@ -187,6 +187,39 @@ def test_agreement_names_the_rank_and_what_differs():
 
 # ---------------------------------------------------------------------------- two ranks
 
+COLLECTIVES = """
+import json, sys
+from mlxft.distributed import init_world
+w = init_world()
+out = {"rank": w.rank, "size": w.size, "launcher": w.launcher,
+       "gathered": [b.decode() for b in w.all_gather_bytes(("x" * (3 + 5 * w.rank) + str(w.rank)).encode())],
+       "broadcast": w.broadcast_bytes(b"from rank 0" if w.is_root else b"ignored").decode(),
+       "sum": w.all_sum([1.5, w.rank, 1e9 + w.rank])}
+w.barrier()
+open(sys.argv[1] + f"/result-{w.rank}.json", "w").write(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "mlx.launch"])
+def test_collectives_of_each_world(tmp_path, launcher):
+    pytest.importorskip("torch" if launcher == "torchrun" else "mlx.core")
+    script = tmp_path / "collectives.py"
+    script.write_text(COLLECTIVES)
+    port = random.randint(20000, 40000)
+    if launcher == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(port), str(script), str(tmp_path)]
+    else:
+        cmd = [str(BIN / "mlx.launch"), "--backend", "ring", "-n", "2", "--starting-port", str(port),
+               "--python", sys.executable, str(script), str(tmp_path)]
+    r = run(cmd, timeout=120)
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("result-*.json"))]
+    assert [d["rank"] for d in results] == [0, 1], r.stdout + r.stderr[-2000:]
+    for d in results:
+        assert d["size"] == 2 and d["launcher"] == launcher
+        assert d["gathered"] == ["xxx0", "xxxxxxxx1"]  # unequal lengths come back whole
+        assert d["broadcast"] == "from rank 0"
+        assert d["sum"] == [3.0, 1.0, 2e9 + 1]  # float64: 2e9 + 1 is exact
+
 
 @pytest.mark.parametrize("sets", [[], ["train.batch_size=3", "train.grad_accumulation=2", "train.packing=true"]],
                          ids=["plain", "uneven-shards-accumulation-packing"])
