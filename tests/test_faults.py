@@ -46,42 +46,6 @@ def test_corrupted_gguf_never_crashes(tmp_path, gguf_bytes, cut, flips):
     assert info["architecture"]
 
 
-def test_nonfinite_loss_stops_with_advice_and_keeps_checkpoint(tiny_model_dir, tmp_path):
-    from mlxft.backends.torch_backend import TorchBackend
-    from mlxft.config import build_config
-    from mlxft.data import load_dataset, split_dataset
-    from mlxft.runs import Run, create_run
-    from mlxft.trainer import Trainer
-
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"text": f"line number {i} of the data"}) + "\n" for i in range(12)))
-    cfg = build_config(None, ["train.steps=6", "train.batch_size=2", "train.save_every=1", "train.dtype=float32",
-                              "retention.enabled=false"], {"data": {"train": str(data)}})
-    backend = TorchBackend(cfg)
-    backend.load(tiny_model_dir)
-    train_set, valid_set = split_dataset(load_dataset(data, backend.tokenizer, 64), 0.2, 0)
-    run = create_run(tmp_path / "run", model="tiny", model_path=str(tiny_model_dir))
-    real_loss = backend._loss_sum
-    calls = {"n": 0}
-
-    def poisoned(hidden, labels, need_grad):  # the 4th training step's loss is NaN
-        calls["n"] += 1
-        loss = real_loss(hidden, labels, need_grad)
-        return loss * float("nan") if calls["n"] == 4 else loss
-
-    backend._loss_sum = poisoned
-    with pytest.raises(MlxftError, match=r"step 4: loss or gradients are not finite.*learning_rate"):
-        Trainer(cfg, run, backend, train_set, valid_set).train()
-    state = json.loads((Run(run.path).checkpoint / "trainer.json").read_text())["state"]
-    assert state["step"] == 3
-
-    cfg.train.skip_nonfinite = True
-    calls["n"] = 0
-    run2 = create_run(tmp_path / "run2", model="tiny", model_path=str(tiny_model_dir))
-    summary = Trainer(cfg, run2, backend, train_set, valid_set).train()
-    assert summary["skipped_steps"] == 1 and summary["steps"] == 6
-
-
 def _faults_setup(tiny_model_dir, tmp_path):
     from mlxft.backends.torch_backend import TorchBackend
     from mlxft.config import build_config
@@ -109,6 +73,31 @@ def _checkpoint_step_and_finite(run) -> tuple[int, bool]:
     tensors = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
     step = json.loads((ckpt / "trainer.json").read_text())["state"]["step"]
     return step, all(np.isfinite(t).all() for t in tensors.values())
+
+
+def test_nonfinite_loss_stops_with_advice_and_keeps_checkpoint(tiny_model_dir, tmp_path):
+    from mlxft.runs import create_run
+    from mlxft.trainer import Trainer
+
+    cfg, backend, train_set, valid_set, run = _faults_setup(tiny_model_dir, tmp_path)
+    real_loss = backend._loss_sum
+    calls = {"n": 0}
+
+    def poisoned(hidden, labels, need_grad):  # the 4th training step's loss is NaN
+        calls["n"] += 1
+        loss = real_loss(hidden, labels, need_grad)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    backend._loss_sum = poisoned
+    with pytest.raises(MlxftError, match=r"step 4: loss or gradients are not finite.*learning_rate"):
+        Trainer(cfg, run, backend, train_set, valid_set).train()
+    assert _checkpoint_step_and_finite(run) == (3, True)
+
+    cfg.train.skip_nonfinite = True
+    calls["n"] = 0
+    run2 = create_run(tmp_path / "run2", model="tiny", model_path=str(tiny_model_dir))
+    summary = Trainer(cfg, run2, backend, train_set, valid_set).train()
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 6
 
 
 def test_nonfinite_learning_rate_applies_nothing(tiny_model_dir, tmp_path, monkeypatch):
