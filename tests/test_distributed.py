@@ -343,3 +343,28 @@ def test_nproc_starts_the_backends_launcher(model, data, tmp_path, backend, laun
     assert "launching: " in r.stderr and launcher in r.stderr and f"2 ranks under {launcher}" in r.stderr
     meta = json.loads((out / "run.json").read_text())
     assert meta["status"] == "done" and meta["world_size"] == 2
+
+
+def test_ctrl_c_under_torchrun_checkpoints_every_rank_together(model, data, tmp_path):
+    """The terminal's SIGINT reaches every rank (and torchrun, which then sends SIGTERM): the
+    ranks agree to stop at the same step, write one checkpoint with both ranks' state, and say
+    how to resume under the launcher."""
+    pytest.importorskip("torch")
+    out = tmp_path / "run"
+    proc = subprocess.Popen(torchrun(train_args(model, data, out, ["train.log_every=1", "train.save_every=50"],
+                                                steps=400)),
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").exists() and len(train_rows(out)) >= 5):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["status"] == "interrupted", err[-3000:]
+    trainer = json.loads((out / "checkpoint" / "trainer.json").read_text())
+    assert trainer["state"]["step"] == meta["step"] < 400 and trainer["world_size"] == 2
+    assert (out / "checkpoint" / "ranks" / "1" / "optimizer.pt").is_file()
+    assert f"Interrupted at step {meta['step']}" in err
+    assert f"torchrun --nproc-per-node 2 -m mlxft train --resume {out}" in err
