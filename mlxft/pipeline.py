@@ -79,7 +79,8 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
     with ui.console.status(f"Loading {resolved.spec} on {backend_name}"):
         backend.load(resolved.path, adapter=start_adapter, train=True)
     train_set, valid_set = load_data(cfg, backend.tokenizer, skip_bad_lines)
-    check_agreement(world, fingerprint(cfg, resolved.path, start_adapter, backend_name, train_set, valid_set))
+    if world.distributed:  # hashing every token is start-up work a single process need not do
+        check_agreement(world, fingerprint(cfg, resolved.path, start_adapter, backend_name, train_set, valid_set))
     if not resume and world.is_root:
         run = create_run(out, model=resolved.spec, model_path=str(resolved.path.resolve()),
                          revision=resolved.revision, source=resolved.source, backend=backend_name,
