@@ -4,7 +4,7 @@ terminal; plain periodic lines otherwise.
 MFU (model FLOPs utilisation) = tokens/s x FLOPs per token / the device's measured matmul FLOP/s
 (`mlxft.devicebench`, the figure `mlxft doctor --bench` prints, for the dtype training computes
 in). FLOPs per token is a documented approximation, computed by the backend
-(`TorchBackend.flops_per_token`): 2 x the weights of the transformer blocks' linear layers for
+(`Backend.model_flops`, `TorchBackend.flops_per_token`): 2 x the weights of the transformer blocks' linear layers for
 the forward pass, plus 2 x those of the blocks from the earliest adapted one up for the activation
 gradients of the backward pass (frozen weights need no weight gradients). Left out: the output
 head (mlxft applies it only at target positions), attention scores, LoRA's own small matmuls,
@@ -20,16 +20,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mlxft import ui
 from mlxft.sysinfo import peak_rss_bytes
-
-# Set by a backend when it loads a model for training: (FLOPs per trained token, device FLOP/s).
-# The trainer does not pass them yet; TrainProgress reads them when it starts and clears them
-# when it ends, so a later run with another backend never shows a stale figure.
-_model_flops: dict = {"per_token": None, "device": None}
-
-
-def set_model_flops(per_token: float | None, device_flops: float | None) -> None:
-    _model_flops.update(per_token=per_token, device=device_flops)
-
 
 def mfu(tok_s: float, per_token: float | None, device_flops: float | None) -> float | None:
     """Model FLOPs utilisation as a fraction, None when either figure is unknown."""
@@ -56,8 +46,7 @@ class TrainProgress:
         self.interactive = enabled and ui.is_interactive()
         self.plain_every = plain_every
         self.started = time.monotonic()
-        self.flops_per_token = flops_per_token or _model_flops["per_token"]
-        self.device_flops = device_flops or _model_flops["device"]
+        self.flops_per_token, self.device_flops = flops_per_token, device_flops
         self.progress = None
         if self.interactive:
             self.progress = Progress(
@@ -72,7 +61,6 @@ class TrainProgress:
         return self
 
     def __exit__(self, *exc):
-        set_model_flops(None, None)
         if self.progress:
             self.progress.stop()
 

@@ -211,7 +211,10 @@ class Trainer:
         stopped_early = False
         self._last_val = self.state.best_val
         try:
-            with TrainProgress(self.total, self.state.step, enabled=self.writes) as progress:
+            # Rank 0 alone shows progress, so only it measures the device for the MFU figure.
+            per_token, device_flops = self.backend.model_flops() if self.writes else (None, None)
+            with TrainProgress(self.total, self.state.step, flops_per_token=per_token, device_flops=device_flops,
+                               enabled=self.writes) as progress:
                 while self.state.step < self.total:
                     step = self.state.step + 1
                     try:

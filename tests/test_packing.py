@@ -117,5 +117,7 @@ def test_mfu_estimate(setup):
     kv = lm.config.num_key_value_heads * (h // lm.config.num_attention_heads)
     per_block = 2 * h * h + 2 * h * kv + 3 * h * i
     assert backend.flops_per_token() == 4 * n * per_block  # all blocks adapted: forward 2N + backward 2N
+    per_token, device_flops = backend.model_flops()  # what the trainer hands the progress display
+    assert per_token == 4 * n * per_block and device_flops > 0
     assert progress.mfu(100.0, 4e8, 1e11) == pytest.approx(0.4)
     assert progress.mfu(100.0, None, 1e11) is None

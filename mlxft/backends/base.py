@@ -100,6 +100,11 @@ class Backend(abc.ABC):
         """Peak device memory in bytes where the device reports it (None on plain CPU)."""
         return None
 
+    def model_flops(self) -> tuple[float | None, float | None]:
+        """(model FLOPs per trained token, the device's measured FLOP/s) for the MFU figure in
+        progress (mlxft.progress); None where a backend cannot tell."""
+        return None, None
+
     def trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts."""
         return 0, 0

@@ -131,15 +131,9 @@ class TorchBackend(Backend):
             if self.world.rank:
                 torch.manual_seed(self.cfg.seed + self.world.rank)  # own dropout masks per rank
             self.model.train()
-            params = [p for p in self.model.parameters() if p.requires_grad]
+            params = self._trainable()
             self.optimizer = torch.optim.AdamW(params, lr=self.cfg.train.learning_rate, betas=(0.9, 0.999),
                                                eps=1e-8, weight_decay=self.cfg.train.weight_decay)
-            if self.world.is_root:  # MFU is shown by rank 0 only; others need not measure
-                from mlxft.devicebench import peak_gflops
-                from mlxft.progress import set_model_flops
-
-                gflops = peak_gflops("torch", self.dtype_name(), self.device)
-                set_model_flops(self.flops_per_token(), gflops * 1e9 if gflops else None)
         else:
             self.model.eval()
 
@@ -174,6 +168,10 @@ class TorchBackend(Backend):
         from peft import PeftModel
 
         return self.model.base_model.model if isinstance(self.model, PeftModel) else self.model
+
+    def _trainable(self) -> list:
+        """The LoRA/DoRA weights: the only parameters with gradients and optimizer state."""
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def _autocast_dtype(self):
         torch = self.torch
@@ -285,7 +283,7 @@ class TorchBackend(Backend):
                 loss = self._loss_sum(hidden, labels, need_grad=True) / max(n_total, 1)
                 loss.backward()
             loss_total += float(loss.detach())
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self._trainable()
         if self.world.distributed:
             loss_total = self._sum_over_ranks(params, loss_total)
         max_norm = self.cfg.train.max_grad_norm if self.cfg.train.max_grad_norm > 0 else float("inf")
@@ -311,14 +309,14 @@ class TorchBackend(Backend):
 
     def trainable_finite(self) -> bool:
         torch = self.torch
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self._trainable()
         return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
 
     def broadcast_trainable(self) -> None:
         if not self.world.distributed:
             return
         torch = self.torch
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self._trainable()
         flat = torch.cat([p.detach().reshape(-1).float() for p in params])
         self.world.broadcast_tensor(flat)
         with torch.no_grad():
@@ -434,6 +432,15 @@ class TorchBackend(Backend):
             return int(self.torch.cuda.max_memory_allocated())
         return None
 
+    def model_flops(self) -> tuple[float | None, float | None]:
+        per_token = self.flops_per_token()
+        if per_token is None:
+            return None, None
+        from mlxft.devicebench import peak_gflops
+
+        gflops = peak_gflops("torch", self.dtype_name(), self.device)
+        return per_token, gflops * 1e9 if gflops else None
+
     def flops_per_token(self) -> float | None:
         """Model FLOPs per trained token (see mlxft.progress): 2 x the blocks' linear weights
         forward, plus 2 x those from the earliest adapted block up for activation gradients."""
@@ -456,7 +463,7 @@ class TorchBackend(Backend):
         return 2.0 * sum(per_block) + 2.0 * sum(per_block[first:])
 
     def trainable_parameters(self):
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        trainable = sum(p.numel() for p in self._trainable())
         total = sum(p.numel() for p in self.model.parameters())
         return trainable, total
 
