@@ -18,7 +18,9 @@ import yaml
 from mlxft.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-PACKAGED_RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # for non-editable installs
+# Where a non-editable install would carry the recipes. No build puts them there yet, so such an
+# install finds built-in recipes only when run from a checkout; the README installs editable.
+PACKAGED_RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
 
 @dataclass
