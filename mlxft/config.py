@@ -17,10 +17,9 @@ import yaml
 
 from mlxft.errors import ConfigError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-# Where a non-editable install would carry the recipes. No build puts them there yet, so such an
-# install finds built-in recipes only when run from a checkout; the README installs editable.
-PACKAGED_RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+# Shipped recipes live inside the package (so a wheel carries them); `recipes/` at the top of a
+# checkout is a link to this folder.
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
 
 @dataclass
@@ -220,10 +219,9 @@ def recipe_path(name_or_path: str) -> Path:
         if not p.is_file():
             raise ConfigError(f"recipe file not found: {p}")
         return p
-    for base in (RECIPES_DIR, PACKAGED_RECIPES_DIR):
-        candidate = base / f"{name_or_path}.yaml"
-        if candidate.is_file():
-            return candidate
+    candidate = RECIPES_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
     names = list_recipes()
     close = difflib.get_close_matches(name_or_path, names, n=1)
     hint = f"did you mean '{close[0]}'?" if close else f"available: {', '.join(names) or 'none'}"
@@ -231,11 +229,7 @@ def recipe_path(name_or_path: str) -> Path:
 
 
 def list_recipes() -> list[str]:
-    names = set()
-    for base in (RECIPES_DIR, PACKAGED_RECIPES_DIR):
-        if base.is_dir():
-            names.update(p.stem for p in base.glob("*.yaml"))
-    return sorted(names)
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
 def load_yaml(path: Path) -> dict:
