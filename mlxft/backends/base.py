@@ -86,6 +86,25 @@ class Backend(abc.ABC):
                  stop_ids: set[int] | None = None) -> list[int]:
         """Generate token ids after `prompt_ids`, calling on_token for each as it comes."""
 
+    def generate_batch(self, prompts: list[list[int]], max_tokens: int, temperature: float = 0.0,
+                       top_p: float = 1.0, stop_ids: set[int] | None = None) -> list[list[int]]:
+        """Generated ids after each prompt (stop tokens not included): a row that stopped on its
+        own has fewer than `max_tokens`. Backends that can run the prompts side by side override
+        this; the default generates them one at a time."""
+        return [self.generate(p, max_tokens, temperature, top_p, stop_ids=stop_ids) for p in prompts]
+
+    def row_scores(self, batch: Batch) -> list[EvalResult]:
+        """eval_batch's figures per row (teacher-forced scoring of many short answers at once);
+        the default scores the rows one by one."""
+        from mlxft.data import Sample, collate
+
+        rows = []
+        for i in range(batch.input_ids.shape[0]):
+            real = batch.attention_mask[i] > 0
+            ids, targets = batch.input_ids[i][real].tolist(), batch.loss_mask[i][real].astype(bool).tolist()
+            rows.append(self.eval_batch(collate([Sample(ids=ids, targets=targets)], self.tokenizer.pad_token_id)))
+        return rows
+
     @abc.abstractmethod
     def sequence_logprobs(self, batch: Batch) -> list[float]:
         """Per-row summed log-probability of the target tokens (for retention probes)."""

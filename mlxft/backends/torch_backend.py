@@ -30,6 +30,7 @@ from mlxft.tokenizer import load_tokenizer
 
 LOSS_CHUNK = 512  # target positions per lm_head chunk: 512 x 49k f32 logits = 100 MB at a time
 EAGER_ATTENTION_MAX_LEN = 160  # CPU: eager attention up to this padded length, SDPA above
+GENERATE_BATCH = 16  # prompts generated side by side in generate_batch
 
 
 def cpu_has_bf16() -> bool:
@@ -348,6 +349,25 @@ class TorchBackend(Backend):
                 correct += int((logits.argmax(-1) == y).sum())
         return EvalResult(loss_sum=loss_sum, n_targets=int(labels.numel()), n_correct=correct)
 
+    def row_scores(self, batch: Batch) -> list[EvalResult]:
+        torch = self.torch
+        head, cap = self._head()
+        with self._inference(), self._compute():
+            hidden, labels = self._hidden(batch)
+            rows = torch.from_numpy(batch.loss_mask[:, 1:]).bool().nonzero()[:, 0].to(self.device)
+            n_rows = batch.input_ids.shape[0]
+            loss = torch.zeros(n_rows, dtype=torch.float64, device=self.device)
+            correct = torch.zeros(n_rows, dtype=torch.int64, device=self.device)
+            for i in range(0, hidden.shape[0], LOSS_CHUNK):
+                logits = self._chunk_logits(hidden[i:i + LOSS_CHUNK], head, cap)
+                y, r = labels[i:i + LOSS_CHUNK], rows[i:i + LOSS_CHUNK]
+                ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+                loss.index_add_(0, r, ce.double())
+                correct.index_add_(0, r, (logits.argmax(-1) == y).long())
+        counts = batch.loss_mask[:, 1:].sum(-1)
+        return [EvalResult(loss_sum=float(loss[i]), n_targets=int(counts[i]), n_correct=int(correct[i]))
+                for i in range(n_rows)]
+
     def sequence_logprobs(self, batch: Batch) -> list[float]:
         torch = self.torch
         ids, attn, mask, _ = self._tensors(batch)
@@ -416,6 +436,38 @@ class TorchBackend(Backend):
         while new and new[-1] in stop:
             new.pop()
         return new
+
+    def generate_batch(self, prompts, max_tokens, temperature=0.0, top_p=1.0, stop_ids=None):
+        """Prompts side by side, left-padded (generate() derives positions from the mask), in
+        groups of similar length so padding stays small."""
+        torch = self.torch
+        stop = set(stop_ids or ()) | _eos_ids(self.tokenizer, self._causal_lm())
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(stop, default=0)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        results: list[list[int]] = [[] for _ in prompts]
+        if max_tokens <= 0:
+            return results
+        kwargs = dict(max_new_tokens=max_tokens, eos_token_id=sorted(stop), pad_token_id=pad, use_cache=True)
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        for start in range(0, len(order), GENERATE_BATCH):
+            group = order[start:start + GENERATE_BATCH]
+            width = max(len(prompts[i]) for i in group)
+            ids = torch.full((len(group), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(group), width), dtype=torch.long)
+            for row, i in enumerate(group):
+                n = len(prompts[i])
+                ids[row, width - n:] = torch.tensor(prompts[i], dtype=torch.long)
+                mask[row, width - n:] = 1
+            with self._inference():
+                out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+            for row, i in enumerate(group):
+                new = out[row, width:].tolist()
+                cut = next((k for k, tok in enumerate(new) if tok in stop), len(new))
+                results[i] = new[:cut]
+        return results
 
     # ------------------------------------------------------------------ reporting
 
