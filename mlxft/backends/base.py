@@ -124,6 +124,10 @@ class Backend(abc.ABC):
         progress (mlxft.progress); None where a backend cannot tell."""
         return None, None
 
+    def hidden_size(self) -> int | None:
+        """The model's width (for the learning rate mlxft picks when the recipe leaves it open)."""
+        return None
+
     def trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts."""
         return 0, 0

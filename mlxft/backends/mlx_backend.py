@@ -192,7 +192,7 @@ class MLXBackend(Backend):
 
                 grad_checkpoint(model.layers[0])  # patches the block class, once per process
                 block._mlxft_checkpointed = True
-            self.optimizer = optim.AdamW(learning_rate=self.cfg.train.learning_rate, betas=[0.9, 0.999],
+            self.optimizer = optim.AdamW(learning_rate=self.cfg.train.learning_rate or 0.0, betas=[0.9, 0.999],
                                          eps=1e-8, weight_decay=self.cfg.train.weight_decay, bias_correction=True)
             self.optimizer.init(model.trainable_parameters())
             if self.world.rank:
@@ -577,6 +577,10 @@ class MLXBackend(Backend):
         except AttributeError:
             return None
         return peak or None
+
+    def hidden_size(self) -> int | None:
+        config = self.config.get("text_config") or self.config
+        return config.get("hidden_size")
 
     def trainable_parameters(self):
         from mlx.utils import tree_flatten

@@ -33,16 +33,24 @@ EAGER_ATTENTION_MAX_LEN = 160  # CPU: eager attention up to this padded length, 
 GENERATE_BATCH = 16  # prompts generated side by side in generate_batch
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
-    if "avx512_bf16" in flags or "amx_bf16" in flags:
-        return True
-    import platform
+# bf16 must beat f32 by this much at the matmul before it pays on a CPU: autocast's casts and
+# the ops that stay f32 eat the rest. Measured whole-run ratios (bf16 over f32 speed) against the
+# matmul ratio: Intel Xeon with AMX 8.1x matmul; AMD EPYC 2.1x matmul -> 1.6x run; Intel Xeon
+# without AMX 0.96x matmul -> 0.76x run (docs/benchmarks.md).
+BF16_MIN_SPEEDUP = 1.3
 
-    return platform.system() == "Darwin" and platform.machine() == "arm64"
+
+def cpu_bf16_pays() -> tuple[bool, str]:
+    """Whether bf16 is measured faster than f32 on this CPU (matmul GFLOPS, cached per machine by
+    mlxft.devicebench), and the figures that say so. A CPU flag alone decides nothing: CPUs with
+    avx512_bf16 but no AMX compute bf16 no faster than f32."""
+    from mlxft.devicebench import peak_gflops
+
+    f32, bf16 = peak_gflops("torch", "float32", "cpu"), peak_gflops("torch", "bfloat16", "cpu")
+    if not f32 or not bf16:
+        return False, "bf16 speed could not be measured"
+    ratio = bf16 / f32
+    return ratio >= BF16_MIN_SPEEDUP, f"bf16 matmul {ratio:.1f}x f32 on this CPU"
 
 
 def pick_device() -> str:
@@ -60,7 +68,7 @@ def pick_dtype(requested: str, device: str):
         return getattr(torch, requested)
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return torch.bfloat16 if cpu_bf16_pays()[0] else torch.float32
 
 
 def torch_loadable(model_path: Path) -> Path:
@@ -116,6 +124,12 @@ class TorchBackend(Backend):
             return
         from peft import PeftModel, get_peft_model
 
+        if adapter is not None and not train and self.dtype == torch.float32:
+            # Inference: fold the adapter into the f32 weights once instead of running the LoRA
+            # side path in every projection at every token (lower-precision weights would round
+            # a small adapter away, so those keep it separate).
+            self.model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().eval()
+            return
         if adapter is not None:
             self.model = PeftModel.from_pretrained(base, str(adapter), is_trainable=train)
         else:
@@ -133,7 +147,7 @@ class TorchBackend(Backend):
                 torch.manual_seed(self.cfg.seed + self.world.rank)  # own dropout masks per rank
             self.model.train()
             params = self._trainable()
-            self.optimizer = torch.optim.AdamW(params, lr=self.cfg.train.learning_rate, betas=(0.9, 0.999),
+            self.optimizer = torch.optim.AdamW(params, lr=self.cfg.train.learning_rate or 0.0, betas=(0.9, 0.999),
                                                eps=1e-8, weight_decay=self.cfg.train.weight_decay)
         else:
             self.model.eval()
@@ -513,6 +527,11 @@ class TorchBackend(Backend):
         if first is None:
             return None
         return 2.0 * sum(per_block) + 2.0 * sum(per_block[first:])
+
+    def hidden_size(self) -> int | None:
+        config = self._causal_lm().config
+        config = getattr(config, "text_config", None) or config
+        return getattr(config, "hidden_size", None)
 
     def trainable_parameters(self):
         trainable = sum(p.numel() for p in self._trainable())
