@@ -39,30 +39,39 @@ SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 STATE_FILE = "mlx_optimizer.safetensors"
 
 
-def check_model(path: Path) -> dict:
-    """config.json of a model the MLX backend can train, or a one-line ModelError naming what is not."""
-    try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: no readable config.json ({exc})") from None
+def unsupported_reason(config: dict, remap: dict[str, str]) -> str | None:
+    """Why the MLX backend cannot train the model of this config.json, or None when it can.
+    `remap`: mlx-lm's model-type aliases (mlx_lm.utils.MODEL_REMAPPING). Imports no mlx."""
     model_type = config.get("model_type", "?")
-    from mlx_lm.utils import MODEL_REMAPPING
-
-    if MODEL_REMAPPING.get(model_type, model_type) not in SUPPORTED_TYPES:
-        raise ModelError(f"{path}: architecture '{model_type}' is not supported by the MLX backend "
-                         f"(supported: {', '.join(SUPPORTED_TYPES)}); try --backend torch")
+    if remap.get(model_type, model_type) not in SUPPORTED_TYPES:
+        return (f"architecture '{model_type}' is not supported by the MLX backend "
+                f"(supported: {', '.join(SUPPORTED_TYPES)}); try --backend torch")
     quant = config.get("quantization")
     if isinstance(quant, dict):
         layers = [quant] + [v for v in quant.values() if isinstance(v, dict)]
         for q in layers:
             mode, bits = q.get("mode", quant.get("mode", "affine")), q.get("bits", quant.get("bits"))
             if mode != "affine" or bits not in SUPPORTED_BITS:
-                raise ModelError(f"{path}: MLX quantization mode '{mode}' with {bits} bits is not supported "
-                                 f"for training (affine {'/'.join(map(str, SUPPORTED_BITS))}-bit only)")
+                return (f"MLX quantization mode '{mode}' with {bits} bits is not supported "
+                        f"for training (affine {'/'.join(map(str, SUPPORTED_BITS))}-bit only)")
     elif isinstance(config.get("quantization_config"), dict):
         method = config["quantization_config"].get("quant_method", "unknown")
-        raise ModelError(f"{path}: quantization '{method}' is not supported by the MLX backend "
-                         "(use a dense model or an MLX affine-quantized one)")
+        return (f"quantization '{method}' is not supported by the MLX backend "
+                "(use a dense model or an MLX affine-quantized one)")
+    return None
+
+
+def check_model(path: Path) -> dict:
+    """config.json of a model the MLX backend can train, or a one-line ModelError naming what is not."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: no readable config.json ({exc})") from None
+    from mlx_lm.utils import MODEL_REMAPPING
+
+    reason = unsupported_reason(config, MODEL_REMAPPING)
+    if reason:
+        raise ModelError(f"{path}: {reason}")
     return config
 
 
