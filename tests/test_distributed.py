@@ -92,7 +92,8 @@ def max_diff(a: dict, b: dict) -> float:
 # micro-batches, the all-reduce adds the partial sums, and with packing or uneven shards the
 # padded shapes differ too, so the matmuls block differently. Each gradient element then differs
 # by about u * sqrt(n) relative (u = 2**-24 ~ 6e-8, n = terms summed): r ~ 1e-6; measured as the
-# relative difference of the per-step gradient norms, 1.3e-6 (Intel Xeon, avx512_bf16).
+# relative difference of the per-step gradient norms, 1.3e-6 (the figures here: "Intel(R) Xeon(R)
+# Processor", 2 cores, avx512_bf16 and amx_bf16; the run trains in float32).
 #
 # AdamW turns a gradient into lr * m / (sqrt(v) + eps), eps = 1e-8. Where sqrt(v) >> eps the update
 # moves by about lr * r per step (~1e-8 here); over the run that is lr * steps * r ~ 1e-7, which is
