@@ -396,12 +396,16 @@ class TorchBackend(Backend):
 
     # ------------------------------------------------------------------ generation
 
+    def _stop_ids(self, extra) -> set[int]:
+        """`extra` plus every EOS id the tokenizer and the model's generation config name."""
+        return set(extra or ()) | eos_ids(self.tokenizer.eos_token_id,
+                                          getattr(self._causal_lm().generation_config, "eos_token_id", None))
+
     def generate(self, prompt_ids, max_tokens, temperature=0.0, top_p=1.0, on_token=None, stop_ids=None):
         torch = self.torch
         from transformers.generation.streamers import BaseStreamer
 
-        stop = set(stop_ids or ()) | eos_ids(self.tokenizer.eos_token_id,
-                                             getattr(self._causal_lm().generation_config, "eos_token_id", None))
+        stop = self._stop_ids(stop_ids)
 
         class Stream(BaseStreamer):
             first = True
@@ -436,7 +440,7 @@ class TorchBackend(Backend):
         """Prompts side by side, left-padded (generate() derives positions from the mask), in
         groups of similar length so padding stays small."""
         torch = self.torch
-        stop = set(stop_ids or ()) | _eos_ids(self.tokenizer, self._causal_lm())
+        stop = self._stop_ids(stop_ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(stop, default=0)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[list[int]] = [[] for _ in prompts]
