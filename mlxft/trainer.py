@@ -25,6 +25,7 @@ written, so a rank that dies mid-save leaves the previous checkpoint whole.
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import random
@@ -182,6 +183,7 @@ class Trainer:
         except (OSError, json.JSONDecodeError) as exc:
             raise MlxftError(f"{ckpt}: no usable checkpoint to resume from ({exc})") from None
         self.state = TrainState(**data["state"])
+        _restore_rng(data)
         own = ckpt / "ranks" / str(self.world.rank)
         # A rank the checkpoint has no state for (the world grew) starts from rank 0's optimizer
         # state, which every rank shares; only its dropout stream differs from an unbroken run.
@@ -382,3 +384,12 @@ class Trainer:
 def _np_rng_state() -> list:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return [name, keys.tolist(), pos, has_gauss, cached]
+
+
+def _restore_rng(saved: dict) -> None:
+    """Put back the Python and NumPy RNG states save_checkpoint wrote (absent in older checkpoints)."""
+    if "python_rng" in saved:
+        random.setstate(ast.literal_eval(saved["python_rng"]))
+    if "numpy_rng" in saved:
+        name, keys, pos, has_gauss, cached = saved["numpy_rng"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))

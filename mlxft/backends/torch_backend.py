@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 from mlxft.backends.base import Backend, EvalResult, StepResult
+from mlxft.backends.common import (adapted_layer_count, eos_ids, eval_mode, rank_seed, resolve_lora_targets,
+                                   short_name, split_like)
 from mlxft.config import Config
 from mlxft.data import Batch
 from mlxft.errors import ModelError
@@ -144,7 +146,7 @@ class TorchBackend(Backend):
         self._tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
         if train:
             if self.world.rank:
-                torch.manual_seed(self.cfg.seed + self.world.rank)  # own dropout masks per rank
+                torch.manual_seed(rank_seed(self.cfg.seed, self.world.rank))  # own dropout masks per rank
             self.model.train()
             params = self._trainable()
             self.optimizer = torch.optim.AdamW(params, lr=self.cfg.train.learning_rate or 0.0, betas=(0.9, 0.999),
@@ -157,24 +159,18 @@ class TorchBackend(Backend):
 
         lo = self.cfg.lora
         n_layers = base.config.num_hidden_layers
-        layers = None
-        if lo.layers is not None and lo.layers < n_layers:
-            layers = list(range(n_layers - lo.layers, n_layers))
-        targets = "all-linear" if lo.targets == ["all-linear"] else list(lo.targets)
-        if targets != "all-linear":
-            names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
-            missing = [t for t in targets if t not in names]
-            if len(missing) == len(targets):
-                raise ModelError(f"lora.targets: none of {targets} are modules of this model",
-                                 f"its linear layers include: {', '.join(sorted(self._linear_names(base)))}")
-            targets = [t for t in targets if t in names]
-        return LoraConfig(r=lo.rank, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=targets,
+        k = adapted_layer_count(lo.layers, n_layers)
+        layers = None if k == n_layers else list(range(n_layers - k, n_layers))
+        targets = resolve_lora_targets(list(lo.targets), {short_name(n) for n, _ in base.named_modules()},
+                                       self._linear_names(base))
+        return LoraConfig(r=lo.rank, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                          target_modules="all-linear" if targets is None else targets,
                           layers_to_transform=layers, use_dora=lo.type == "dora", bias="none",
                           task_type="CAUSAL_LM")
 
     def _linear_names(self, base) -> set[str]:
         torch = self.torch
-        return {n.rsplit(".", 1)[-1] for n, m in base.named_modules()
+        return {short_name(n) for n, m in base.named_modules()
                 if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
 
     # ------------------------------------------------------------------ compute
@@ -314,12 +310,14 @@ class TorchBackend(Backend):
         buffer (LoRA gradients are small, so overlapping buckets with backward as DDP does would
         not pay, and DDP's hooks would not see the chunked loss that bypasses the model's forward)."""
         torch = self.torch
+        from torch.nn.utils import parameters_to_vector
+
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         loss = torch.tensor([loss_total], dtype=torch.float32, device=self.device)
-        flat = torch.cat([g.detach().reshape(-1).float() for g in [*grads, loss]])
+        flat = parameters_to_vector([g.detach().float() for g in [*grads, loss]])
         self.world.all_sum_tensor(flat)
-        for p, part in zip(params, _split_like(flat, params)):
-            p.grad = part
+        for p, part in zip(params, split_like(flat, params)):
+            p.grad = part.to(p.dtype)
         return float(flat[-1])
 
     def trainable_finite(self) -> bool:
@@ -331,24 +329,20 @@ class TorchBackend(Backend):
         if not self.world.distributed:
             return
         torch = self.torch
+        from torch.nn.utils import parameters_to_vector
+
         params = self._trainable()
-        flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+        flat = parameters_to_vector([p.detach().float() for p in params])
         self.world.broadcast_tensor(flat)
         with torch.no_grad():
-            for p, part in zip(params, _split_like(flat, params)):
+            for p, part in zip(params, split_like(flat, params)):
                 p.copy_(part)
 
     @contextlib.contextmanager
     def _inference(self):
         """No dropout and no gradients; the model goes back to training mode afterwards."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.torch.no_grad():
-                yield
-        finally:
-            if was_training:
-                self.model.train()
+        with eval_mode(self.model), self.torch.no_grad():
+            yield
 
     def eval_batch(self, batch: Batch) -> EvalResult:
         torch = self.torch
@@ -416,11 +410,16 @@ class TorchBackend(Backend):
 
     # ------------------------------------------------------------------ generation
 
+    def _stop_ids(self, extra) -> set[int]:
+        """`extra` plus every EOS id the tokenizer and the model's generation config name."""
+        return set(extra or ()) | eos_ids(self.tokenizer.eos_token_id,
+                                          getattr(self._causal_lm().generation_config, "eos_token_id", None))
+
     def generate(self, prompt_ids, max_tokens, temperature=0.0, top_p=1.0, on_token=None, stop_ids=None):
         torch = self.torch
         from transformers.generation.streamers import BaseStreamer
 
-        stop = set(stop_ids or ()) | _eos_ids(self.tokenizer, self._causal_lm())
+        stop = self._stop_ids(stop_ids)
 
         class Stream(BaseStreamer):
             first = True
@@ -455,7 +454,7 @@ class TorchBackend(Backend):
         """Prompts side by side, left-padded (generate() derives positions from the mask), in
         groups of similar length so padding stays small."""
         torch = self.torch
-        stop = set(stop_ids or ()) | _eos_ids(self.tokenizer, self._causal_lm())
+        stop = self._stop_ids(stop_ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(stop, default=0)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[list[int]] = [[] for _ in prompts]
@@ -537,25 +536,6 @@ class TorchBackend(Backend):
         trainable = sum(p.numel() for p in self._trainable())
         total = sum(p.numel() for p in self.model.parameters())
         return trainable, total
-
-
-def _eos_ids(tokenizer, model) -> set[int]:
-    ids = set()
-    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(v for v in value if isinstance(v, int))
-    return ids
-
-
-def _split_like(flat, tensors) -> list:
-    """Views of `flat` cut to the shapes and dtypes of `tensors`, in order."""
-    out, offset = [], 0
-    for t in tensors:
-        out.append(flat[offset:offset + t.numel()].view_as(t).to(t.dtype))
-        offset += t.numel()
-    return out
 
 
 def packed_attention_mask(segment_ids, dtype):
