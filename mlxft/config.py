@@ -28,7 +28,7 @@ class DataConfig:
     valid: str | None = None
     valid_split: float = 0.1  # held-out share when no valid file is given
     system_prompt: str | None = None
-    replay: float = 0.2  # share of the training set made of the base model's own recorded answers
+    replay: float = 0.5  # share of the training set made of the base model's own recorded answers
 
 
 @dataclass

@@ -31,9 +31,10 @@ printed.
 Replay (`data.replay: r`): the base answers a second, disjoint prompt set
 (mlxft/probes/replay.jsonl; never the retention probes, which would inflate the score) and
 those conversations are added to the training data so they make up a share r of it. Answers
-cut off by the token budget are trimmed to their last full sentence or dropped. Replay is on by
-default (0.2): it is what kept retention above the floor in the measurements (docs/retention.md). They are written
-to RUN/replay.jsonl (chat format) and cached like the baseline.
+cut off by the token budget are trimmed to their last full sentence or dropped. They are written
+to RUN/replay.jsonl (chat format) and cached like the baseline. Replay is on by default (0.5):
+it is what kept retention above the floor while learning in the measurements
+(docs/retention.md).
 """
 
 from __future__ import annotations

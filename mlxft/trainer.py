@@ -10,8 +10,8 @@ validation the current adapter is scored on validation loss and, when a retentio
 given, on retention (teacher-forced scores of the base model's own probe answers, no
 generation). Adapters whose retention is at least retention.floor rank above those below it;
 among them the lowest validation loss wins, and below the floor the highest retention. Training
-stops after train.early_stop_patience validations without a new best validation loss, or as soon
-as retention is below the floor at a validation that did not improve. Data order is a pure function of (seed, epoch), so a resumed run sees
+stops after train.early_stop_patience validations without improvement (see min_improvement), or
+as soon as retention is below the floor at a validation that did not improve. Data order is a pure function of (seed, epoch), so a resumed run sees
 exactly the batches the uninterrupted run would have seen.
 
 Distributed (data parallel): every rank holds the whole tokenized dataset and walks the same
@@ -67,6 +67,13 @@ class TrainState:
     stop_reason: str | None = None
 
 
+def min_improvement(best: float) -> float:
+    """How much validation loss must fall to count as still improving for early stopping: 1% of
+    it, and at least 1e-3 nats/token (a set learned to ~0.001 otherwise creeps down by 1e-5 per
+    validation for hundreds of steps while retention sinks)."""
+    return max(1e-3, 0.01 * best)
+
+
 def batches_per_epoch(n_samples: int, batch_size: int) -> int:
     return max(1, math.ceil(n_samples / batch_size))
 
@@ -83,7 +90,9 @@ class Trainer:
     def __init__(self, cfg: Config, run: Run, backend: Backend, train_set: Dataset, valid_set: Dataset,
                  resume_from: Path | None = None, retention=None, on_step=None):
         """`retention`: a callable scoring the current adapter's retention (a dict with "score"),
-        or None. `on_step(step, result, seconds)`: called after every applied optimizer step."""
+        or None. `on_step(step, result, batches, seconds)`: called after every applied optimizer
+        step with its StepResult, this rank's micro-batches and the seconds train_step took
+        (benchmarks time steps through it)."""
         self.cfg, self.run, self.backend = cfg, run, backend
         self.world = backend.world
         self.writes = self.world.is_root  # only rank 0 touches the run directory
@@ -309,7 +318,7 @@ class Trainer:
                            "grad_norm": result.grad_norm, "tokens": tokens, "targets": n_targets,
                            "tok_s": tokens / max(elapsed, 1e-9), "elapsed": round(self.state.seconds, 3)})
         if self.on_step is not None:
-            self.on_step(step, result, elapsed)
+            self.on_step(step, result, micro, elapsed)
         stopped_early = False
         if step % t.eval_every == 0 or step == self.total:
             stopped_early = self._validate(step, metrics, progress)
@@ -342,7 +351,7 @@ class Trainer:
         self._last_val = val["loss"]
         if metrics:
             metrics.write({"type": "valid", "step": step, **val, **({"retention": score} if score is not None else {})})
-        improved = s.best_val is None or val["loss"] < s.best_val
+        improved = s.best_val is None or val["loss"] < s.best_val - min_improvement(s.best_val)
         if improved:
             s.best_val, s.best_step = val["loss"], step
             s.evals_since_best = 0

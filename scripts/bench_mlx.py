@@ -67,21 +67,17 @@ def run_mlxft(args, model_path: Path, train, valid, workdir: Path) -> dict:
     backend.load(model_path)
     run = create_run(workdir / "mlxft-run", model=str(model_path), model_path=str(model_path), backend="mlx",
                      backend_reason="bench", status="running")
-    trainer = Trainer(cfg, run, backend, train, valid)
     steps = []
-    original = backend.train_step
+    seen = {"tokens": 0, "slots": 0}
 
-    def timed(batches, lr, n_total=None):
-        before = dict(backend.stats)
-        t0 = time.perf_counter()
-        result = original(batches, lr, n_total)
-        steps.append({"seconds": time.perf_counter() - t0, "tokens": backend.stats["tokens"] - before["tokens"],
-                      "slots": backend.stats["slots"] - before["slots"], "loss": result.loss})
+    def timed(step, result, batches, seconds):
+        steps.append({"seconds": seconds, "tokens": backend.stats["tokens"] - seen["tokens"],
+                      "slots": backend.stats["slots"] - seen["slots"], "loss": result.loss})
+        seen.update(tokens=backend.stats["tokens"], slots=backend.stats["slots"])
         if len(steps) == args.skip:
             mx.reset_peak_memory()
-        return result
 
-    backend.train_step = timed
+    trainer = Trainer(cfg, run, backend, train, valid, on_step=timed)
     mx.reset_peak_memory()
     trainer.train()
     return summarize("mlxft", steps, args.skip)

@@ -124,17 +124,13 @@ def run_mlxft_torch(args, model_path: Path, work: Path, packing: bool) -> dict:
     valid = Dataset(train.samples[:1], train.fmt, train.path)  # evaluated once after the last step, untimed
     run = create_run(work / "run", model=str(model_path), model_path=str(model_path), backend="torch",
                      backend_reason="bench", status="running")
-    trainer = Trainer(cfg, run, backend, train, valid)
     steps = []
-    original = backend.train_step
 
-    def timed(batches, lr, n_total=None):
-        res = original(batches, lr, n_total)
+    def timed(step, res, batches, seconds):
         steps.append({"t": time.perf_counter(), "tokens": sum(b.n_tokens for b in batches),
                       "slots": sum(b.n_slots for b in batches), "loss": res.loss})
-        return res
 
-    backend.train_step = timed
+    trainer = Trainer(cfg, run, backend, train, valid, on_step=timed)
     t0 = time.perf_counter()
     trainer.train()
     trainable, _ = backend.trainable_parameters()
@@ -155,10 +151,10 @@ def run_trainer(args, model_path: Path, work: Path) -> dict:
     from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
                               TrainingArguments)
 
-    from mlxft.backends.torch_backend import cpu_has_bf16
+    from mlxft.backends.torch_backend import cpu_bf16_pays
 
     cuda = torch.cuda.is_available()
-    bf16 = torch.cuda.is_bf16_supported() if cuda else cpu_has_bf16()
+    bf16 = torch.cuda.is_bf16_supported() if cuda else cpu_bf16_pays()[0]
     tok, train = load_samples(args, model_path)
     rows = [{"input_ids": s.ids, "labels": [i if (k and t) else -100 for k, (i, t) in enumerate(zip(s.ids, s.targets))]}
             for s in train.samples]

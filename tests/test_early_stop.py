@@ -81,5 +81,6 @@ def test_early_stop_on_real_overfitting(tiny_model_dir, tmp_path):
     res = CliRunner().invoke(cli, ["eval", str(tmp_path / "run"), "--json"])
     assert res.exit_code == 0, res.output
     got = json.loads(res.stdout)
-    assert got["tuned"]["loss"] == pytest.approx(summary["best_val_loss"], rel=1e-4)
+    assert got["tuned"]["loss"] == pytest.approx(summary["chosen_val_loss"], rel=1e-4)
+    assert summary["chosen_val_loss"] <= summary["best_val_loss"]
     assert got["tuned"]["loss"] <= summary["last_val_loss"]

@@ -148,3 +148,28 @@ def test_auto_dtype_follows_the_measurement(monkeypatch, f32, bf16, expected):
                         lambda backend, dtype, device="cpu": {"float32": f32, "bfloat16": bf16}[dtype])
     assert pick_dtype("auto", "cpu") == getattr(torch, expected)
     assert pick_dtype("float32", "cpu") == torch.float32
+
+
+def test_generate_prompts_file_matches_one_by_one(tiny_model_dir, tmp_path):
+    """`mlxft generate --prompts-file` answers every prompt (batched) as `--prompt` does alone."""
+    from click.testing import CliRunner
+
+    from mlxft.cli import cli
+
+    prompts = ["hello there", "What is the capital of France?", "Count to three, please, slowly"]
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(prompts[:2]) + "\n\n" + json.dumps({"prompt": prompts[2]}) + "\n")
+    runner = CliRunner()
+    res = runner.invoke(cli, ["generate", str(tiny_model_dir), "--prompts-file", str(path), "-n", "6",
+                              "--backend", "torch"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == prompts
+    for r in rows:
+        one = runner.invoke(cli, ["generate", str(tiny_model_dir), "--prompt", r["prompt"], "-n", "6", "--json",
+                                  "--backend", "torch"])
+        assert json.loads(one.stdout)["text"] == r["text"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"text": "no prompt"}\n')
+    res = runner.invoke(cli, ["generate", str(tiny_model_dir), "--prompts-file", str(bad)])
+    assert res.exit_code == 1 and f"{bad}:2:" in res.output

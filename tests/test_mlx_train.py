@@ -55,7 +55,7 @@ def test_cli_training_loss_falls(model_dir, tmp_path):
     rows = _metrics(run)
     train = [r["loss"] for r in rows if r["type"] == "train"]
     valid = [r["loss"] for r in rows if r["type"] == "valid"]
-    assert len(train) == 20 and len(valid) == 2 and summary["steps"] == 20
+    assert len(train) == 20 and len(valid) == 3 and summary["steps"] == 20  # valid at steps 0, 10, 20
     assert sum(train[-4:]) / 4 < sum(train[:4]) / 4 - 1.0  # nats
     assert valid[-1] < valid[0] + 0.5
     for name in ("run.json", "metrics.jsonl", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",

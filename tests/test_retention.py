@@ -10,7 +10,7 @@ import pytest
 
 from tests.test_eval import write_jsonl
 
-FEW = ["retention.probes=6", "retention.max_new_tokens=8", "train.dtype=float32"]
+FEW = ["retention.probes=6", "retention.max_new_tokens=8", "train.dtype=float32", "data.replay=0"]
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +42,13 @@ def count_generate(monkeypatch) -> list:
     from mlxft.backends.torch_backend import TorchBackend
 
     calls = []
-    real = TorchBackend.generate
+    real = TorchBackend.generate_batch
 
-    def counted(self, *a, **kw):
-        calls.append(1)
-        return real(self, *a, **kw)
+    def counted(self, prompts, *a, **kw):
+        calls.extend([1] * len(prompts))  # one per prompt the base model answered
+        return real(self, prompts, *a, **kw)
 
-    monkeypatch.setattr(TorchBackend, "generate", counted)
+    monkeypatch.setattr(TorchBackend, "generate_batch", counted)
     return calls
 
 
@@ -88,28 +88,31 @@ def test_retention_near_one_with_tiny_lr_and_baseline_cached(varied_model, unrel
     assert any(p.name.startswith("baseline-") for p in (home() / "retention").iterdir())
 
 
-def test_retention_scores_best_adapter(varied_model, unrelated, tmp_path):
-    """When validation is best before the last step, the adapter that fuse/export use is the one scored."""
+def test_retention_is_the_kept_adapters(varied_model, unrelated, tmp_path):
+    """The retention reported is the one tracked for the adapter kept in RUN/adapter-best, and
+    that adapter, loaded from disk on its own, scores the same."""
+    from mlxft.backends.torch_backend import TorchBackend
+    from mlxft.config import build_config
+    from mlxft.pipeline import train_run
+    from mlxft.retention import score_run
     from mlxft.runs import Run
 
     # validate on the probes' kind of text so validation loss worsens as training drifts
     valid = write_jsonl(tmp_path / "valid.jsonl", [
         {"messages": [{"role": "user", "content": "What is the capital of France?"},
                       {"role": "assistant", "content": "Paris is the capital of France."}]}])
-    from mlxft.config import build_config
-    from mlxft.pipeline import train_run
-
     cfg = build_config(None, [*FEW, "train.steps=12", "train.learning_rate=3e-2", "train.eval_every=2",
                               "retention.probes=3"],
                        {"model": str(varied_model), "backend": "torch",
                         "data": {"train": str(unrelated), "valid": str(valid)}})
     summary = train_run(cfg, tmp_path / "run")
     ret = summary["retention"]
-    if summary["best_step"] == summary["steps"]:
-        assert ret["adapter"] == "last"
-    else:
-        assert ret["adapter"] == "best" and "score_last" in ret
-    assert Run(tmp_path / "run").adapter().name == "adapter-best"
+    assert ret["adapter"] == f"step {summary['chosen_step']}"
+    run = Run(tmp_path / "run")
+    assert run.adapter().name == "adapter-best"
+    fresh = TorchBackend(cfg)
+    fresh.load(varied_model, adapter=run.adapter(), train=False)
+    assert score_run(cfg, run, fresh)["score"] == pytest.approx(ret["score"], abs=1e-4)
 
 
 def test_replay_count_and_samples(default_model_dir, tmp_path):
@@ -157,6 +160,9 @@ def test_replay_records_trim_and_drop(default_model_dir, tmp_path):
             ids = tok(text, add_special_tokens=False)["input_ids"]
             # a cut-off answer uses the whole budget (padded here with a special token that decodes to "")
             return ids if stopped else ids + [tok.pad_token_id] * (max_tokens - len(ids))
+
+        def generate_batch(self, prompts, max_tokens, temperature=0.0, **kw):
+            return [self.generate(p, max_tokens, temperature) for p in prompts]
 
         def dtype_name(self):
             return "float32"

@@ -47,7 +47,7 @@ def test_loss_falls_and_run_dir_is_complete(tiny_model_dir, data_file, tmp_path)
     rows = run.metrics()
     train = [r["loss"] for r in rows if r["type"] == "train"]
     valid = [r["loss"] for r in rows if r["type"] == "valid"]
-    assert len(train) == 30 and len(valid) == 3
+    assert len(train) == 30 and len(valid) == 4  # steps 0 (before training), 10, 20, 30
     assert sum(train[-5:]) / 5 < sum(train[:5]) / 5 - 1.0  # nats
     assert summary["steps"] == 30 and summary["best_val_loss"] == min(valid)
     for name in ("config.yaml", "run.json", "metrics.jsonl", "loss.png", "adapter/adapter_config.json",
@@ -76,7 +76,9 @@ def test_adapter_loads_in_peft_with_identical_logits(tiny_model_dir, data_file, 
     plain = base(input_ids=ids).logits
     peft_model = PeftModel.from_pretrained(base, str(resolved.adapter)).eval()
     theirs = peft_model(input_ids=ids).logits
-    assert torch.equal(ours, theirs)
+    # Inference folds the adapter into the f32 weights (W + scale * B @ A once, instead of the side
+    # path per call): equal to PEFT's unmerged forward up to float32 rounding of the sum.
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(plain, theirs, atol=1e-4)  # the adapter really changes the model
 
 
