@@ -76,8 +76,11 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
         start_adapter = Path(resume_from or run.checkpoint) / "adapter"
     else:
         start_adapter = resolved.adapter  # a run directory as --model continues from its adapter
+    timings = {}
+    clock = time.perf_counter()
     with ui.console.status(f"Loading {resolved.spec} on {backend_name}"):
         backend.load(resolved.path, adapter=start_adapter, train=True)
+    timings["load_s"] = round(time.perf_counter() - clock, 2)
     train_set, valid_set = load_data(cfg, backend.tokenizer, skip_bad_lines)
     from mlxft.defaults import resolve
 
@@ -100,7 +103,9 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
     retention = _optional("mlxft.retention") if (cfg.retention.enabled or cfg.data.replay) else None
     # Retention baselines and replay answers are generated once, by rank 0, into the run directory.
     if retention is not None and not resume and world.is_root:
+        clock = time.perf_counter()
         retention.before_training(cfg, run, backend)
+        timings["baseline_and_replay_s"] = round(time.perf_counter() - clock, 2)
     if retention is not None and cfg.data.replay > 0:
         replay = retention.replay_samples(cfg, run, backend.tokenizer, len(train_set)) if world.is_root else None
         train_set.samples.extend(_share_replay(world, replay))
@@ -122,6 +127,7 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
                 run.update_meta(status="failed", error=exc.message)
         raise
     summary["wall_seconds"] = round(time.time() - started, 2)
+    summary["timings"] = {**timings, **summary["timings"]}
     if not world.is_root:
         return {**summary, "run": str(run.path)}
     if retention is not None:

@@ -110,6 +110,8 @@ class Trainer:
         self.pad_id = backend.tokenizer.pad_token_id
         self._epoch_batches: tuple[int, list[list[int]]] | None = None
         self._stop_signal = 0
+        # Where the loop's time goes besides the steps (seconds this process spent).
+        self.timings = {"validation_s": 0.0, "retention_s": 0.0, "checkpoint_s": 0.0}
 
     # ------------------------------------------------------------------ data order
 
@@ -159,6 +161,13 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> None:
+        started = time.perf_counter()
+        try:
+            self._save_checkpoint()
+        finally:
+            self.timings["checkpoint_s"] += time.perf_counter() - started
+
+    def _save_checkpoint(self) -> None:
         if not self.backend.trainable_finite():
             last = f"step {self.saved_step}" if self.saved_step is not None else "none yet"
             raise MlxftError(f"step {self.state.step}: the adapter weights are not finite, so the checkpoint was "
@@ -284,7 +293,8 @@ class Trainer:
                 "train_seconds": round(self.state.seconds, 2),
                 "tok_s": self.state.tokens / max(self.state.seconds, 1e-9),
                 "skipped_steps": self.state.skipped_steps, "early_stopped": stopped_early,
-                "world_size": self.world.size}
+                "world_size": self.world.size,
+                "timings": {k: round(v, 2) for k, v in self.timings.items()}}
 
     def _one_step(self, step: int, metrics, progress) -> bool | None:
         """Run optimizer step `step`; None when the step was skipped (non-finite), else whether
@@ -345,8 +355,12 @@ class Trainer:
         whether training should stop."""
         t, s = self.cfg.train, self.state
         floor = self.cfg.retention.floor
+        started = time.perf_counter()
         val = self.evaluate()
+        self.timings["validation_s"] += time.perf_counter() - started
+        started = time.perf_counter()
         ret = self._score_retention()
+        self.timings["retention_s"] += time.perf_counter() - started
         score = ret.get("score") if ret else None
         self._last_val = val["loss"]
         if metrics:

@@ -104,6 +104,11 @@ def train(recipe, model, data, valid, backend, sets, steps, out, resume, skip_ba
             ui.result(line)
         ui.result(f"trained {summary['tokens']:,} tokens in {summary['train_seconds']:.1f}s "
                   f"({summary['tok_s']:.0f} tokens/s)")
+        t = summary.get("timings") or {}
+        parts = [("load", "load_s"), ("baseline+replay", "baseline_and_replay_s"), ("validation", "validation_s"),
+                 ("retention", "retention_s"), ("checkpoints", "checkpoint_s")]
+        ui.result("time:    " + ", ".join(f"{label} {t[key]:.1f}s" for label, key in parts if key in t)
+                  + f", steps {summary['train_seconds']:.1f}s")
         ui.result(f"try it:  mlxft generate {summary['run']} --prompt \"...\"")
 
 
