@@ -118,7 +118,7 @@ def tokenize_chat(tokenizer, messages: list[dict], mask_prompt: bool, tools: lis
         if msg["role"] != "assistant":
             continue
         before = render_chat(tokenizer, messages[:k], add_generation_prompt=True, tools=tools)
-        through = render_chat(tokenizer, messages[: k + 1], tools=tools)
+        through = full if k == len(messages) - 1 else render_chat(tokenizer, messages[: k + 1], tools=tools)
         if not full.startswith(before) or not full.startswith(through.rstrip()):
             # Templates that rewrite earlier turns (rare): score the assistant content by search.
             start = full.find(msg["content"], spans[-1][1] if spans else 0) if msg["content"] else -1
@@ -146,11 +146,14 @@ def _tokenize_with_spans(tokenizer, text: str, spans: list[tuple[int, int]], mas
     ids = list(ids)
     if not mask_prompt:
         return Sample(ids=ids, targets=[True] * len(ids))
-    targets = []
-    for start, end in offsets:
-        mid = start if end == start else end - 1
-        targets.append(any(s <= mid < e for s, e in spans))
-    return Sample(ids=ids, targets=targets)
+    if not ids:
+        return Sample(ids=ids, targets=[])
+    bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    mid = np.where(bounds[:, 1] > bounds[:, 0], bounds[:, 1] - 1, bounds[:, 0])  # a token's last character
+    scored = np.zeros(len(ids), dtype=bool)
+    for start, end in spans:
+        scored |= (mid >= start) & (mid < end)
+    return Sample(ids=ids, targets=scored.tolist())
 
 
 def tokenize_record(tokenizer, record: dict, fmt: str, mask_prompt: bool, system_prompt: str | None = None) -> Sample:

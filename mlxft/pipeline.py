@@ -33,6 +33,9 @@ def load_data(cfg: Config, tokenizer, skip_bad_lines: bool = False) -> tuple[Dat
                     "were truncated")
         if ds.skipped:
             ui.warn(f"{ds.path}: skipped {len(ds.skipped)} bad lines (first: {ds.skipped[0]})")
+    from mlxft.datacheck import report_at_train_start
+
+    report_at_train_start(train, valid, tokenizer, cfg.train.max_seq_len)
     return train, valid
 
 
