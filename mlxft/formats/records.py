@@ -11,7 +11,8 @@ Shapes recognised per record:
     alpaca      {"instruction", "input"?, "output", "system"?}
     completions {"prompt", "completion"}
     text        {"text"}
-`data.columns` renames source fields to these names first ({"prompt": "question", ...}).
+`data.columns` renames source fields to these names first ({"prompt": "question", ...}); only
+the mapped fields are read then (map `system` too to keep it).
 """
 
 from __future__ import annotations
@@ -33,15 +34,19 @@ class RowError(Exception):
 
 
 def rename_columns(record: dict, columns: dict[str, str] | None) -> dict:
-    """Apply data.columns ({target field: source column}); a mapped column that is missing is an error."""
+    """Apply data.columns ({target field: source column}). A file that already names the field
+    (a validation JSONL beside a mapped CSV) keeps it; a column found under neither name is an error."""
     if not columns:
         return record
     out = {}
     for target, source in columns.items():
-        if source not in record:
+        if source in record:
+            out[target] = record[source]
+        elif target in record:
+            out[target] = record[target]
+        else:
             raise RowError(f"no column '{source}' (data.columns.{target}); columns here: "
                            f"{', '.join(map(str, record)) or 'none'}")
-        out[target] = record[source]
     return out
 
 
