@@ -46,8 +46,11 @@ def read_delimited(path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
 
 
 def read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ModuleNotFoundError:
+        raise DataError(path, None, "reading Parquet needs pyarrow (pip install 'mlxft[datasets]')") from None
 
     try:
         table = pq.ParquetFile(path)
