@@ -287,7 +287,7 @@ def analyze(train: list[Dataset], valid: list[Dataset], tokenizer, max_seq_len: 
                         "share": round(n_targets / n_tokens, 4) if n_tokens else 0.0},
         "exact_duplicates": {"count": sum(len(g) - 1 for g in dups["exact"]), "groups": dups["exact"][:SHOW]},
         "near_duplicates": {"count": len(dups["near"]), "threshold": NEAR_THRESHOLD, "pairs": dups["near"][:SHOW]},
-        "leakage": {"exact": len(dups["leak_exact"]), "near": len(dups["leak_near"]),
+        "leakage": {"exact": sum(len(g["train"]) for g in dups["leak_exact"]), "near": len(dups["leak_near"]),
                     "exact_pairs": dups["leak_exact"][:SHOW], "near_pairs": dups["leak_near"][:SHOW],
                     "checked": bool(valid)},
         "short_answers": {"count": len(short), "min_chars": MIN_ANSWER_CHARS, "samples": short[:SHOW]},
@@ -296,6 +296,10 @@ def analyze(train: list[Dataset], valid: list[Dataset], tokenizer, max_seq_len: 
     }
     report["advice"] = advice(report)
     return report
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def advice(r: dict) -> list[str]:
@@ -315,14 +319,14 @@ def advice(r: dict) -> list[str]:
                    "mostly because truncation cut the answer): the tuned model will ramble; raise "
                    "train.max_seq_len or drop them")
     if r["exact_duplicates"]["count"]:
-        out.append(f"{r['exact_duplicates']['count']} exact duplicate samples: they weigh those samples more and "
+        out.append(f"{_n(r['exact_duplicates']['count'], 'exact duplicate')}: they weigh those samples more and "
                    "hasten overfitting; remove the copies unless the weighting is intended")
     if r["near_duplicates"]["count"]:
-        out.append(f"{r['near_duplicates']['count']} near-duplicate pairs (prompt and answer both >= "
+        out.append(f"{_n(r['near_duplicates']['count'], 'near-duplicate pair')} (prompt and answer both >= "
                    f"{NEAR_THRESHOLD:.0%} alike): check them; keep one of each unless they differ on purpose")
     leaks = r["leakage"]["exact"] + r["leakage"]["near"]
     if leaks:
-        out.append(f"{leaks} train samples (near-)duplicate validation samples: validation loss will look "
+        out.append(f"{_n(leaks, 'train sample')} (near-)duplicating validation samples: validation loss will look "
                    "better than the model is; remove them from the training file")
     if r["short_answers"]["count"]:
         out.append(f"{r['short_answers']['count']} answers shorter than {MIN_ANSWER_CHARS} characters: fine for "
@@ -373,11 +377,15 @@ def print_report(r: dict) -> None:
     _listing(out, f"Very short answers (< {MIN_ANSWER_CHARS} chars)", r["short_answers"]["count"],
              r["short_answers"]["samples"])
     _listing(out, "Answers that never end", r["never_end"]["count"], r["never_end"]["samples"])
-    out.print(f"\n[bold]Rendered sample[/bold] {r['rendered']['source']} "
-              "([reverse green]trained[/reverse green], [dim]not trained[/dim]):")
+    plain = out.color_system is None  # piped or NO_COLOR: mark the trained spans with brackets
+    legend = "trained spans between ⟦ ⟧" if plain else "[reverse green]trained[/reverse green], [dim]not trained[/dim]"
+    out.print(f"\n[bold]Rendered sample[/bold] {r['rendered']['source']} ({legend}):")
     text = Text()
     for seg in r["rendered"]["segments"]:
-        text.append(seg["text"], style="reverse green" if seg["trained"] else "dim")
+        if plain:
+            text.append(f"⟦{seg['text']}⟧" if seg["trained"] else seg["text"])
+        else:
+            text.append(seg["text"], style="reverse green" if seg["trained"] else "dim")
     out.print(text)
     out.print()
     if r["advice"]:

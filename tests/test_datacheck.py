@@ -144,6 +144,7 @@ def test_human_report_and_train_start_summary(tmp_path, default_model_dir, capsy
     res = CliRunner().invoke(cli, ["data", "check", str(QUICKSTART / "train.jsonl"), str(QUICKSTART / "valid.jsonl")])
     assert res.exit_code == 0
     assert "No problems found." in res.stdout and "Leakage train -> valid: none" in res.stdout
+    assert "⟦Fixing a flat tire at Brightwater Bicycles costs 12 dollars.<|im_end|>⟧" in res.stdout
     from mlxft.datacheck import report_at_train_start
     from mlxft.tokenizer import load_tokenizer
 
@@ -154,5 +155,5 @@ def test_human_report_and_train_start_summary(tmp_path, default_model_dir, capsy
     valid = load_dataset(write(tmp_path / "v.jsonl", [rows[1]]), tok, 256)
     report_at_train_start(train, valid, tok, 256)
     err = capsys.readouterr().err
-    assert err.startswith("data check: 8 samples (chat)") and "1 exact duplicate samples" in err
+    assert err.startswith("data check: 8 samples (chat)") and "1 exact duplicate:" in err
     assert "validation loss will look better" in err
