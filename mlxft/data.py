@@ -13,8 +13,9 @@ or on everything (text). With `mask_prompt: false` it goes on every token.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import random
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,11 +190,31 @@ def tokenize_record(tokenizer, record: dict, fmt: str, mask_prompt: bool, system
     return _finish_plain(tokenizer, record["text"], [(0, len(record["text"]))], mask_prompt=False)
 
 
+_ADDS_BOS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts a text with BOS. Asked of its encoding rather than of
+    `add_bos_token`, which some tokenizers (Gemma's in transformers 5) report as False while their
+    post-processor adds BOS."""
+    if tokenizer.bos_token_id is None:
+        return False
+    try:
+        return _ADDS_BOS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    answer = bool(ids) and ids[0] == tokenizer.bos_token_id
+    with contextlib.suppress(TypeError):
+        _ADDS_BOS[tokenizer] = answer
+    return answer
+
+
 def _finish_plain(tokenizer, text: str, spans, mask_prompt: bool) -> Sample:
     """Plain text: BOS when the tokenizer wants one, EOS appended (and scored) so the model learns
     to stop."""
     sample = _tokenize_with_spans(tokenizer, text, spans, mask_prompt)
-    if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
+    if adds_bos(tokenizer):
         sample.ids.insert(0, tokenizer.bos_token_id)
         sample.targets.insert(0, False)
     if tokenizer.eos_token_id is not None:

@@ -251,3 +251,21 @@ def test_bad_tool_call_names_line(tmp_path, tool_tokenizer):
     p = write_jsonl(tmp_path / "t.jsonl", [TOOL_CHAT, bad])
     with pytest.raises(DataError, match=r"t\.jsonl:2: 'messages\[1\]\.tool_calls\[0\]\.arguments' is not valid JSON"):
         load_dataset(p, tool_tokenizer, 512)
+
+
+def test_text_gets_bos_when_the_tokenizer_adds_it_in_post_processing(tmp_path, default_model_dir):
+    """Gemma's tokenizer (transformers 5) reports add_bos_token=False yet its post-processor adds
+    BOS; plain-text samples must start with BOS then, as the model was pretrained."""
+    from tokenizers.processors import TemplateProcessing
+
+    from mlxft.tokenizer import load_tokenizer
+
+    plain_tok = load_tokenizer(default_model_dir)
+    plain = load_dataset(write_jsonl(tmp_path / "t.jsonl", [{"text": "Hello world."}]), plain_tok, 64).samples[0]
+    assert plain.ids[0] != plain_tok.bos_token_id
+    tok = load_tokenizer(default_model_dir)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    assert not getattr(tok, "add_bos_token", False) and tok("a")["input_ids"][0] == tok.bos_token_id
+    sample = load_dataset(tmp_path / "t.jsonl", tok, 64).samples[0]
+    assert sample.ids == [tok.bos_token_id] + plain.ids and sample.targets[0] is False
