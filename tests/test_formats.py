@@ -135,6 +135,7 @@ def test_limit_and_split(tmp_path, tokenizer):
     assert len(load_dataset(write_jsonl(tmp_path / "a.jsonl", rows), tokenizer, 256, limit=3)) == 3
     DatasetDict({"train": Dataset.from_list(rows), "test": Dataset.from_list(rows[:2])}).save_to_disk(str(tmp_path / "dd"))
     assert len(load_dataset(str(tmp_path / "dd"), tokenizer, 256, split="test")) == 2
+    assert len(load_dataset(f"{tmp_path / 'dd'}:test", tokenizer, 256)) == 2
     with pytest.raises(DataError, match=r"no split 'dev' \(splits: train, test\)"):
         load_dataset(str(tmp_path / "dd"), tokenizer, 256, split="dev")
 

@@ -1,6 +1,6 @@
 """Hugging Face datasets through the `datasets` library: `hf:NAME` (optionally `hf:NAME:SPLIT`)
 loads a dataset already in the local datasets cache, and a folder written by
-`Dataset.save_to_disk` / `DatasetDict.save_to_disk` loads from disk. Offline by default: nothing is
+`Dataset.save_to_disk` / `DatasetDict.save_to_disk` (optionally `FOLDER:SPLIT`) loads from disk. Offline by default: nothing is
 downloaded unless HF_DATASETS_OFFLINE=0 is set. `data.split` picks the split (default "train")
 and `data.limit` keeps the first N rows. Rows are numbered by their 0-based dataset index."""
 
@@ -15,9 +15,15 @@ from mlxft.errors import DataError
 DEFAULT_SPLIT = "train"
 
 
-def is_saved_dataset(path: Path) -> bool:
-    """A folder written by save_to_disk: a Dataset (state.json) or a DatasetDict (dataset_dict.json)."""
+def _is_saved_folder(path: Path) -> bool:
     return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by save_to_disk (a Dataset: state.json, or a DatasetDict:
+    dataset_dict.json), optionally followed by `:SPLIT`."""
+    folder, _, split = str(path).rpartition(":")
+    return _is_saved_folder(Path(path)) or bool(folder and split and _is_saved_folder(Path(folder)))
 
 
 def cache_dir() -> Path:
@@ -48,6 +54,9 @@ def parse_spec(spec: str, split: str | None) -> tuple[str, str | None]:
     if spec.startswith("hf:"):
         name, _, suffix = spec[3:].partition(":")
         return name, split or suffix or None
+    if not _is_saved_folder(Path(spec)):
+        folder, _, suffix = spec.rpartition(":")
+        return folder, split or suffix
     return spec, split
 
 
