@@ -270,3 +270,21 @@ def test_text_gets_bos_when_the_tokenizer_adds_it_in_post_processing(tmp_path, d
     assert not getattr(tok, "add_bos_token", False) and tok("a")["input_ids"][0] == tok.bos_token_id
     sample = load_dataset(tmp_path / "t.jsonl", tok, 64).samples[0]
     assert sample.ids == [tok.bos_token_id] + plain.ids and sample.targets[0] is False
+
+
+def test_train_reads_a_mapped_csv_and_prints_the_data_check(tmp_path, tiny_model_dir, capsys):
+    """`mlxft train` end to end on a CSV with data.columns and data.limit (tiny model, 2 steps)."""
+    pytest.importorskip("torch")
+    from mlxft.config import build_config
+    from mlxft.pipeline import train_run
+
+    rows = [{"q": f"What is code {i}?", "a": f"Code {i} is {'alpha bravo charlie'.split()[i % 3]}."} for i in range(12)]
+    data = write_table(tmp_path / "codes.csv", rows)
+    cfg = build_config(None, [f"model={tiny_model_dir}", f"data.train={data}", "data.columns={prompt: q, completion: a}",
+                              "data.limit=10", "train.steps=2", "train.batch_size=4", "train.dtype=float32",
+                              "retention.enabled=false", "backend=torch"])
+    summary = train_run(cfg, tmp_path / "run")
+    assert summary["steps"] == 2
+    err = capsys.readouterr().err
+    assert "data check: 10 samples (completions (csv))" in err
+    assert "data: 9 train / 1 valid samples" in err
