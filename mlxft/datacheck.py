@@ -147,10 +147,13 @@ def _signatures(items: list[Item], seed: int = 1) -> np.ndarray:
             continue
         starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
         rows = owner[starts]
+        h = np.empty_like(values)
         with np.errstate(over="ignore"):
-            for j in range(NUM_PERM):
-                h = ((values * mult[j] + add[j]) >> np.uint64(32)).astype(np.uint32)
-                sig[rows, j] = np.minimum(sig[rows, j], np.minimum.reduceat(h, starts))
+            for j in range(NUM_PERM):  # in place: no temporaries of millions of values per hash
+                np.multiply(values, mult[j], out=h)
+                h += add[j]
+                h >>= np.uint64(32)
+                sig[rows, j] = np.minimum(sig[rows, j], np.minimum.reduceat(h, starts).astype(np.uint32))
     return sig
 
 
@@ -265,8 +268,7 @@ def analyze(train: list[Dataset], valid: list[Dataset], tokenizer, max_seq_len: 
     never_end, short = [], []
     for ds in everything:
         for s, record, cut in zip(ds.samples, ds.records, ds.cut):
-            last = max((i for i, m in enumerate(s.targets) if m), default=None)
-            if cut or last is None or s.ids[last] not in ends:
+            if cut or True not in s.targets or s.ids[len(s.targets) - 1 - s.targets[::-1].index(True)] not in ends:
                 never_end.append(s.source)
             if any(len(a.strip()) < MIN_ANSWER_CHARS for a in answer_texts(record, ds.fmt)):
                 short.append(s.source)
