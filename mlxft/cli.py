@@ -23,6 +23,7 @@ COMMANDS = {
     "models": "mlxft.commands.models:models",
     "runs": "mlxft.commands.runs:runs",
     "recipes": "mlxft.commands.recipes:recipes",
+    "data": "mlxft.commands.data:data",
     "doctor": "mlxft.commands.doctor:doctor",
 }
 

