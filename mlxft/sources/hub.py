@@ -259,6 +259,7 @@ def pull_model(repo: str, revision: str | None = None, *, force: bool = False) -
 
 def _pull(repo, revision, cache: Path, storage: Path, endpoint: str, force: bool) -> PullResult:
     from huggingface_hub import HfApi
+    from rich import filesize
 
     from mlxft.ui import console
 
@@ -292,7 +293,7 @@ def _pull(repo, revision, cache: Path, storage: Path, endpoint: str, force: bool
             if problem:
                 raise ModelError(f"{repo}: {name} is {problem}")
     console.print(f"Pulled {repo} @ {commit[:12]}: {len(files)} files, "
-                  f"{_human(downloader.downloaded)} downloaded", style="dim")
+                  f"{filesize.decimal(downloader.downloaded)} downloaded", style="dim")
     return PullResult(repo, commit, snapshot, files, downloader.downloaded)
 
 
@@ -328,14 +329,6 @@ def safetensors_problem(path: Path) -> str | None:
     except Exception as exc:  # JSON, KeyError, safetensors' own SafetensorError
         return f"truncated or corrupt ({_describe(exc)})"
     return None
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 # --- cache bookkeeping ---------------------------------------------------------------------------
