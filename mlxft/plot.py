@@ -11,17 +11,16 @@ def split_metrics(rows: list[dict]) -> tuple[list[tuple[int, float]], list[tuple
     return train, valid
 
 
-def save_loss_png(rows: list[dict], path: Path, title: str = "") -> bool:
-    """Write loss.png; returns False when matplotlib is not installed."""
-    try:
-        import matplotlib
+def save_loss_png(rows: list[dict], path: Path, title: str = "") -> None:
+    """Write loss.png atomically (a temporary file renamed over it): an old plot stays whole
+    when drawing or writing fails."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+    from mlxft.atomic import atomic_file
+
     train, valid = split_metrics(rows)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), label="train", linewidth=1)
     if valid:
@@ -32,11 +31,8 @@ def save_loss_png(rows: list[dict], path: Path, title: str = "") -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return True
+    with atomic_file(path) as fh:
+        fig.savefig(fh, format="png")
 
 
 def terminal_chart(points: list[tuple[int, float]], width: int = 60, height: int = 12) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 
+from rich import filesize
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from mlxft import ui
@@ -29,13 +30,8 @@ def mfu(tok_s: float, per_token: float | None, device_flops: float | None) -> fl
 
 
 def fmt_bytes(n: int | None) -> str:
-    if not n:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"
+    """A byte count for people (rich.filesize: 1.2 GB); '-' when unknown."""
+    return filesize.decimal(n) if n else "-"
 
 
 class TrainProgress:

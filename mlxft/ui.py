@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sys
@@ -58,3 +60,22 @@ def quiet_libraries() -> None:
         disable_progress_bars()
     except ImportError:
         pass
+
+
+@contextlib.contextmanager
+def progress_frames_dropped():
+    """Drop the carriage-return progress frames a library writes straight to stderr during the
+    block; anything else it writes there still comes through, and mlxft's console keeps drawing.
+    For bars no public switch reaches: transformers' GGUF loader draws "Converting and
+    de-quantizing GGUF tensors" with tqdm itself, which `disable_progress_bar` leaves on."""
+    real, captured = sys.stderr, io.StringIO()
+    follows_stderr = console.file is getattr(real, "rich_proxied_file", real)
+    if follows_stderr:
+        console.file = console.file  # keep drawing on the real stderr while sys.stderr is swapped
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    finally:
+        if follows_stderr:
+            console.file = None  # back to following sys.stderr
+        real.write("".join(line + "\n" for line in captured.getvalue().split("\n") if line.strip() and "\r" not in line))

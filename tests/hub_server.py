@@ -1,7 +1,8 @@
 """A loopback HTTP server that answers like the Hugging Face Hub, for the real huggingface_hub client.
 
-Endpoints (what huggingface_hub 2.x calls for model_info / hf_hub_download):
+Endpoints (what huggingface_hub 2.x calls for model_info / hf_hub_download / snapshot_download):
     GET  /api/models/ORG/NAME[/revision/REV][?blobs=true]  -> JSON: id, sha, gated, siblings
+    GET  /api/models/ORG/NAME/tree/REV[?recursive=true]    -> JSON list of files (and folders)
     HEAD|GET /ORG/NAME/resolve/REV/PATH
          regular file -> 200 with X-Repo-Commit, ETag (git blob sha1), Content-Length
          LFS file     -> 302 to the "CDN" (a second server on another port, so the client treats
@@ -161,10 +162,12 @@ class FakeHub:
         repo = self.repos.get(repo_id)
         if repo is None:
             return self._error(h, 404, "RepoNotFound", "Repository not found", head)
-        rev = parts[3] if len(parts) >= 4 and parts[2] == "revision" else "main"
+        rev = parts[3] if len(parts) >= 4 and parts[2] in ("revision", "tree") else "main"
         sha = repo.resolve(rev)
         if sha is None:
             return self._error(h, 404, "RevisionNotFound", f"Invalid rev id: {rev}", head)
+        if parts[2:3] == ["tree"]:
+            return self._tree(h, repo.commits[sha], query, head)
         blobs = query.get("blobs", ["false"])[0].lower() == "true"
         siblings = []
         for path, data in sorted(repo.commits[sha].items()):
@@ -179,6 +182,21 @@ class FakeHub:
                            "private": False, "gated": "manual" if repo.gated else False,
                            "disabled": False, "tags": [], "siblings": siblings}).encode()
         self._send(h, 200, {"Content-Type": "application/json"}, body, head)
+
+    def _tree(self, h, files: dict[str, bytes], query: dict, head: bool) -> None:
+        recursive = query.get("recursive", ["false"])[0].lower() == "true"
+        entries, folders = [], set()
+        for path, data in sorted(files.items()):
+            if "/" in path:
+                folders.add(path.split("/")[0])
+                if not recursive:
+                    continue
+            entry = {"type": "file", "oid": git_blob_sha1(data), "size": len(data), "path": path}
+            if path.endswith(LFS_SUFFIXES):
+                entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+            entries.append(entry)
+        entries += [{"type": "directory", "oid": "0" * 40, "size": 0, "path": f} for f in sorted(folders)]
+        self._send(h, 200, {"Content-Type": "application/json"}, json.dumps(entries).encode(), head)
 
     def _resolve(self, h, repo_id: str, rev: str, path: str, head: bool) -> None:
         repo = self.repos.get(repo_id)

@@ -1,12 +1,13 @@
 """Pulling from the Hub with the real huggingface_hub client against a loopback fake Hub
-(tests/hub_server.py): pull, pinned revision, errors, a cut connection then a resumed pull,
+(tests/hub_server.py): pull, progress, pinned revision, errors, cut connections and the next pull,
 offline use afterwards, and the `mlxft pull` / `mlxft models` commands."""
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -104,11 +105,37 @@ def test_pull_fetches_only_what_a_finetune_needs(hub):
     assert not any("pytorch_model.bin" in p or "onnx" in p or "README" in p for p in fetched)
     # the big file came through the CDN redirect, like LFS files on the Hub
     assert hub.requests("GET", "/blobs/")
-    # pulling again downloads nothing
-    n_get = len(hub.requests("GET"))
+    # pulling again fetches no file, not even its metadata: only the repo's listing is asked for
+    files_asked = lambda: [r for r in hub.log if "/resolve/" in r[1] or "/blobs/" in r[1]]  # noqa: E731
+    n_files = len(files_asked())
     again = pull_model(REPO)
-    assert again.cached and again.commit == result.commit
-    assert len(hub.requests("GET")) == n_get + 1  # only the model_info call
+    assert again.cached and again.commit == result.commit and again.downloaded == 0
+    assert len(files_asked()) == n_files
+    assert {p.split("?")[0] for _, p, _ in hub.log[-2:]} <= {f"/api/models/{REPO}", f"/api/models/{REPO}/revision/main"}
+
+
+def test_pull_progress_is_one_rich_display(hub, monkeypatch, capfd):
+    """On a terminal, huggingface_hub's progress reaches mlxft's console as rich bars (the pull's
+    bytes, and a lone file fetched before it); the library's own tqdm bars print nothing."""
+    from rich.console import Console
+
+    import mlxft.ui
+    from mlxft.sources.hub import pull_model
+
+    files = tiny_llama_files(big=True)
+    hub.add_repo(REPO, files)
+    monkeypatch.delenv("MLXFT_NO_PROGRESS")
+    screen = Console(file=io.StringIO(), force_terminal=True, color_system=None, width=150)
+    monkeypatch.setattr(mlxft.ui, "console", screen)
+    result = pull_model(REPO)
+    shown = screen.file.getvalue()
+    # the last frame of the pull's bar: every byte of the files fetched after config.json
+    last = re.findall(rf"{REPO} @ {result.commit[:7]} .*? ([0-9.]+)/([0-9.]+) kB", shown)[-1]
+    rest = sum(len(files[n]) for n in result.files if n != "config.json")
+    assert last == (f"{rest / 1000:.1f}",) * 2
+    n = len(files["config.json"])
+    assert re.search(rf"  config\.json .* {n}/{n} bytes", shown)
+    assert capfd.readouterr().err == ""
 
 
 def test_pinned_revision_and_standard_cache_readers(hub):
@@ -192,6 +219,22 @@ def test_bad_repos_leave_nothing_behind(hub, case, match):
     assert not (cache_root() / "models--tiny-org--tiny-llama").exists()
 
 
+def test_bad_new_revision_is_removed_and_the_old_one_stays(hub):
+    from mlxft.sources.hub import pull_model
+
+    repo = hub.add_repo(REPO, tiny_llama_files(seed=1))
+    good = pull_model(REPO)
+    bad = tiny_llama_files(seed=2)
+    bad["model.safetensors"] = bad["model.safetensors"][:-100]
+    repo.add_commit(bad)
+    with pytest.raises(ModelError, match="model.safetensors is truncated or corrupt"):
+        pull_model(REPO)
+    snapshots = cache_root() / "models--tiny-org--tiny-llama" / "snapshots"
+    assert [p.name for p in snapshots.iterdir()] == [good.commit]
+    assert (good.path / "model.safetensors").read_bytes() == tiny_llama_files(seed=1)["model.safetensors"]
+    assert pull_model(REPO, good.commit).cached
+
+
 @pytest.fixture
 def small_chunks(monkeypatch):
     """huggingface_hub writes downloads in 10 MB chunks (bytes of an unfinished chunk are lost
@@ -201,32 +244,32 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 4096)
 
 
-def test_cut_connection_then_resumed_pull(hub, small_chunks):
-    """The CDN drops the connection mid-file and stays down: the pull fails with a one-line
-    error, keeps the partial file, and the next pull asks only for the missing bytes."""
+def test_cut_connection_then_next_pull_fetches_what_is_missing(hub, small_chunks):
+    """The CDN drops the connection mid-file and stays down: the pull fails with a one-line error
+    and leaves no partial file anywhere; the files it finished stay, and the next pull fetches only
+    the unfinished one, from its first byte (huggingface_hub does not resume a file across calls)."""
     from mlxft.sources.hub import pull_model
 
     files = tiny_llama_files(big=True)
     weights = files["model.safetensors"]
     hub.add_repo(REPO, files)
-    cut_at = len(weights) // 3
-    hub.cut["model.safetensors"] = cut_at
+    hub.cut["model.safetensors"] = len(weights) // 3
     hub.fail_after_cut = True
     with pytest.raises(ModelError, match="download interrupted.*run `mlxft pull tiny-org/tiny-llama` again"):
         pull_model(REPO)
     storage = cache_root() / "models--tiny-org--tiny-llama"
-    partial = storage / "blobs" / (hashlib.sha256(weights).hexdigest() + ".incomplete")
-    kept = partial.stat().st_size
-    assert cut_at - 4096 < kept <= cut_at
+    assert not [p for p in storage.rglob("*") if "incomplete" in p.name]
     assert not any((storage / "snapshots").rglob("model.safetensors"))  # nothing half-written in the snapshot
+    kept = {p.name for p in (storage / "snapshots").rglob("*") if p.is_file()}
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= kept
     hub.failing = False
-    before = len(hub.requests("GET", "/blobs/"))
+    mark = len(hub.log)
     result = pull_model(REPO)
-    resumed = hub.requests("GET", "/blobs/")[before:]
-    assert [h.get("range") for _, _, h in resumed] == [f"bytes={kept}-"]
+    asked = [(m, p, h) for m, p, h in hub.log[mark:] if "/resolve/" in p or "/blobs/" in p]
+    assert {p.split("/resolve/")[1].split("/", 1)[1] for _, p, _ in asked if "/resolve/" in p} == {"model.safetensors"}
+    assert [h.get("range") for m, p, h in asked if m == "GET" and "/blobs/" in p] == [None]
     assert (result.path / "model.safetensors").read_bytes() == weights
-    assert result.downloaded < len(weights)
-    assert not partial.exists()
+    assert result.downloaded == len(weights)
 
 
 def test_cut_connection_resumes_within_one_pull(hub, small_chunks):

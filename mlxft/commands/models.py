@@ -5,14 +5,6 @@ from __future__ import annotations
 import click
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
 @click.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
 @click.pass_context
@@ -26,6 +18,7 @@ def models(ctx, as_json):
         return
     import sys
 
+    from rich import filesize
     from rich.console import Console
     from rich.table import Table
 
@@ -46,7 +39,7 @@ def models(ctx, as_json):
     for r in rows:
         rev = (r["revision"] or "")[:12] + (f" ({','.join(r['refs'])})" if r["refs"] else "")
         name = r["repo"] + ("" if r["complete"] else f" [incomplete: {r['problem']}]")
-        table.add_row(name, rev, _size(r["size_bytes"]), r["quantization"], r["architecture"],
+        table.add_row(name, rev, filesize.decimal(r["size_bytes"]), r["quantization"], r["architecture"],
                       mark[r["backends"]["torch"]], mark[r["backends"]["mlx"]])
     # never truncate names when piped; rows are single lines a script can grep
     width = None if sys.stdout.isatty() else 400

@@ -17,8 +17,8 @@ def pull(repo, revision, force, as_json):
     Only what a fine-tune needs is fetched: safetensors weights and index, config, tokenizer
     files, chat template and generation config; pickle weights (.bin, .pt) never. Files go to the
     standard HF cache (HF_HOME / HF_HUB_CACHE), so other tools see them too. HF_TOKEN is used for
-    gated and private repos; HF_ENDPOINT picks a mirror. An interrupted pull resumes where it
-    stopped when run again. The local snapshot path is printed on stdout.
+    gated and private repos; HF_ENDPOINT picks a mirror. Run again after an interrupted pull, it
+    fetches only the files not yet finished. The local snapshot path is printed on stdout.
 
     \b
     Examples:

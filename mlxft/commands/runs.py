@@ -151,8 +151,8 @@ def show(run_dir, as_json, png):
     png_path = None
     if png and rows:
         try:
-            if save_loss_png(rows, path / "loss.png", title=f"{meta.get('model')} ({meta.get('backend')})"):
-                png_path = str(path / "loss.png")
+            save_loss_png(rows, path / "loss.png", title=f"{meta.get('model')} ({meta.get('backend')})")
+            png_path = str(path / "loss.png")
         except OSError as exc:
             ui.warn(f"could not write {path / 'loss.png'}: {exc}")
     summary = _summary(path)

@@ -152,9 +152,10 @@ def llamacpp_pre_tokenizer(pre: str | None):
 def _convert_with_transformers(path: Path, target: Path, digest: str, info: dict) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    from mlxft.ui import progress_frames_dropped, quiet_libraries
+
+    quiet_libraries()
     kwargs = {}
     try:  # transformers >= 5 can keep GGUF blocks packed; ask for a plain dense float32 model
         from transformers import GgufConfig
@@ -163,9 +164,10 @@ def _convert_with_transformers(path: Path, target: Path, digest: str, info: dict
     except ImportError:
         pass
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                     dtype=torch.float32, **kwargs)
+        with progress_frames_dropped():
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                         dtype=torch.float32, **kwargs)
     except Exception as exc:
         raise ModelError(f"{path}: cannot import GGUF ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
     if info.get("tokenizer") == "gpt2":

@@ -2,26 +2,29 @@
 
 `pull_model` fetches only what a fine-tune needs: safetensors weights and their index, config,
 tokenizer files, chat template, generation config. Pickle weights (.bin, .pt) are never fetched.
-huggingface_hub does the listing (model_info), the per-file metadata (HEAD /resolve: commit,
-ETag, size, CDN redirect), the byte transfer (`http_get`: Range requests, retries) and defines the
-cache layout (blobs/<etag>, snapshots/<commit>/<file> -> blob, refs/<revision>). Unlike
-`hf_hub_download`, which deletes a partial file when a download fails, a partial download stays
-at blobs/<etag>.incomplete so the next pull resumes where the last one stopped; every finished
-file is checked against the Hub's checksum (sha256 for LFS files, git blob sha1 otherwise).
+huggingface_hub does the Hub's side: `model_info` lists the repo, `hf_hub_download` fetches the
+config (checked before any weight is fetched) and the shard index, `snapshot_download` with
+`allow_patterns` fetches the chosen files into the cache layout and writes the ref, and
+`try_to_load_from_cache` finds a cached copy without the network. mlxft adds what the library
+lacks: which files to fetch, whether the model can be trained, and one-line errors.
+
+Resuming, as huggingface_hub 1.31 to 2.x does it (the range pyproject.toml pins): a connection
+that drops mid-file is retried at once with a Range request from where it stopped; a pull that
+fails anyway keeps every finished file, and the next pull fetches only the others, but a file left
+unfinished starts over (the library downloads into a temporary file it deletes on failure).
 
 Environment honoured at call time: HF_HOME, HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 from mlxft.errors import ModelError
 
@@ -96,19 +99,16 @@ def snapshot_problem(path: Path) -> str | None:
 
 
 def cached_snapshot(repo: str, revision: str | None = None) -> tuple[Path, str] | None:
-    """(snapshot folder, commit) for a complete cached copy of `repo` at `revision`, else None."""
-    storage = repo_folder(repo)
-    revision = revision or "main"
-    if COMMIT_RE.match(revision):
-        commit = revision
-    else:
-        ref = storage / "refs" / revision
-        if not ref.is_file():
-            return None
-        commit = ref.read_text().strip()
-    snapshot = storage / "snapshots" / commit
-    if snapshot.is_dir() and snapshot_problem(snapshot) is None:
-        return snapshot, commit
+    """(snapshot folder, commit) for a complete cached copy of `repo` at `revision`, else None.
+    huggingface_hub resolves the revision (a commit, or a branch or tag through refs/)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, "config.json", cache_dir=hub_cache_dir(), revision=revision)
+    if not isinstance(found, str):
+        return None
+    snapshot = Path(found).parent
+    if snapshot_problem(snapshot) is None:
+        return snapshot, snapshot.name
     return None
 
 
@@ -137,14 +137,8 @@ class PullResult:
     commit: str
     path: Path
     files: list[str] = field(default_factory=list)
-    downloaded: int = 0   # bytes fetched by this pull
+    downloaded: int = 0   # bytes of the files this pull had to fetch
     cached: bool = False  # nothing had to be fetched
-
-
-def _hub_errors():
-    from huggingface_hub import errors
-
-    return errors
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
@@ -217,51 +211,56 @@ def check_trainable(config: dict, where: str) -> None:
 
 def pull_model(repo: str, revision: str | None = None, *, force: bool = False) -> PullResult:
     """Download what a fine-tune needs from `repo` at `revision` (branch, tag or commit) into the
-    HF cache and return where it is. Resumes partial downloads; cleans up after bad input."""
+    HF cache and return where it is. A repo refused as bad input leaves nothing behind; an
+    interrupted pull keeps the files it finished."""
+    from huggingface_hub import errors
+
     if is_offline():
         found = cached_snapshot(repo, revision)
         if found:
             return PullResult(repo, found[1], found[0], cached=True)
         raise ModelError(f"{repo}: cannot pull while HF_HUB_OFFLINE=1 and it is not in the cache "
                          f"({hub_cache_dir()})", "unset HF_HUB_OFFLINE to download it")
-    errors = _hub_errors()
-    cache = hub_cache_dir()
-    storage = repo_folder(repo, cache)
-    endpoint = hub_endpoint()
-    before = _cache_state(storage)
+    storage = repo_folder(repo)
+    before = _snapshots(storage) if storage.is_dir() else None
     try:
-        return _pull(repo, revision, cache, storage, endpoint, force)
+        return _pull(repo, revision, force)
     except errors.GatedRepoError:
-        _cleanup(storage, before)
+        _undo(storage, before)
         raise ModelError(f"{repo}: gated repo, and {'HF_TOKEN has no access' if os.environ.get('HF_TOKEN') else 'no token is set'}",
                          "accept its terms on the Hub, then set HF_TOKEN or run `hf auth login`") from None
     except errors.RevisionNotFoundError:
-        _cleanup(storage, before)
+        _undo(storage, before)
         raise ModelError(f"{repo}: revision '{revision}' not found on the Hub") from None
     except errors.RepositoryNotFoundError:
-        _cleanup(storage, before)
+        _undo(storage, before)
         raise ModelError(f"{repo}: no such model on the Hub (404)",
                          "check the name; for a private repo set HF_TOKEN") from None
     except errors.RemoteEntryNotFoundError as exc:
-        _cleanup(storage, before)
+        _undo(storage, before)
         raise ModelError(f"{repo}: a listed file is missing on the Hub ({_describe(exc)})") from None
     except ModelError:
-        _cleanup(storage, before)
+        _undo(storage, before)
         raise
     except errors.OfflineModeIsEnabled:
         raise ModelError(f"{repo}: cannot pull: huggingface_hub is in offline mode (HF_HUB_OFFLINE)") from None
-    except (errors.HfHubHTTPError, *_network_errors(), OSError) as exc:
-        if isinstance(exc, (errors.HfHubHTTPError, *_network_errors())) or "Consistency check" in str(exc):
-            raise ModelError(f"{repo}: download interrupted ({_describe(exc)}) from {endpoint}",
-                             f"run `mlxft pull {repo}` again to resume") from None
+    except (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, *_network_errors(), OSError) as exc:
+        # LocalEntryNotFoundError: the library could not reach the Hub for a file it has no copy of;
+        # OSError "Consistency check failed": a file ended short
+        if isinstance(exc, (errors.HfHubHTTPError, errors.LocalEntryNotFoundError, *_network_errors())) \
+                or "Consistency check" in str(exc):
+            raise ModelError(f"{repo}: download interrupted ({_describe(exc)}) from {hub_endpoint()}",
+                             f"run `mlxft pull {repo}` again to fetch the files still missing") from None
         raise
 
 
-def _pull(repo, revision, cache: Path, storage: Path, endpoint: str, force: bool) -> PullResult:
-    from huggingface_hub import HfApi
+def _pull(repo: str, revision: str | None, force: bool) -> PullResult:
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+    from rich import filesize
 
     from mlxft.ui import console
 
+    cache, endpoint = hub_cache_dir(), hub_endpoint()
     try:
         info = HfApi(endpoint=endpoint).model_info(repo, revision=revision, files_metadata=True)
     except _network_errors() as exc:
@@ -270,30 +269,92 @@ def _pull(repo, revision, cache: Path, storage: Path, endpoint: str, force: bool
     commit = info.sha
     if not commit:
         raise ModelError(f"{repo}: the Hub answered without a commit hash")
-    sizes = {s.rfilename: (s.lfs.size if s.lfs else s.size) for s in (info.siblings or [])}
-    snapshot = storage / "snapshots" / commit
-    downloader = _Downloader(repo, commit, cache, storage, endpoint)
-    files = select_files(repo, list(sizes), lambda: json.loads(downloader.fetch(INDEX).read_text()))
-    if revision is None or not COMMIT_RE.match(revision):
-        _write_ref(storage, revision or "main", commit)
-    todo = [f for f in files if force or not (snapshot / f).exists()]
-    if not todo:
-        return PullResult(repo, commit, snapshot, files, cached=True)
-    total = sum(sizes.get(f) or 0 for f in files)
-    with downloader.progress(f"{repo} @ {commit[:7]}", total) as bars:
-        bars.advance_overall(sum(sizes.get(f) or 0 for f in files if f not in todo))
-        for name in files:
-            path = downloader.fetch(name, force=force and name in todo)
-            if name == "config.json":
-                check_trainable(_read_json(path, repo, name), repo)
+    sizes = {s.rfilename: (s.lfs.size if s.lfs else s.size) or 0 for s in (info.siblings or [])}
+    snapshot = repo_folder(repo, cache) / "snapshots" / commit
+    present = set() if force else {name for name in sizes if (snapshot / name).exists()}
+    with _progress(f"{repo} @ {commit[:7]}") as bar_class:
+
+        def fetch(name: str) -> Path:
+            return Path(hf_hub_download(repo, name, revision=commit, cache_dir=cache, endpoint=endpoint,
+                                        force_download=force, tqdm_class=bar_class))
+
+        files = select_files(repo, list(sizes), lambda: json.loads(fetch(INDEX).read_text()))
+        check_trainable(_read_json(fetch("config.json"), repo, "config.json"), repo)
+        # a branch or tag (not a commit) makes the library record it under refs/
+        path = Path(snapshot_download(repo, revision=revision or "main", allow_patterns=files, cache_dir=cache,
+                                      endpoint=endpoint, force_download=force, tqdm_class=bar_class))
+    if path.name != commit:
+        raise ModelError(f"{repo}: '{revision or 'main'}' moved on the Hub during the pull", "run the pull again")
     for name in files:
         if name.endswith(".safetensors"):
-            problem = safetensors_problem(snapshot / name)
+            problem = safetensors_problem(path / name)
             if problem:
                 raise ModelError(f"{repo}: {name} is {problem}")
+    todo = [name for name in files if name not in present]
+    if not todo:
+        return PullResult(repo, commit, path, files, cached=True)
+    downloaded = sum(sizes.get(name, 0) for name in todo)
     console.print(f"Pulled {repo} @ {commit[:12]}: {len(files)} files, "
-                  f"{_human(downloader.downloaded)} downloaded", style="dim")
-    return PullResult(repo, commit, snapshot, files, downloader.downloaded)
+                  f"{filesize.decimal(downloaded)} downloaded", style="dim")
+    return PullResult(repo, commit, path, files, downloaded)
+
+
+@contextmanager
+def _progress(label: str):
+    """A tqdm class for huggingface_hub's `tqdm_class` hook that counts but never prints: rich
+    draws the pull's bytes as one bar on mlxft's console (nothing when stderr is not a terminal)."""
+    from huggingface_hub.utils import tqdm as hf_tqdm
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    from mlxft.ui import console, is_interactive
+
+    progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
+                        TransferSpeedColumn(), TimeRemainingColumn(), console=console, disable=not is_interactive())
+
+    class RichBar(hf_tqdm):
+        def __init__(self, *args, **kwargs):
+            # snapshot_download's bar of bytes written, and the bar of a lone hf_hub_download; not
+            # snapshot_download's network-bytes or file-count bars
+            file_name = str(kwargs.get("desc")).rsplit("/", 1)[-1]
+            shown = {"huggingface_hub.snapshot_download": label, "huggingface_hub.http_get": f"  {file_name}"}
+            description = shown.get(kwargs.get("name"))
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+            self.task = progress.add_task(description, total=self.total or None, completed=self.n) \
+                if description and kwargs.get("unit") == "B" else None
+
+        def update(self, n=1):
+            self.n += n or 0  # a disabled tqdm does not count
+            self.refresh()
+
+        def refresh(self, *args, **kwargs):
+            if self.task is not None:
+                progress.update(self.task, total=self.total or None, completed=self.n)
+
+    with progress:
+        yield RichBar
+
+
+def _snapshots(storage: Path) -> set[str]:
+    folder = storage / "snapshots"
+    return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+
+
+def _undo(storage: Path, before: set[str] | None) -> None:
+    """Remove what a pull refused as bad input added to the cache: the repo's folder when the pull
+    created it, else the revisions it added (with their refs, through scan_cache_dir)."""
+    if not storage.exists():
+        return
+    if before is None:
+        shutil.rmtree(storage, ignore_errors=True)
+        shutil.rmtree(storage.parent / ".locks" / storage.name, ignore_errors=True)
+        return
+    added = _snapshots(storage) - before
+    if added:
+        from huggingface_hub import scan_cache_dir
+
+        scan_cache_dir(storage.parent).delete_revisions(*added).execute()
 
 
 def _read_json(path: Path, repo: str, name: str) -> dict:
@@ -307,235 +368,13 @@ def _read_json(path: Path, repo: str, name: str) -> dict:
 
 
 def safetensors_problem(path: Path) -> str | None:
-    """None for a readable safetensors file, else 'truncated or corrupt (...)'."""
+    """None for a safetensors file the library opens (it checks that the header is whole and
+    describes the file to its last byte), else 'truncated or corrupt (...)'."""
     from safetensors import safe_open
 
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                return "truncated or corrupt (shorter than a safetensors header)"
-            n = int.from_bytes(head, "little")
-            if n > size - 8:
-                return f"truncated or corrupt (header of {n} bytes in a {size}-byte file)"
-            header = json.loads(fh.read(n))
-        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-        if 8 + n + max(ends, default=0) != size:
-            return f"truncated or corrupt ({size} bytes; the header describes {8 + n + max(ends, default=0)})"
         with safe_open(str(path), "np") as fh:
-            list(fh.keys())
-    except Exception as exc:  # JSON, KeyError, safetensors' own SafetensorError
+            fh.keys()
+    except Exception as exc:  # safetensors' own SafetensorError, OSError
         return f"truncated or corrupt ({_describe(exc)})"
     return None
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
-
-
-# --- cache bookkeeping ---------------------------------------------------------------------------
-
-def _write_ref(storage: Path, revision: str, commit: str) -> None:
-    from mlxft.atomic import atomic_file
-
-    ref = storage / "refs" / revision
-    if ref.is_file() and ref.read_text().strip() == commit:
-        return
-    with atomic_file(ref, "w") as fh:
-        fh.write(commit)
-
-
-def _cache_state(storage: Path) -> dict:
-    """What existed before a pull, so a failed one can remove exactly what it added."""
-    if not storage.exists():
-        return {"exists": False}
-    listing = lambda sub: {p.name for p in (storage / sub).iterdir()} if (storage / sub).is_dir() else set()  # noqa: E731
-    refs = {}
-    if (storage / "refs").is_dir():
-        refs = {str(p.relative_to(storage / "refs")): p.read_text() for p in (storage / "refs").rglob("*") if p.is_file()}
-    return {"exists": True, "snapshots": listing("snapshots"), "blobs": listing("blobs"), "refs": refs}
-
-
-def _cleanup(storage: Path, before: dict) -> None:
-    """Undo what a failed pull added to the cache (bad input: nothing half-written stays)."""
-    if not storage.exists():
-        return
-    if not before["exists"]:
-        shutil.rmtree(storage, ignore_errors=True)
-        shutil.rmtree(storage.parent / ".locks" / storage.name, ignore_errors=True)
-        return
-    for sub, kind in (("snapshots", "dir"), ("blobs", "file")):
-        folder = storage / sub
-        if not folder.is_dir():
-            continue
-        for p in folder.iterdir():
-            if p.name not in before[sub]:
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    refs = storage / "refs"
-    if refs.is_dir():
-        for p in list(refs.rglob("*")):
-            key = str(p.relative_to(refs))
-            if p.is_file():
-                if key not in before["refs"]:
-                    p.unlink()
-                elif p.read_text() != before["refs"][key]:
-                    p.write_text(before["refs"][key])
-
-
-# --- the downloader -------------------------------------------------------------------------------
-
-class _Downloader:
-    """Fetches one repo file at one commit into the HF cache layout, resumably."""
-
-    def __init__(self, repo: str, commit: str, cache: Path, storage: Path, endpoint: str):
-        self.repo, self.commit, self.cache, self.storage, self.endpoint = repo, commit, cache, storage, endpoint
-        self.downloaded = 0
-        self._bars = None
-
-    def progress(self, label: str, total: int):
-        self._bars = _Bars(label, total)
-        return self._bars
-
-    def fetch(self, name: str, force: bool = False) -> Path:
-        from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
-        from huggingface_hub.file_download import http_get
-        from huggingface_hub.utils import WeakFileLock, build_hf_headers
-
-        pointer = self.storage / "snapshots" / self.commit / name
-        if pointer.exists() and not force:
-            return pointer
-        url = hf_hub_url(self.repo, name, revision=self.commit, endpoint=self.endpoint)
-        meta = get_hf_file_metadata(url, endpoint=self.endpoint)
-        bar = self._bars.file_bar(name) if self._bars else None
-        if meta.xet_file_data is not None and _xet_available():
-            # Xet storage: its own chunk cache makes re-downloads cheap; let the library do it.
-            path = hf_hub_download(self.repo, name, revision=self.commit, cache_dir=str(self.cache),
-                                   endpoint=self.endpoint, force_download=force, tqdm_class=bar)
-            self.downloaded += meta.size or 0
-            return Path(path)
-        if not meta.etag:
-            raise ModelError(f"{self.repo}: the Hub gave no ETag for {name}")
-        blob = self.storage / "blobs" / meta.etag
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        lock = self.cache / ".locks" / self.storage.name / f"{meta.etag}.lock"
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with WeakFileLock(str(lock)):
-            if force or not blob.exists():
-                partial = blob.with_name(blob.name + ".incomplete")
-                resume = partial.stat().st_size if partial.exists() and not force else 0
-                if meta.size is not None and resume > meta.size:
-                    resume = 0
-                headers = build_hf_headers()
-                if urlparse(meta.location).netloc != urlparse(url).netloc:
-                    headers.pop("authorization", None)  # signed CDN url: the token stays on the Hub
-                with open(partial, "r+b" if resume else "wb") as fh:
-                    fh.seek(resume)
-                    fh.truncate()
-                    start = resume
-                    http_get(meta.location, fh, resume_size=resume, headers=headers,
-                             expected_size=meta.size, displayed_filename=name, tqdm_class=bar)
-                    self.downloaded += fh.tell() - start
-                if not _matches_etag(partial, meta.etag):
-                    partial.unlink(missing_ok=True)
-                    raise ModelError(f"{self.repo}: {name} does not match the Hub's checksum after download",
-                                     "run the pull again")
-                os.replace(partial, blob)
-            elif bar is not None:
-                b = bar(total=blob.stat().st_size, initial=blob.stat().st_size)
-                b.close()
-        pointer.parent.mkdir(parents=True, exist_ok=True)
-        _link(blob, pointer)
-        return pointer
-
-
-def _xet_available() -> bool:
-    try:
-        from huggingface_hub.utils._runtime import is_xet_available
-    except ImportError:
-        return False
-    return is_xet_available()
-
-
-def _matches_etag(path: Path, etag: str) -> bool:
-    """LFS files: the ETag is the sha256; regular files: the git blob sha1. Else unchecked."""
-    if re.fullmatch(r"[0-9a-f]{64}", etag):
-        h = hashlib.sha256()
-    elif re.fullmatch(r"[0-9a-f]{40}", etag):
-        h = hashlib.sha1()
-        h.update(b"blob %d\0" % path.stat().st_size)
-    else:
-        return True
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            h.update(block)
-    return h.hexdigest() == etag
-
-
-def _link(blob: Path, pointer: Path) -> None:
-    tmp = pointer.with_name(f".{pointer.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.symlink(os.path.relpath(blob, pointer.parent), tmp)
-    except OSError:  # no symlinks (some Windows setups): copy, as huggingface_hub does
-        shutil.copyfile(blob, tmp)
-    os.replace(tmp, pointer)
-
-
-class _Bars:
-    """Rich progress: one bar per file plus an overall bar; silent when stderr is not a terminal.
-    `file_bar(name)` is a tqdm-like factory that huggingface_hub's http_get drives."""
-
-    def __init__(self, label: str, total: int):
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                   TimeRemainingColumn, TransferSpeedColumn)
-
-        from mlxft.ui import console, is_interactive
-
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                 TransferSpeedColumn(), TimeRemainingColumn(), console=console,
-                                 disable=not is_interactive())
-        self.overall = self.progress.add_task(f"[bold]{label}", total=total or None)
-
-    def __enter__(self):
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.progress.stop()
-
-    def advance_overall(self, n: int) -> None:
-        self.progress.advance(self.overall, n)
-
-    def file_bar(self, name: str):
-        bars = self
-
-        class _FileBar:
-            def __init__(self, total=None, initial=0, **_):
-                self.task = bars.progress.add_task(f"  {name}", total=total, completed=initial)
-                bars.progress.advance(bars.overall, initial or 0)
-
-            def update(self, n=1):
-                bars.progress.advance(self.task, n or 0)
-                bars.progress.advance(bars.overall, n or 0)
-
-            def update_transfer(self, n=1):
-                pass
-
-            def set_postfix_str(self, *a, **k):
-                pass
-
-            def close(self):
-                pass
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                self.close()
-
-        return _FileBar
