@@ -78,6 +78,9 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
         start_adapter = resolved.adapter  # a run directory as --model continues from its adapter
     with ui.console.status(f"Loading {resolved.spec} on {backend_name}"):
         backend.load(resolved.path, adapter=start_adapter, train=True)
+    from mlxft.templates import for_training, record
+
+    chat = for_training(backend.tokenizer, cfg.data.system_prompt, run.path if resume else None)
     train_set, valid_set = load_data(cfg, backend.tokenizer, skip_bad_lines)
     if world.distributed:  # hashing every token is start-up work a single process need not do
         check_agreement(world, fingerprint(cfg, resolved.path, start_adapter, backend_name, train_set, valid_set))
@@ -86,6 +89,7 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
                          revision=resolved.revision, source=resolved.source, backend=backend_name,
                          backend_reason=why, status="running", world_size=world.size)
         (run.path / "config.yaml").write_text(to_yaml(cfg))
+        record(run.path, chat)
     trainable, total = backend.trainable_parameters()
     ui.info(f"[bold]mlxft train[/bold] {resolved.spec} -> {run.path}  backend={backend_name} "
             f"({why}) device={backend.device_name()} dtype={backend.dtype_name()}")

@@ -86,6 +86,11 @@ class Backend(abc.ABC):
                  stop_ids: set[int] | None = None) -> list[int]:
         """Generate token ids after `prompt_ids`, calling on_token for each as it comes."""
 
+    def logits(self, ids: list[int]):
+        """Next-token logits (float32 NumPy, one row per position) for one sequence; export's
+        self-check compares them with llama.cpp's."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     def sequence_logprobs(self, batch: Batch) -> list[float]:
         """Per-row summed log-probability of the target tokens (for retention probes)."""
