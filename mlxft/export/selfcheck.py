@@ -128,16 +128,37 @@ def trained_context(path: Path) -> int | None:
     return int(field.contents()) if field is not None else None
 
 
+def load_llama(path: Path, **kwargs):
+    """llama_cpp.Llama without llama.cpp's extra CPU buffer types (weight repacking, AMX tiles):
+    on a CPU that reports AMX in a process the kernel grants no AMX state, llama.cpp's AMX path
+    crashes (SIGSEGV) on the first quantized matmul; without repacking the same GGUF computes the
+    same numbers through the ordinary kernels."""
+    import llama_cpp
+    import llama_cpp.llama as llama_module
+
+    default = llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    llama_module.llama_cpp.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path=str(path), **kwargs)
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = default
+
+
 class LlamaCpp:
     """One GGUF in llama.cpp: tokenize, logits of a sequence, greedy answers, EOG tokens."""
 
     def __init__(self, path: Path, n_ctx: int = 1024):
         import llama_cpp
-        from llama_cpp import Llama
 
         self.lib = llama_cpp
         n_ctx = min(n_ctx, trained_context(path) or n_ctx)
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0)
+        self.llm = load_llama(path, n_ctx=n_ctx, logits_all=True, verbose=False, seed=0)
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
 
     def tokenize(self, text: str) -> list[int]:
