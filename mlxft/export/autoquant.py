@@ -20,15 +20,9 @@ LLAMA_FTYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MO
 
 
 def _quantize(src: Path, dst: Path, quant: str) -> None:
-    from mlxft.errors import MlxftError
-    from mlxft.export.quantize import require_llama_cpp
+    from mlxft.export.quantize import llama_quantize
 
-    llama_cpp = require_llama_cpp(quant)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, LLAMA_FTYPES[quant])
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    if rc != 0:
-        raise MlxftError(f"{dst}: llama.cpp's quantizer failed (code {rc}) for {quant}")
+    llama_quantize(src, dst, LLAMA_FTYPES[quant], quant)
 
 
 def measure_kl(path: Path, engine, texts_ids: list[list[int]]) -> tuple[float, float]:
