@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlxft.templates import ChatSetup, render
+from mlxft.templates import ChatSetup, adds_bos, render
 
 # type -> (largest mean KL in nats, smallest top-1 agreement, smallest share of identical answers)
 TOLERANCES = {
@@ -218,9 +218,8 @@ def run_selfcheck(gguf_path: Path, engine, chat: ChatSetup, quant: str, records:
         for text in texts:
             if llm.tokenize(text) != list(tok(text, add_special_tokens=False)["input_ids"]):
                 mismatched.append(text)
-        hf_bos = tok.bos_token_id is not None and \
-            tok.encode("a", add_special_tokens=True)[:1] == [tok.bos_token_id] != tok.encode("a", add_special_tokens=False)[:1]
-        tokens = {"equal": len(texts) - len(mismatched), "total": len(texts), "add_bos_equal": llm.add_bos() == hf_bos,
+        tokens = {"equal": len(texts) - len(mismatched), "total": len(texts),
+                  "add_bos_equal": llm.add_bos() == adds_bos(tok),
                   "first_mismatch": mismatched[0][:200] if mismatched else None}
         tokens["ok"] = not mismatched and tokens["add_bos_equal"]
 
@@ -278,7 +277,9 @@ def summary_line(result: dict) -> str:
              f"top-1 {lg['top1']:.1%}, KL {lg['mean_kl']:.4f} ({mark(lg)})",
              f"stops {s['stopped']}/{s['should_stop']} at {', '.join(s['tokens'])} ({mark(s)})"]
     if "modelfile" in result:
-        parts.append(f"Modelfile template {'matches' if result['modelfile']['ok'] else 'DIFFERS'}")
+        ok = result["modelfile"]["ok"]
+        parts.append("Modelfile template " + ("matches" if ok else "DIFFERS" if ok is False
+                                              else f"not checked ({result['modelfile']['reason']})"))
     return f"self-check {'passed' if result['ok'] else 'FAILED'}: " + "; ".join(parts)
 
 
