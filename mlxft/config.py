@@ -28,16 +28,16 @@ class DataConfig:
     valid: str | None = None
     valid_split: float = 0.1  # held-out share when no valid file is given
     system_prompt: str | None = None
-    replay: float = 0.0  # share of each batch drawn from the base model's own recorded outputs
+    replay: float = 0.2  # share of the training set made of the base model's own recorded answers
 
 
 @dataclass
 class TrainConfig:
     steps: int | None = None
-    epochs: float | None = None
+    epochs: float | None = None  # None: chosen from the data size (mlxft/defaults.py)
     batch_size: int = 4
     grad_accumulation: int = 1
-    learning_rate: float = 2e-4
+    learning_rate: float | None = None  # None: chosen from the model size (mlxft/defaults.py)
     min_lr_ratio: float = 0.1
     warmup: float = 0.05  # steps when >= 1, else a fraction of the total
     weight_decay: float = 0.0
@@ -47,11 +47,11 @@ class TrainConfig:
     grad_checkpoint: bool = False
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     packing: bool = False
-    eval_every: int = 25
+    eval_every: int | None = None  # None: about twice per epoch
     log_every: int = 1
     save_every: int = 50
     eval_batches: int | None = None
-    early_stop_patience: int | None = None
+    early_stop_patience: int | None = 2  # validations without improvement; null or 0: off
     skip_nonfinite: bool = False
 
 
@@ -73,6 +73,9 @@ class RetentionConfig:
     probes: int = 24
     max_new_tokens: int = 32
     warn_below: float = 0.9
+    # The adapter generate/fuse/export use is the best by validation whose retention is at least
+    # this; training also stops once retention is below it and validation stops improving. 0: off.
+    floor: float = 0.9
 
 
 @dataclass
@@ -284,14 +287,14 @@ def validate(cfg: Config) -> None:
         (t.epochs is None or t.epochs > 0, "train.epochs", "must be positive"),
         (t.batch_size > 0, "train.batch_size", "must be positive"),
         (t.grad_accumulation > 0, "train.grad_accumulation", "must be positive"),
-        (t.learning_rate > 0, "train.learning_rate", "must be positive"),
+        (t.learning_rate is None or t.learning_rate > 0, "train.learning_rate", "must be positive"),
         (t.warmup >= 0, "train.warmup", "must be >= 0"),
         (0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be between 0 and 1"),
         (t.max_seq_len >= 8, "train.max_seq_len", "must be at least 8"),
-        (t.eval_every > 0, "train.eval_every", "must be positive"),
+        (t.eval_every is None or t.eval_every > 0, "train.eval_every", "must be positive"),
         (t.log_every > 0, "train.log_every", "must be positive"),
         (t.save_every > 0, "train.save_every", "must be positive"),
-        (t.early_stop_patience is None or t.early_stop_patience > 0, "train.early_stop_patience", "must be positive"),
+        (t.early_stop_patience is None or t.early_stop_patience >= 0, "train.early_stop_patience", "must be >= 0"),
         (lo.rank > 0, "lora.rank", "must be positive"),
         (lo.alpha > 0, "lora.alpha", "must be positive"),
         (0 <= lo.dropout < 1, "lora.dropout", "must be in [0, 1)"),
@@ -302,6 +305,7 @@ def validate(cfg: Config) -> None:
         (cfg.retention.probes >= 0, "retention.probes", "must be >= 0"),
         (cfg.retention.max_new_tokens >= 1, "retention.max_new_tokens", "must be at least 1"),
         (0 <= cfg.retention.warn_below <= 1, "retention.warn_below", "must be between 0 and 1"),
+        (0 <= cfg.retention.floor <= 1, "retention.floor", "must be between 0 and 1"),
     ]
     for ok, key, why in checks:
         if not ok:

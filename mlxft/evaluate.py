@@ -9,17 +9,19 @@ tokens t of all samples:
     accuracy   = share of targets that are the model's top-1 prediction
 
 For a run directory the base model alone and the base plus the run's adapter are scored on the
-same tokens, and the difference (tuned - base) is reported.
+same tokens, and the difference (tuned - base) is reported. A run's default data is its validation
+file, or, when it held out a share of its training file (data.valid_split), that same held-out share.
 """
 
 from __future__ import annotations
 
 import gc
 import math
+import sys
 from pathlib import Path
 
 from mlxft.config import Config
-from mlxft.data import Dataset, collate, eval_batches, load_dataset
+from mlxft.data import Dataset, collate, eval_batches, load_dataset, split_dataset
 
 
 def score_dataset(engine, dataset: Dataset, batch_size: int = 8, max_batches: int | None = None,
@@ -57,6 +59,23 @@ def _run_config(resolved) -> Config:
     return Config()
 
 
+def held_out_split(cfg: Config, tokenizer, max_seq_len: int, skip_bad_lines: bool = False) -> Dataset:
+    """The share of data.train a run held out for validation: the same seeded split of the same
+    samples as training (read at the run's max_seq_len), each then read at `max_seq_len`."""
+    kw = dict(mask_prompt=cfg.train.mask_prompt, system_prompt=cfg.data.system_prompt, skip_bad_lines=skip_bad_lines)
+    _, valid = split_dataset(load_dataset(cfg.data.train, tokenizer, max_seq_len=cfg.train.max_seq_len, **kw),
+                             cfg.data.valid_split, cfg.seed)
+    if max_seq_len == cfg.train.max_seq_len:
+        return valid
+    held = {s.source for s in valid.samples}  # "file:line"
+
+    def read(limit: int) -> list:
+        return [s for s in load_dataset(cfg.data.train, tokenizer, max_seq_len=limit, **kw).samples if s.source in held]
+
+    whole = read(sys.maxsize)
+    return Dataset(read(max_seq_len), valid.fmt, valid.path, truncated=sum(len(s) > max_seq_len for s in whole))
+
+
 def _engine(backend_name: str, cfg: Config):
     from mlxft.backends.select import make_backend
 
@@ -76,8 +95,11 @@ def evaluate(model_spec: str | None, data: str | None, backend: str = "auto", ad
 
     resolved = resolve_model(model_spec, adapter=adapter)
     cfg = _run_config(resolved)
+    held_out = data is None and resolved.run is not None and not cfg.data.valid and bool(cfg.data.train)
     if data is None:
         data = cfg.data.valid if resolved.run is not None else None
+        if held_out:
+            data = f"{cfg.data.train} (held out)"
         if not data:
             raise MlxftError("no evaluation data", "pass --data FILE.jsonl")
     name, _ = choose_backend(backend)
@@ -91,8 +113,11 @@ def evaluate(model_spec: str | None, data: str | None, backend: str = "auto", ad
         return engine
 
     engine = load(None)
-    dataset = load_dataset(data, engine.tokenizer, max_seq_len=seq, mask_prompt=cfg.train.mask_prompt,
-                           system_prompt=cfg.data.system_prompt, skip_bad_lines=skip_bad_lines)
+    if held_out:
+        dataset = held_out_split(cfg, engine.tokenizer, seq, skip_bad_lines)
+    else:
+        dataset = load_dataset(data, engine.tokenizer, max_seq_len=seq, mask_prompt=cfg.train.mask_prompt,
+                               system_prompt=cfg.data.system_prompt, skip_bad_lines=skip_bad_lines)
     if dataset.truncated:
         ui.warn(f"{data}: {dataset.truncated} samples longer than {seq} tokens were truncated")
     out = {"model": resolved.spec, "data": str(data), "samples": len(dataset), "format": dataset.fmt,

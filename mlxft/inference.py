@@ -6,14 +6,16 @@ from mlxft.config import Config
 
 
 def load_for_inference(model_spec: str | None, backend: str = "auto", adapter: str = "best",
-                       trust_remote_code: bool = False):
-    """Return (backend instance, ResolvedModel) ready to generate or evaluate."""
+                       trust_remote_code: bool = False, seed: int = 0):
+    """Return (backend instance, ResolvedModel) ready to generate or evaluate. The backend seeds
+    its framework's RNG with `seed` as it loads, so sampled generations repeat per seed."""
     from mlxft.backends.select import choose_backend, make_backend
     from mlxft.sources import resolve_model
 
     resolved = resolve_model(model_spec, adapter=adapter)
     name, _ = choose_backend(backend)
     cfg = Config()
+    cfg.seed = seed
     cfg.train.dtype = "float32" if name == "torch" else "auto"
     engine = make_backend(name, cfg)
     engine.trust_remote_code = trust_remote_code

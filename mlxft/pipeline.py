@@ -82,12 +82,15 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
 
     chat = for_training(backend.tokenizer, cfg.data.system_prompt, run.path if resume else None)
     train_set, valid_set = load_data(cfg, backend.tokenizer, skip_bad_lines)
+    from mlxft.defaults import resolve
+
+    chosen = resolve(cfg, len(train_set), backend.hidden_size())  # before config.yaml, so --resume repeats it
     if world.distributed:  # hashing every token is start-up work a single process need not do
         check_agreement(world, fingerprint(cfg, resolved.path, start_adapter, backend_name, train_set, valid_set))
     if not resume and world.is_root:
         run = create_run(out, model=resolved.spec, model_path=str(resolved.path.resolve()),
                          revision=resolved.revision, source=resolved.source, backend=backend_name,
-                         backend_reason=why, status="running", world_size=world.size)
+                         backend_reason=why, status="running", world_size=world.size, defaults_chosen=chosen)
         (run.path / "config.yaml").write_text(to_yaml(cfg))
         record(run.path, chat)
     trainable, total = backend.trainable_parameters()
@@ -96,6 +99,8 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
     ui.info(f"data: {len(train_set)} train / {len(valid_set)} valid samples ({train_set.fmt}); "
             f"LoRA{'/DoRA' if cfg.lora.type == 'dora' else ''} r={cfg.lora.rank} alpha={cfg.lora.alpha}: "
             f"{trainable:,} trainable of {total:,} parameters")
+    if chosen:
+        ui.info(f"defaults: {chosen}")
     retention = _optional("mlxft.retention") if (cfg.retention.enabled or cfg.data.replay) else None
     # Retention baselines and replay answers are generated once, by rank 0, into the run directory.
     if retention is not None and not resume and world.is_root:
@@ -103,7 +108,9 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
     if retention is not None and cfg.data.replay > 0:
         replay = retention.replay_samples(cfg, run, backend.tokenizer, len(train_set)) if world.is_root else None
         train_set.samples.extend(_share_replay(world, replay))
-    trainer = Trainer(cfg, run, backend, train_set, valid_set, resume_from=resume_from)
+    track = retention.tracker(run, backend) if retention is not None and cfg.retention.enabled and world.is_root \
+        else None
+    trainer = Trainer(cfg, run, backend, train_set, valid_set, resume_from=resume_from, retention=track)
     if world.is_root:
         run.update_meta(status="running", total_steps=trainer.total)
     started = time.time()
@@ -122,13 +129,30 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
     if not world.is_root:
         return {**summary, "run": str(run.path)}
     if retention is not None:
-        summary["retention"] = retention.after_training(cfg, run, backend)
+        summary["retention"] = retention.after_training(cfg, run, summary)
+    summary["verdict"] = verdict(cfg, summary)
     from mlxft.plot import save_loss_png
 
     save_loss_png(run.metrics(), run.path / "loss.png", title=f"{resolved.spec} ({backend_name})")
     run.update_meta(status="done", results=summary)
     summary["run"] = str(run.path)
     return summary
+
+
+def verdict(cfg: Config, summary: dict) -> dict:
+    """One reading of the run: what was learned, what was kept, which adapter was chosen."""
+    first, chosen = summary.get("initial_val") or {}, summary.get("chosen_step")
+    ret = summary.get("retention") or {}
+    out = {"val_loss_before": first.get("loss"), "val_loss_after": summary.get("chosen_val_loss"),
+           "accuracy_before": first.get("accuracy"), "accuracy_after": summary.get("chosen_accuracy"),
+           "retention": ret.get("score"),
+           "floor": cfg.retention.floor if cfg.retention.enabled else None, "chosen_step": chosen,
+           "stop_reason": summary.get("stop_reason")}
+    learned = (out["val_loss_before"] is not None and out["val_loss_after"] is not None
+               and out["val_loss_after"] < out["val_loss_before"])
+    kept = out["retention"] is None or out["floor"] is None or out["retention"] >= out["floor"]
+    out["learned"], out["kept"] = learned, kept
+    return out
 
 
 def resume_config(run_dir: Path) -> Config:

@@ -5,14 +5,16 @@ Probe set: mlxft/probes/general.jsonl, everyday questions (sent through the chat
 short texts to continue (sent raw), written for mlxft. The first `retention.probes` are used.
 
 Before training (the adapter is freshly initialised, so the model is exactly the base model) the
-base answers every probe greedily (at most `retention.max_new_tokens` tokens; its end-of-turn
+base answers every probe greedily, the probes side by side in batches (at most `retention.max_new_tokens` tokens; its end-of-turn
 token is kept when it stopped on its own), and the log-likelihood of that answer under the base
 is measured with the same teacher-forced forward pass used afterwards. This baseline lands in
 RUN/retention_baseline.json and is cached under MLXFT_HOME/retention/, keyed by base model
 path (plus the starting adapter's hash), backend, dtype, device, system prompt, token budget and
 the probes' text, so a repeat run does not regenerate it.
 
-After training the tuned model scores the same answers. For probe i with n_i answer tokens:
+At every validation during training, and so for the adapter finally chosen, the tuned model
+scores the same answers teacher-forced (one batched forward pass, no generation). For probe i
+with n_i answer tokens:
 
     d_i   = (log p_tuned(answer_i) - log p_base(answer_i)) / n_i     (nats per token)
     r_i   = min(1, exp(d_i))       per-token likelihood ratio of the base's own answer, capped
@@ -22,14 +24,15 @@ After training the tuned model scores the same answers. For probe i with n_i ans
 probe. 0.8: on average the per-token probability of the base's answer fell by a fifth. Also
 reported: `agreement`, the share of answer tokens the tuned model still predicts top-1 given
 the same prefix (the base itself scores ~1.0: its answers are its own greedy choices), and the
-worst probes. The score is measured for the adapter fuse/export use (best by validation),
-and for the last adapter when that differs. Below `retention.warn_below` a warning with advice
-is printed.
+worst probes. The trainer keeps the best adapter by validation whose score is at least
+`retention.floor` (mlxft/trainer.py); below `retention.warn_below` a warning with advice is
+printed.
 
 Replay (`data.replay: r`): the base answers a second, disjoint prompt set
 (mlxft/probes/replay.jsonl; never the retention probes, which would inflate the score) and
 those conversations are added to the training data so they make up a share r of it. Answers
-cut off by the token budget are trimmed to their last full sentence or dropped. They are written
+cut off by the token budget are trimmed to their last full sentence or dropped. Replay is on by
+default (0.2): it is what kept retention above the floor in the measurements (docs/retention.md). They are written
 to RUN/replay.jsonl (chat format) and cached like the baseline.
 """
 
@@ -50,12 +53,13 @@ REPLAY_PROMPTS = PROBES_DIR / "replay.jsonl"
 BASELINE_FILE = "retention_baseline.json"
 REPLAY_FILE = "replay.jsonl"
 REPLAY_MAX_TOKENS = 80
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+SCORE_BATCH = 16  # probe answers scored per forward pass
 
 def advice(cfg) -> str:
     replay = (f"raise data.replay (now {cfg.data.replay:g}) to mix in more of the base model's own answers"
               if cfg.data.replay > 0 else "mix in the base model's own answers with data.replay: 0.2")
-    return ("to keep more of the base model: train fewer steps (or set train.early_stop_patience), "
+    return ("to keep more of the base model: raise retention.floor (the kept adapter must reach it), "
             f"lower lora.rank or train.learning_rate, or {replay}")
 
 
@@ -126,25 +130,26 @@ def probe_prompt_ids(tokenizer, probe: dict, system: str | None) -> list[int]:
     return format_prompt(tokenizer, probe["prompt"], raw=probe.get("kind") == "text", system=system)
 
 
-def _answer(backend, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], bool]:
-    """Greedy answer ids and whether the model stopped on its own (its end token is appended)."""
-    ids = list(backend.generate(prompt_ids, max_tokens, temperature=0.0))
-    stopped = len(ids) < max_tokens
+def _answers(backend, prompts: list[list[int]], max_tokens: int) -> list[tuple[list[int], bool]]:
+    """Greedy answers, generated side by side, and whether each stopped on its own (then its
+    end token is appended, as the model would have produced it)."""
     eos = backend.tokenizer.eos_token_id
-    if stopped and eos is not None:
-        ids.append(eos)
-    return ids, stopped
+    out = []
+    for ids in backend.generate_batch(prompts, max_tokens, temperature=0.0):
+        stopped = len(ids) < max_tokens
+        out.append((ids + [eos] if stopped and eos is not None else ids, stopped))
+    return out
 
 
 def score_answers(backend, items: list[tuple[list[int], list[int]]]) -> list[tuple[float, int, int]]:
-    """(log-likelihood, tokens, top-1 agreements) of each answer after its prompt."""
+    """(log-likelihood, tokens, top-1 agreements) of each answer after its prompt, teacher-forced,
+    SCORE_BATCH answers per forward pass."""
     out = []
     pad = backend.tokenizer.pad_token_id
-    for prompt_ids, answer_ids in items:
-        sample = Sample(ids=list(prompt_ids) + list(answer_ids),
-                        targets=[False] * len(prompt_ids) + [True] * len(answer_ids))
-        r = backend.eval_batch(collate([sample], pad))
-        out.append((-r.loss_sum, r.n_targets, r.n_correct))
+    for start in range(0, len(items), SCORE_BATCH):
+        samples = [Sample(ids=list(p) + list(a), targets=[False] * len(p) + [True] * len(a))
+                   for p, a in items[start:start + SCORE_BATCH]]
+        out.extend((-r.loss_sum, r.n_targets, r.n_correct) for r in backend.row_scores(collate(samples, pad)))
     return out
 
 
@@ -154,12 +159,11 @@ def build_baseline(cfg, backend) -> dict:
     tok = backend.tokenizer
     rows = []
     with _eval_mode(backend):
-        for p in probes:
-            prompt_ids = probe_prompt_ids(tok, p, cfg.data.system_prompt)
-            answer_ids, stopped = _answer(backend, prompt_ids, cfg.retention.max_new_tokens)
-            if not answer_ids:
-                continue
-            (lp, n, correct), = score_answers(backend, [(prompt_ids, answer_ids)])
+        prompts = [probe_prompt_ids(tok, p, cfg.data.system_prompt) for p in probes]
+        answered = [(p, ids, a, stopped) for p, ids, (a, stopped)
+                    in zip(probes, prompts, _answers(backend, prompts, cfg.retention.max_new_tokens)) if a]
+        scores = score_answers(backend, [(ids, a) for _, ids, a, _ in answered])
+        for (p, prompt_ids, answer_ids, stopped), (lp, n, correct) in zip(answered, scores):
             rows.append({"id": p["id"], "kind": p.get("kind", "chat"), "prompt": p["prompt"],
                          "answer": tok.decode(answer_ids, skip_special_tokens=True), "stopped": stopped,
                          "prompt_ids": prompt_ids, "answer_ids": answer_ids, "logprob": lp, "tokens": n,
@@ -272,19 +276,19 @@ def replay_records(cfg, run, backend, n: int) -> list[dict]:
     except (OSError, json.JSONDecodeError):
         cache = {}
     tok = backend.tokenizer
-    records, changed = [], False
-    with _eval_mode(backend):
-        for p in load_probes(REPLAY_PROMPTS)[:n]:
-            key = f"{p['id']}:{_sha(p['prompt'])[:12]}"
-            if key not in cache:
-                ids, stopped = _answer(backend, probe_prompt_ids(tok, p, cfg.data.system_prompt), REPLAY_MAX_TOKENS)
-                text = tok.decode(ids, skip_special_tokens=True).strip()
-                cache[key] = text if stopped else _trim_to_sentence(text)
-                changed = True
-            if cache[key]:
-                records.append({"messages": [{"role": "user", "content": p["prompt"]},
-                                             {"role": "assistant", "content": cache[key]}], "id": p["id"]})
-    if changed:
+    prompts = load_probes(REPLAY_PROMPTS)[:n]
+    keys = [f"{p['id']}:{_sha(p['prompt'])[:12]}" for p in prompts]
+    missing = [(k, p) for k, p in zip(keys, prompts) if k not in cache]
+    if missing:
+        with _eval_mode(backend):
+            answers = _answers(backend, [probe_prompt_ids(tok, p, cfg.data.system_prompt) for _, p in missing],
+                               REPLAY_MAX_TOKENS)
+        for (key, _), (ids, stopped) in zip(missing, answers):
+            text = tok.decode(ids, skip_special_tokens=True).strip()
+            cache[key] = text if stopped else _trim_to_sentence(text)
+    records = [{"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": cache[k]}],
+                "id": p["id"]} for k, p in zip(keys, prompts) if cache[k]]
+    if missing:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_file(path, "w") as fh:
@@ -321,49 +325,47 @@ def replay_samples(cfg, run, tokenizer, n_train: int) -> list[Sample]:
     return out
 
 
-def _last_step_is_best(run) -> bool:
-    rows = run.metrics()
-    valid = [r for r in rows if r.get("type") == "valid"]
-    steps = [r["step"] for r in rows if r.get("type") == "train"]
-    if not valid or not steps:
-        return True
-    best = valid[0]
-    for r in valid[1:]:
-        if r["loss"] < best["loss"]:
-            best = r
-    return best["step"] == max(steps)
+def tracker(run, backend):
+    """A callable scoring the backend's current adapter against the run's baseline (the trainer
+    calls it at every validation), or None when the run has no baseline."""
+    path = run.path / BASELINE_FILE
+    if not path.is_file():
+        return None
+    baseline = json.loads(path.read_text())
+    items = [(r["prompt_ids"], r["answer_ids"]) for r in baseline["probes"]]
+    if not items:
+        return None
+
+    def score() -> dict:
+        with _eval_mode(backend):
+            return compare(baseline, score_answers(backend, items))
+
+    return score
 
 
 def score_run(cfg, run, backend) -> dict:
     """Score the backend's current model against the run's baseline."""
-    baseline = json.loads((run.path / BASELINE_FILE).read_text())
-    with _eval_mode(backend):
-        scored = score_answers(backend, [(r["prompt_ids"], r["answer_ids"]) for r in baseline["probes"]])
-    return compare(baseline, scored)
+    score = tracker(run, backend)
+    return score() if score is not None else {"score": None, "reason": f"no {BASELINE_FILE} in the run"}
 
 
-def after_training(cfg, run, backend) -> dict:
-    """Retention of the tuned model (best adapter, and last when different); warns below
-    retention.warn_below. The result goes into run.json and `mlxft train`'s summary."""
+def after_training(cfg, run, summary: dict) -> dict:
+    """Retention of the adapter the trainer chose (scored at its validation), with a warning
+    below retention.warn_below. The result goes into run.json and `mlxft train`'s summary."""
     from mlxft import ui
 
     if not cfg.retention.enabled:
         return {"score": None, "reason": "retention.enabled is false"}
-    if not (run.path / BASELINE_FILE).is_file():
-        return {"score": None, "reason": f"no {BASELINE_FILE} in the run"}
-    with ui.console.status("Scoring retention probes"):
-        last = score_run(cfg, run, backend)
-        result = dict(last, adapter="last")
-        if not _last_step_is_best(run) and (run.best_adapter / "adapter_config.json").is_file():
-            backend.load(run.base_model_path(), adapter=run.best_adapter, train=False)
-            result = dict(score_run(cfg, run, backend), adapter="best", score_last=last["score"])
-    score = result.get("score")
-    result["warn_below"] = cfg.retention.warn_below
-    if score is not None:
-        ui.info(f"retention: {score:.3f} (probe answers of the base model; top-1 agreement "
-                f"{result['agreement']:.3f}, {result['nats_per_token']:+.3f} nats/token, {result['adapter']} adapter)")
-        if score < cfg.retention.warn_below:
-            result["warning"] = (f"retention {score:.3f} is below retention.warn_below={cfg.retention.warn_below}: "
-                                 f"the tuned model drifted from the base model on everyday prompts; {advice(cfg)}")
-            ui.warn(result["warning"])
+    chosen = summary.get("chosen_retention")
+    if not chosen or chosen.get("score") is None:
+        return {"score": None, "reason": f"no {BASELINE_FILE} in the run or no validation ran"}
+    result = dict(chosen, adapter=f"step {summary.get('chosen_step')}", floor=cfg.retention.floor,
+                  warn_below=cfg.retention.warn_below)
+    score = result["score"]
+    ui.info(f"retention: {score:.3f} (probe answers of the base model; top-1 agreement "
+            f"{result['agreement']:.3f}, {result['nats_per_token']:+.3f} nats/token, adapter of {result['adapter']})")
+    if score < cfg.retention.warn_below:
+        result["warning"] = (f"retention {score:.3f} is below retention.warn_below={cfg.retention.warn_below}: "
+                             f"the tuned model drifted from the base model on everyday prompts; {advice(cfg)}")
+        ui.warn(result["warning"])
     return result

@@ -2,8 +2,16 @@
 best/last adapters, early stopping, metrics, checkpoints, exact resume and clean interruption.
 
 A checkpoint (RUN/checkpoint/) holds the adapter, the backend's optimizer and RNG state, and
-trainer.json: the step, the data cursor (epoch, batch index), the best validation loss and the
-early-stopping counter. Data order is a pure function of (seed, epoch), so a resumed run sees
+trainer.json: the step, the data cursor (epoch, batch index), the best validation loss, the
+chosen adapter's figures and the early-stopping counter.
+
+Which adapter is kept (RUN/adapter-best, what generate, fuse and export use): at every
+validation the current adapter is scored on validation loss and, when a retention tracker is
+given, on retention (teacher-forced scores of the base model's own probe answers, no
+generation). Adapters whose retention is at least retention.floor rank above those below it;
+among them the lowest validation loss wins, and below the floor the highest retention. Training
+stops after train.early_stop_patience validations without a new best validation loss, or as soon
+as retention is below the floor at a validation that did not improve. Data order is a pure function of (seed, epoch), so a resumed run sees
 exactly the batches the uninterrupted run would have seen.
 
 Distributed (data parallel): every rank holds the whole tokenized dataset and walks the same
@@ -17,6 +25,7 @@ written, so a rank that dies mid-save leaves the previous checkpoint whole.
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import random
@@ -50,6 +59,12 @@ class TrainState:
     skipped_steps: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    chosen_step: int | None = None      # the adapter in RUN/adapter-best
+    chosen_val: float | None = None
+    chosen_accuracy: float | None = None
+    chosen_retention: dict | None = None
+    initial_val: dict | None = None     # validation figures of the untrained adapter (step 0)
+    stop_reason: str | None = None
 
 
 def batches_per_epoch(n_samples: int, batch_size: int) -> int:
@@ -66,7 +81,9 @@ def total_steps(cfg: Config, n_train: int) -> int:
 
 class Trainer:
     def __init__(self, cfg: Config, run: Run, backend: Backend, train_set: Dataset, valid_set: Dataset,
-                 resume_from: Path | None = None):
+                 resume_from: Path | None = None, retention=None, on_step=None):
+        """`retention`: a callable scoring the current adapter's retention (a dict with "score"),
+        or None. `on_step(step, result, seconds)`: called after every applied optimizer step."""
         self.cfg, self.run, self.backend = cfg, run, backend
         self.world = backend.world
         self.writes = self.world.is_root  # only rank 0 touches the run directory
@@ -74,6 +91,10 @@ class Trainer:
         self.resume_from = Path(resume_from) if resume_from else run.checkpoint
         self.saved_step: int | None = None
         self._last_val: float | None = None
+        from mlxft.defaults import resolve
+
+        resolve(cfg, len(train_set), backend.hidden_size())  # a no-op when the caller resolved them
+        self.retention, self.on_step = retention, on_step
         self.total = total_steps(cfg, len(train_set))
         self.warmup = warmup_steps(cfg.train.warmup, self.total)
         self.state = TrainState()
@@ -162,6 +183,7 @@ class Trainer:
         except (OSError, json.JSONDecodeError) as exc:
             raise MlxftError(f"{ckpt}: no usable checkpoint to resume from ({exc})") from None
         self.state = TrainState(**data["state"])
+        _restore_rng(data)
         own = ckpt / "ranks" / str(self.world.rank)
         # A rank the checkpoint has no state for (the world grew) starts from rank 0's optimizer
         # state, which every rank shares; only its dropout stream differs from an unbroken run.
@@ -210,6 +232,10 @@ class Trainer:
         old_term = signal.signal(signal.SIGTERM, self._on_signal)
         stopped_early = False
         self._last_val = self.state.best_val
+        if self.state.step == 0 and self.state.initial_val is None and self.valid_set.samples:
+            self.state.initial_val = self.evaluate()
+            if metrics:
+                metrics.write({"type": "valid", "step": 0, **self.state.initial_val})
         try:
             # Rank 0 alone shows progress, so only it measures the device for the MFU figure.
             per_token, device_flops = self.backend.model_flops() if self.writes else (None, None)
@@ -240,8 +266,12 @@ class Trainer:
         if self.writes:
             with write_errors("adapter", self.run.last_adapter):
                 self.backend.save_adapter(self.run.last_adapter)
-        return {"steps": self.state.step, "total_steps": self.total, "best_val_loss": self.state.best_val,
-                "best_step": self.state.best_step, "last_val_loss": self._last_val, "tokens": self.state.tokens,
+        s = self.state
+        return {"steps": s.step, "total_steps": self.total, "best_val_loss": s.best_val,
+                "best_step": s.best_step, "last_val_loss": self._last_val, "tokens": s.tokens,
+                "chosen_step": s.chosen_step, "chosen_val_loss": s.chosen_val, "chosen_retention": s.chosen_retention,
+                "chosen_accuracy": s.chosen_accuracy,
+                "initial_val": s.initial_val, "stop_reason": s.stop_reason,
                 "train_seconds": round(self.state.seconds, 2),
                 "tok_s": self.state.tokens / max(self.state.seconds, 1e-9),
                 "skipped_steps": self.state.skipped_steps, "early_stopped": stopped_early,
@@ -278,30 +308,88 @@ class Trainer:
             metrics.write({"type": "train", "step": step, "loss": result.loss, "lr": lr,
                            "grad_norm": result.grad_norm, "tokens": tokens, "targets": n_targets,
                            "tok_s": tokens / max(elapsed, 1e-9), "elapsed": round(self.state.seconds, 3)})
+        if self.on_step is not None:
+            self.on_step(step, result, elapsed)
         stopped_early = False
         if step % t.eval_every == 0 or step == self.total:
-            val = self.evaluate()
-            self._last_val = val["loss"]
-            if metrics:
-                metrics.write({"type": "valid", "step": step, **val})
-            if self.state.best_val is None or val["loss"] < self.state.best_val:
-                self.state.best_val, self.state.best_step = val["loss"], step
-                self.state.evals_since_best = 0
-                if self.writes:
-                    with write_errors("best adapter", self.run.best_adapter):
-                        self.backend.save_adapter(self.run.best_adapter)
-            else:
-                self.state.evals_since_best += 1
-                if t.early_stop_patience and self.state.evals_since_best >= t.early_stop_patience:
-                    progress.message(f"early stop at step {step}: validation loss has not improved "
-                                     f"for {t.early_stop_patience} evaluations (best {self.state.best_val:.4f} "
-                                     f"at step {self.state.best_step})")
-                    stopped_early = True
+            stopped_early = self._validate(step, metrics, progress)
         progress.step(step, result.loss, lr, self.state.tokens / max(self.state.seconds, 1e-9),
                       self._last_val, self.backend.peak_memory())
         return stopped_early
 
 
+    def _score_retention(self) -> dict | None:
+        """Rank 0 scores retention (it holds the baseline); every rank gets the same score, so
+        all make the same stopping decision."""
+        if self.retention is None and not self.world.distributed:
+            return None
+        result = self.retention() if (self.retention is not None and self.world.is_root) else None
+        if not self.world.distributed:
+            return result
+        have, score = self.world.all_sum([1.0 if result else 0.0, (result or {}).get("score") or 0.0])
+        if not have:
+            return None
+        return result if result is not None else {"score": score}
+
+    def _validate(self, step: int, metrics, progress) -> bool:
+        """Validation (and retention) at `step`: keep the adapter if it ranks best, and say
+        whether training should stop."""
+        t, s = self.cfg.train, self.state
+        floor = self.cfg.retention.floor
+        val = self.evaluate()
+        ret = self._score_retention()
+        score = ret.get("score") if ret else None
+        self._last_val = val["loss"]
+        if metrics:
+            metrics.write({"type": "valid", "step": step, **val, **({"retention": score} if score is not None else {})})
+        improved = s.best_val is None or val["loss"] < s.best_val
+        if improved:
+            s.best_val, s.best_step = val["loss"], step
+            s.evals_since_best = 0
+        else:
+            s.evals_since_best += 1
+        if self._ranks_above_chosen(val["loss"], score, floor):
+            s.chosen_step, s.chosen_val, s.chosen_retention = step, val["loss"], ret
+            s.chosen_accuracy = val.get("accuracy")
+            if self.writes:
+                with write_errors("best adapter", self.run.best_adapter):
+                    self.backend.save_adapter(self.run.best_adapter)
+        if step >= self.total:
+            return False
+        below_floor = score is not None and score < floor
+        if t.early_stop_patience and s.evals_since_best >= t.early_stop_patience:
+            s.stop_reason = (f"validation loss has not improved for {t.early_stop_patience} evaluations "
+                             f"(best {s.best_val:.4f} at step {s.best_step})")
+        elif below_floor and not improved:
+            s.stop_reason = (f"retention {score:.3f} fell below retention.floor={floor:g} and validation loss "
+                             f"stopped improving")
+        if s.stop_reason:
+            progress.message(f"early stop at step {step}: {s.stop_reason}")
+        return s.stop_reason is not None
+
+    def _ranks_above_chosen(self, val: float, score: float | None, floor: float) -> bool:
+        s = self.state
+        if s.chosen_step is None:
+            return True
+        chosen_score = (s.chosen_retention or {}).get("score")
+        meets = score is None or score >= floor
+        chosen_meets = chosen_score is None or chosen_score >= floor
+        if meets != chosen_meets:
+            return meets
+        if meets:
+            return val < s.chosen_val
+        return score > chosen_score
+
+
 def _np_rng_state() -> list:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return [name, keys.tolist(), pos, has_gauss, cached]
+
+
+def _restore_rng(saved: dict) -> None:
+    """Put back the Python and NumPy RNG states save_checkpoint wrote (absent in older checkpoints)."""
+    if "python_rng" in saved:
+        random.setstate(ast.literal_eval(saved["python_rng"]))
+    if "numpy_rng" in saved:
+        name, keys, pos, has_gauss, cached = saved["numpy_rng"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))

@@ -14,7 +14,7 @@ from tests.test_eval import write_jsonl
 def _cfg(model, train, valid, *sets):
     from mlxft.config import build_config
 
-    return build_config(None, ["train.dtype=float32", "retention.enabled=false", *sets],
+    return build_config(None, ["train.dtype=float32", "retention.enabled=false", "data.replay=0", *sets],
                         {"model": str(model), "backend": "torch", "data": {"train": str(train), "valid": str(valid)}})
 
 
@@ -23,8 +23,8 @@ def _lora_state(backend) -> dict:
 
 
 def test_early_stop_scripted(tiny_model_dir, tmp_path, monkeypatch):
-    """Validation losses 5, 4, 4.5, 4.6, ...: with patience 2 the run stops at step 4 and the
-    adapter saved as best is the step-2 one."""
+    """Validation losses 6 (step 0, before training), 5, 4, 4.5, 4.6, ...: with patience 2 the run
+    stops at step 4 and the adapter saved as best is the step-2 one."""
     from safetensors.torch import load_file
 
     from mlxft.pipeline import train_run
@@ -32,7 +32,7 @@ def test_early_stop_scripted(tiny_model_dir, tmp_path, monkeypatch):
     from mlxft.trainer import Trainer
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": f"sample number {i} of the set"} for i in range(8)])
-    losses = iter([5.0, 4.0, 4.5, 4.6, 4.7, 4.8, 4.9, 5.0])
+    losses = iter([6.0, 5.0, 4.0, 4.5, 4.6, 4.7, 4.8, 4.9, 5.0])
     snapshots = {}
 
     def scripted(self):
@@ -42,11 +42,11 @@ def test_early_stop_scripted(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "evaluate", scripted)
     summary = train_run(_cfg(tiny_model_dir, data, data, "train.steps=20", "train.eval_every=1",
                              "train.early_stop_patience=2", "train.learning_rate=1e-2"), tmp_path / "run")
-    assert summary["early_stopped"] is True
+    assert summary["early_stopped"] is True and summary["initial_val"]["loss"] == 6.0
     assert summary["steps"] == 4 and summary["best_step"] == 2 and summary["best_val_loss"] == 4.0
     valid = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
              if r["type"] == "valid"]
-    assert [r["step"] for r in valid] == [1, 2, 3, 4]
+    assert [r["step"] for r in valid] == [0, 1, 2, 3, 4]
     best = load_file(str(tmp_path / "run" / "adapter-best" / "adapter_model.safetensors"))
     last = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
     for name, value in snapshots[2].items():

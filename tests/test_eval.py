@@ -145,3 +145,39 @@ def test_eval_mlx_backend_equals_hand_computation(varied_model, tmp_path):
     assert got["backend"] == "mlx" and got["tokens"] == want["tokens"]
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
     assert got["accuracy"] == pytest.approx(want["accuracy"])
+
+
+def test_eval_run_scores_its_held_out_split(tiny_model_dir, tmp_path):
+    """A run without a validation file held out a seeded share of its training file: `eval RUN`
+    with no --data scores exactly that share (the trainer's own validation figure on it)."""
+    chats = [[{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": f"{2 * i}."}]
+             for i in range(12)]
+    train = write_jsonl(tmp_path / "train.jsonl", [{"messages": m} for m in chats])
+    from mlxft.config import build_config
+    from mlxft.data import load_dataset, split_dataset
+    from mlxft.pipeline import train_run
+
+    run = tmp_path / "run"
+    cfg = build_config(None, ["train.dtype=float32", "data.valid_split=0.25", "seed=5", "train.steps=6",
+                              "train.learning_rate=1e-2", "retention.enabled=false", "train.eval_every=3"],
+                       {"model": str(tiny_model_dir), "backend": "torch", "data": {"train": str(train)}})
+    train_run(cfg, run)
+    res = CliRunner().invoke(cli, ["eval", str(run), "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    assert got["data"] == f"{train} (held out)" and got["samples"] == 3
+    from mlxft.runs import Run
+
+    best = min(r["loss"] for r in Run(run).metrics() if r.get("type") == "valid")
+    assert got["tuned"]["loss"] == pytest.approx(best, rel=1e-4)
+    # the base figure is the hand computation on those same three conversations
+    from transformers import AutoTokenizer
+
+    full = load_dataset(train, AutoTokenizer.from_pretrained(str(tiny_model_dir)), max_seq_len=cfg.train.max_seq_len)
+    _, held = split_dataset(full, 0.25, 5)
+    lines = {int(s.source.rsplit(":", 1)[1]) for s in held.samples}
+    held_file = write_jsonl(tmp_path / "held.jsonl", [{"messages": chats[n - 1]} for n in sorted(lines)])
+    assert got["base"]["loss"] == pytest.approx(hand_figures(tiny_model_dir, held_file)["loss"], rel=1e-5)
+    longer = CliRunner().invoke(cli, ["eval", str(run), "--json", "--max-seq-len", "2048"])
+    assert longer.exit_code == 0, longer.output
+    assert json.loads(longer.stdout)["base"]["loss"] == pytest.approx(got["base"]["loss"], rel=1e-6)

@@ -116,6 +116,7 @@ def gemma_run(gemma_gguf, tmp_path_factory) -> Path:
         "train", "--model", str(gemma_gguf), "--data", str(data), "--valid", str(data), "--steps", "10",
         "-o", str(root / "run"), "--set", "train.batch_size=6", "--set", "train.learning_rate=1e-3",
         "--set", "lora.rank=16", "--set", "lora.alpha=32", "--set", "retention.enabled=false",
+        "--set", "data.replay=0", "--set", "train.early_stop_patience=0",
         "--set", "train.eval_every=5", "--set", "train.dtype=float32"])
     assert res.exit_code == 0, res.output
     assert "using the Gemma template" in res.stderr
@@ -141,11 +142,15 @@ def test_gemma_trained_from_gguf_exports_and_answers_in_llama_cpp_as_in_mlxft(ge
     f16 = tmp_path / "gemma-f16.gguf"
     assert_tokenizes_like_hf(f16, gemma_dir)
 
+    # what `mlxft generate RUN --prompt Q` does, with the model loaded once
+    from mlxft.inference import format_prompt, load_for_inference, run_stop_ids
+
+    engine, _ = load_for_inference(str(gemma_run))
     mlxft_hits = 0
     for question, _, key in FACTS:
-        res = runner.invoke(cli, ["generate", str(gemma_run), "--prompt", question, "--max-tokens", "24", "--json"])
-        assert res.exit_code == 0, res.output
-        mlxft_hits += key.lower() in json.loads(res.stdout)["text"].lower()
+        ids = engine.generate(format_prompt(engine.tokenizer, question), 24, stop_ids=run_stop_ids(engine))
+        mlxft_hits += key.lower() in engine.tokenizer.decode(ids, skip_special_tokens=True).lower()
+    del engine
     llm = load_llama(f16, n_ctx=512, verbose=False, seed=0)
     llama_hits = 0
     for question, _, key in FACTS:

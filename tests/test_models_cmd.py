@@ -61,3 +61,21 @@ def test_imported_gguf_listed_and_removed(tmp_path):
     assert gone.exit_code == 0 and not folder.exists()
     missing = runner.invoke(cli, ["models", "rm", "no/such-model", "--yes"])
     assert missing.exit_code == 1 and "not in the Hugging Face cache" in missing.output
+
+
+def test_mlx_support_is_the_mlx_backends_own_list():
+    """`mlx: yes` exactly for the architectures and quantizations the MLX backend trains, not for
+    every model type mlx-lm has a module for (gpt2, gemma2, mamba have one; the backend refuses them)."""
+    pytest.importorskip("mlx_lm")
+    from mlxft.backends.mlx_backend import SUPPORTED_TYPES, unsupported_reason
+    from mlxft.sources.capabilities import _mlx_models_dir, backend_support
+
+    for model_type in SUPPORTED_TYPES:
+        assert backend_support({"architectures": ["XForCausalLM"], "model_type": model_type})["mlx"], model_type
+    for model_type in ("gpt2", "gemma2", "mamba"):
+        assert (_mlx_models_dir() / f"{model_type}.py").is_file()  # the old file-exists rule said yes
+        config = {"architectures": ["XForCausalLM"], "model_type": model_type}
+        assert not backend_support(config)["mlx"] and "not supported" in unsupported_reason(config, {})
+    mxfp4 = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+             "quantization": {"group_size": 32, "bits": 4, "mode": "mxfp4"}}
+    assert not backend_support(mxfp4)["mlx"]

@@ -111,7 +111,7 @@ def test_training_without_a_template_says_so_and_records_it(tmp_path, default_mo
                                                      {"role": "assistant", "content": f"A{i}."}]}) + "\n"
                             for i in range(6)))
     cfg = build_config(None, ["train.steps=1", "train.batch_size=2", "train.dtype=float32", "retention.enabled=false",
-                              "train.eval_every=1"],
+                              "data.replay=0", "train.eval_every=1", "train.learning_rate=1e-3"],
                        {"model": str(model), "data": {"train": str(data), "system_prompt": "Be brief."}})
     train_run(cfg, tmp_path / "run")
     assert "chat template: the base model has no chat template; using the ChatML" in capsys.readouterr().err

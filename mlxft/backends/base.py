@@ -91,6 +91,25 @@ class Backend(abc.ABC):
         self-check compares them with llama.cpp's."""
         raise NotImplementedError
 
+    def generate_batch(self, prompts: list[list[int]], max_tokens: int, temperature: float = 0.0,
+                       top_p: float = 1.0, stop_ids: set[int] | None = None) -> list[list[int]]:
+        """Generated ids after each prompt (stop tokens not included): a row that stopped on its
+        own has fewer than `max_tokens`. Backends that can run the prompts side by side override
+        this; the default generates them one at a time."""
+        return [self.generate(p, max_tokens, temperature, top_p, stop_ids=stop_ids) for p in prompts]
+
+    def row_scores(self, batch: Batch) -> list[EvalResult]:
+        """eval_batch's figures per row (teacher-forced scoring of many short answers at once);
+        the default scores the rows one by one."""
+        from mlxft.data import Sample, collate
+
+        rows = []
+        for i in range(batch.input_ids.shape[0]):
+            real = batch.attention_mask[i] > 0
+            ids, targets = batch.input_ids[i][real].tolist(), batch.loss_mask[i][real].astype(bool).tolist()
+            rows.append(self.eval_batch(collate([Sample(ids=ids, targets=targets)], self.tokenizer.pad_token_id)))
+        return rows
+
     @abc.abstractmethod
     def sequence_logprobs(self, batch: Batch) -> list[float]:
         """Per-row summed log-probability of the target tokens (for retention probes)."""
@@ -109,6 +128,10 @@ class Backend(abc.ABC):
         """(model FLOPs per trained token, the device's measured FLOP/s) for the MFU figure in
         progress (mlxft.progress); None where a backend cannot tell."""
         return None, None
+
+    def hidden_size(self) -> int | None:
+        """The model's width (for the learning rate mlxft picks when the recipe leaves it open)."""
+        return None
 
     def trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts."""

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from mlxft.backends.base import Backend, EvalResult, StepResult
+from mlxft.backends.common import (adapted_layer_count, eos_ids, eval_mode, rank_seed, resolve_lora_targets,
+                                   short_name, split_like)
 from mlxft.config import Config
 from mlxft.data import Batch
 from mlxft.errors import ModelError
@@ -37,30 +39,39 @@ SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 STATE_FILE = "mlx_optimizer.safetensors"
 
 
-def check_model(path: Path) -> dict:
-    """config.json of a model the MLX backend can train, or a one-line ModelError naming what is not."""
-    try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: no readable config.json ({exc})") from None
+def unsupported_reason(config: dict, remap: dict[str, str]) -> str | None:
+    """Why the MLX backend cannot train the model of this config.json, or None when it can.
+    `remap`: mlx-lm's model-type aliases (mlx_lm.utils.MODEL_REMAPPING). Imports no mlx."""
     model_type = config.get("model_type", "?")
-    from mlx_lm.utils import MODEL_REMAPPING
-
-    if MODEL_REMAPPING.get(model_type, model_type) not in SUPPORTED_TYPES:
-        raise ModelError(f"{path}: architecture '{model_type}' is not supported by the MLX backend "
-                         f"(supported: {', '.join(SUPPORTED_TYPES)}); try --backend torch")
+    if remap.get(model_type, model_type) not in SUPPORTED_TYPES:
+        return (f"architecture '{model_type}' is not supported by the MLX backend "
+                f"(supported: {', '.join(SUPPORTED_TYPES)}); try --backend torch")
     quant = config.get("quantization")
     if isinstance(quant, dict):
         layers = [quant] + [v for v in quant.values() if isinstance(v, dict)]
         for q in layers:
             mode, bits = q.get("mode", quant.get("mode", "affine")), q.get("bits", quant.get("bits"))
             if mode != "affine" or bits not in SUPPORTED_BITS:
-                raise ModelError(f"{path}: MLX quantization mode '{mode}' with {bits} bits is not supported "
-                                 f"for training (affine {'/'.join(map(str, SUPPORTED_BITS))}-bit only)")
+                return (f"MLX quantization mode '{mode}' with {bits} bits is not supported "
+                        f"for training (affine {'/'.join(map(str, SUPPORTED_BITS))}-bit only)")
     elif isinstance(config.get("quantization_config"), dict):
         method = config["quantization_config"].get("quant_method", "unknown")
-        raise ModelError(f"{path}: quantization '{method}' is not supported by the MLX backend "
-                         "(use a dense model or an MLX affine-quantized one)")
+        return (f"quantization '{method}' is not supported by the MLX backend "
+                "(use a dense model or an MLX affine-quantized one)")
+    return None
+
+
+def check_model(path: Path) -> dict:
+    """config.json of a model the MLX backend can train, or a one-line ModelError naming what is not."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: no readable config.json ({exc})") from None
+    from mlx_lm.utils import MODEL_REMAPPING
+
+    reason = unsupported_reason(config, MODEL_REMAPPING)
+    if reason:
+        raise ModelError(f"{path}: {reason}")
     return config
 
 
@@ -110,13 +121,12 @@ def _flat_f32(arrays):
     return mx.concatenate([a.reshape(-1).astype(mx.float32) for a in arrays])
 
 
-def _split_like(flat, leaves) -> list:
-    """(name, array) pairs cut from `flat` in the shapes and dtypes of `leaves`."""
-    out, offset = [], 0
-    for name, like in leaves:
-        out.append((name, flat[offset:offset + like.size].reshape(like.shape).astype(like.dtype)))
-        offset += like.size
-    return out
+def _unflatten_like(flat, leaves):
+    """The tree of (name, array) `leaves` rebuilt from `flat`, in their shapes and dtypes."""
+    from mlx.utils import tree_unflatten
+
+    parts = split_like(flat, [like for _, like in leaves])
+    return tree_unflatten([(name, part.astype(like.dtype)) for (name, like), part in zip(leaves, parts)])
 
 
 def _round_up(n: int, k: int) -> int:
@@ -192,11 +202,11 @@ class MLXBackend(Backend):
 
                 grad_checkpoint(model.layers[0])  # patches the block class, once per process
                 block._mlxft_checkpointed = True
-            self.optimizer = optim.AdamW(learning_rate=self.cfg.train.learning_rate, betas=[0.9, 0.999],
+            self.optimizer = optim.AdamW(learning_rate=self.cfg.train.learning_rate or 0.0, betas=[0.9, 0.999],
                                          eps=1e-8, weight_decay=self.cfg.train.weight_decay, bias_correction=True)
             self.optimizer.init(model.trainable_parameters())
             if self.world.rank:
-                mx.random.seed(self.cfg.seed + self.world.rank)  # own dropout masks per rank
+                mx.random.seed(rank_seed(self.cfg.seed, self.world.rank))  # own dropout masks per rank
             model.train()
         else:
             model.eval()
@@ -241,16 +251,10 @@ class MLXBackend(Backend):
         lo = self.cfg.lora
         block = model.layers[0]
         linear = {p for p, m in block.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))}
-        if lo.targets == ["all-linear"]:
-            keys = linear
-        else:
-            keys = {p for p in linear if p.rsplit(".", 1)[-1] in lo.targets}
-            if not keys:
-                names = sorted({p.rsplit(".", 1)[-1] for p in linear})
-                raise ModelError(f"lora.targets: none of {lo.targets} are modules of this model",
-                                 f"its linear layers include: {', '.join(names)}")
-        n = len(model.layers)
-        layers = n if lo.layers is None else min(lo.layers, n)
+        names = {short_name(p) for p in linear}
+        targets = resolve_lora_targets(lo.targets, names, names)
+        keys = linear if targets is None else {p for p in linear if short_name(p) in targets}
+        layers = adapted_layer_count(lo.layers, len(model.layers))
         linear_to_lora_layers(model, layers, {"rank": lo.rank, "scale": lo.alpha / lo.rank,
                                               "dropout": lo.dropout, "keys": keys},
                               use_dora=lo.type == "dora")
@@ -265,12 +269,9 @@ class MLXBackend(Backend):
         """The hidden-state + head path this backend trains must give the model's own logits."""
         mx = self.mx
         ids = mx.array([[1, 2, 3, 4]], dtype=mx.int32)
-        training = self.model.training
-        self.model.eval()
-        ours = self._head(self.model.model(ids)).astype(mx.float32)
-        ref = self.model(ids).astype(mx.float32)
-        if training:
-            self.model.train()
+        with eval_mode(self.model):
+            ours = self._head(self.model.model(ids)).astype(mx.float32)
+            ref = self.model(ids).astype(mx.float32)
         if ours.shape != ref.shape or not mx.allclose(ours, ref, rtol=1e-2, atol=1e-2).item():
             raise ModelError(f"{self.model_path}: architecture '{self.config.get('model_type')}' computes its "
                              "logits in a way the MLX backend does not support")
@@ -421,13 +422,13 @@ class MLXBackend(Backend):
     def _sum_over_ranks(self, grads, loss_total):
         """One all_sum per optimizer step: every gradient and the loss in a single flat f32
         array (a rank with an empty shard contributes zeros)."""
-        from mlx.utils import tree_flatten, tree_unflatten
+        from mlx.utils import tree_flatten
 
         if grads is None:
             grads = tree_map_zeros(self.model.trainable_parameters())
         leaves = tree_flatten(grads)
         flat = self.world.all_sum_array(_flat_f32([*(g for _, g in leaves), loss_total]))
-        return tree_unflatten(_split_like(flat, leaves)), flat[-1]
+        return _unflatten_like(flat, leaves), flat[-1]
 
     def trainable_finite(self) -> bool:
         from mlx.utils import tree_flatten
@@ -439,24 +440,21 @@ class MLXBackend(Backend):
     def broadcast_trainable(self) -> None:
         if not self.world.distributed:
             return
-        from mlx.utils import tree_flatten, tree_unflatten
+        from mlx.utils import tree_flatten
 
         leaves = tree_flatten(self.model.trainable_parameters())
         flat = self.world.broadcast_array(_flat_f32([p for _, p in leaves]))
-        self.model.update(tree_unflatten(_split_like(flat, leaves)))
+        self.model.update(_unflatten_like(flat, leaves))
         self.mx.eval(self.model.parameters())
         self._fns = {}
 
     def eval_batch(self, batch: Batch) -> EvalResult:
         mx = self.mx
         fns = self._build()
-        training = self.model.training
-        self.model.eval()
-        ids, seg, idx, labels, weights = self._arrays(batch)
-        loss, correct = fns["evaluate"](ids, seg, idx, labels, weights)
-        mx.eval(loss, correct)
-        if training:
-            self.model.train()
+        with eval_mode(self.model):
+            ids, seg, idx, labels, weights = self._arrays(batch)
+            loss, correct = fns["evaluate"](ids, seg, idx, labels, weights)
+            mx.eval(loss, correct)
         return EvalResult(loss_sum=float(loss.item()), n_targets=batch.n_targets, n_correct=int(correct.item()))
 
     def logits(self, ids: list[int]):
@@ -470,16 +468,14 @@ class MLXBackend(Backend):
 
     def sequence_logprobs(self, batch: Batch) -> list[float]:
         mx = self.mx
-        training = self.model.training
-        self.model.eval()
-        ids = mx.array(batch.input_ids.astype(np.int32))
-        logits = self.model(ids)[:, :-1].astype(mx.float32)
-        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        picked = mx.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-        out = (picked * mx.array(batch.loss_mask[:, 1:].astype(np.float32))).sum(-1)
-        if training:
-            self.model.train()
-        return [float(x) for x in np.array(out)]
+        with eval_mode(self.model):
+            ids = mx.array(batch.input_ids.astype(np.int32))
+            logits = self.model(ids)[:, :-1].astype(mx.float32)
+            logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            picked = mx.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+            out = (picked * mx.array(batch.loss_mask[:, 1:].astype(np.float32))).sum(-1)
+            out = np.array(out)
+        return [float(x) for x in out]
 
     def _maybe_clear_cache(self) -> None:
         mx = self.mx
@@ -534,35 +530,25 @@ class MLXBackend(Backend):
 
         stop = set(stop_ids or ()) | self._eos_ids()
         sampler = make_sampler(temp=temperature, top_p=top_p if temperature > 0 else 0.0)
-        training = self.model.training
-        self.model.eval()
         out: list[int] = []
-        if max_tokens > 0:
-            for tok, _ in generate_step(mx.array(list(prompt_ids), dtype=mx.int32), self.model,
-                                        max_tokens=max_tokens, sampler=sampler):
-                tok = int(tok)
-                if tok in stop:
-                    break
-                out.append(tok)
-                if on_token is not None:
-                    on_token(tok)
-        if training:
-            self.model.train()
+        with eval_mode(self.model):
+            if max_tokens > 0:
+                for tok, _ in generate_step(mx.array(list(prompt_ids), dtype=mx.int32), self.model,
+                                            max_tokens=max_tokens, sampler=sampler):
+                    tok = int(tok)
+                    if tok in stop:
+                        break
+                    out.append(tok)
+                    if on_token is not None:
+                        on_token(tok)
         return out
 
     def _eos_ids(self) -> set[int]:
-        ids = set()
-        values = [self.tokenizer.eos_token_id, self.config.get("eos_token_id")]
         try:
-            values.append(json.loads((self.model_path / "generation_config.json").read_text()).get("eos_token_id"))
+            generation = json.loads((self.model_path / "generation_config.json").read_text()).get("eos_token_id")
         except (OSError, ValueError):
-            pass
-        for value in values:
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, (list, tuple)):
-                ids.update(v for v in value if isinstance(v, int))
-        return ids
+            generation = None
+        return eos_ids(self.tokenizer.eos_token_id, self.config.get("eos_token_id"), generation)
 
     # ------------------------------------------------------------------ reporting
 
@@ -586,6 +572,10 @@ class MLXBackend(Backend):
         except AttributeError:
             return None
         return peak or None
+
+    def hidden_size(self) -> int | None:
+        config = self.config.get("text_config") or self.config
+        return config.get("hidden_size")
 
     def trainable_parameters(self):
         from mlx.utils import tree_flatten

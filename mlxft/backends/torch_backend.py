@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 from mlxft.backends.base import Backend, EvalResult, StepResult
+from mlxft.backends.common import (adapted_layer_count, eos_ids, eval_mode, rank_seed, resolve_lora_targets,
+                                   short_name, split_like)
 from mlxft.config import Config
 from mlxft.data import Batch
 from mlxft.errors import ModelError
@@ -30,18 +32,27 @@ from mlxft.tokenizer import load_tokenizer
 
 LOSS_CHUNK = 512  # target positions per lm_head chunk: 512 x 49k f32 logits = 100 MB at a time
 EAGER_ATTENTION_MAX_LEN = 160  # CPU: eager attention up to this padded length, SDPA above
+GENERATE_BATCH = 16  # prompts generated side by side in generate_batch
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
-    if "avx512_bf16" in flags or "amx_bf16" in flags:
-        return True
-    import platform
+# bf16 must beat f32 by this much at the matmul before it pays on a CPU: autocast's casts and
+# the ops that stay f32 eat the rest. Measured whole-run ratios (bf16 over f32 speed) against the
+# matmul ratio: Intel Xeon with AMX 8.1x matmul; AMD EPYC 2.1x matmul -> 1.6x run; Intel Xeon
+# without AMX 0.96x matmul -> 0.76x run (docs/benchmarks.md).
+BF16_MIN_SPEEDUP = 1.3
 
-    return platform.system() == "Darwin" and platform.machine() == "arm64"
+
+def cpu_bf16_pays() -> tuple[bool, str]:
+    """Whether bf16 is measured faster than f32 on this CPU (matmul GFLOPS, cached per machine by
+    mlxft.devicebench), and the figures that say so. A CPU flag alone decides nothing: CPUs with
+    avx512_bf16 but no AMX compute bf16 no faster than f32."""
+    from mlxft.devicebench import peak_gflops
+
+    f32, bf16 = peak_gflops("torch", "float32", "cpu"), peak_gflops("torch", "bfloat16", "cpu")
+    if not f32 or not bf16:
+        return False, "bf16 speed could not be measured"
+    ratio = bf16 / f32
+    return ratio >= BF16_MIN_SPEEDUP, f"bf16 matmul {ratio:.1f}x f32 on this CPU"
 
 
 def pick_device() -> str:
@@ -59,7 +70,7 @@ def pick_dtype(requested: str, device: str):
         return getattr(torch, requested)
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return torch.bfloat16 if cpu_bf16_pays()[0] else torch.float32
 
 
 def torch_loadable(model_path: Path) -> Path:
@@ -115,6 +126,12 @@ class TorchBackend(Backend):
             return
         from peft import PeftModel, get_peft_model
 
+        if adapter is not None and not train and self.dtype == torch.float32:
+            # Inference: fold the adapter into the f32 weights once instead of running the LoRA
+            # side path in every projection at every token (lower-precision weights would round
+            # a small adapter away, so those keep it separate).
+            self.model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().eval()
+            return
         if adapter is not None:
             self.model = PeftModel.from_pretrained(base, str(adapter), is_trainable=train)
         else:
@@ -129,10 +146,10 @@ class TorchBackend(Backend):
         self._tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
         if train:
             if self.world.rank:
-                torch.manual_seed(self.cfg.seed + self.world.rank)  # own dropout masks per rank
+                torch.manual_seed(rank_seed(self.cfg.seed, self.world.rank))  # own dropout masks per rank
             self.model.train()
             params = self._trainable()
-            self.optimizer = torch.optim.AdamW(params, lr=self.cfg.train.learning_rate, betas=(0.9, 0.999),
+            self.optimizer = torch.optim.AdamW(params, lr=self.cfg.train.learning_rate or 0.0, betas=(0.9, 0.999),
                                                eps=1e-8, weight_decay=self.cfg.train.weight_decay)
         else:
             self.model.eval()
@@ -142,24 +159,18 @@ class TorchBackend(Backend):
 
         lo = self.cfg.lora
         n_layers = base.config.num_hidden_layers
-        layers = None
-        if lo.layers is not None and lo.layers < n_layers:
-            layers = list(range(n_layers - lo.layers, n_layers))
-        targets = "all-linear" if lo.targets == ["all-linear"] else list(lo.targets)
-        if targets != "all-linear":
-            names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
-            missing = [t for t in targets if t not in names]
-            if len(missing) == len(targets):
-                raise ModelError(f"lora.targets: none of {targets} are modules of this model",
-                                 f"its linear layers include: {', '.join(sorted(self._linear_names(base)))}")
-            targets = [t for t in targets if t in names]
-        return LoraConfig(r=lo.rank, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=targets,
+        k = adapted_layer_count(lo.layers, n_layers)
+        layers = None if k == n_layers else list(range(n_layers - k, n_layers))
+        targets = resolve_lora_targets(list(lo.targets), {short_name(n) for n, _ in base.named_modules()},
+                                       self._linear_names(base))
+        return LoraConfig(r=lo.rank, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                          target_modules="all-linear" if targets is None else targets,
                           layers_to_transform=layers, use_dora=lo.type == "dora", bias="none",
                           task_type="CAUSAL_LM")
 
     def _linear_names(self, base) -> set[str]:
         torch = self.torch
-        return {n.rsplit(".", 1)[-1] for n, m in base.named_modules()
+        return {short_name(n) for n, m in base.named_modules()
                 if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
 
     # ------------------------------------------------------------------ compute
@@ -299,12 +310,14 @@ class TorchBackend(Backend):
         buffer (LoRA gradients are small, so overlapping buckets with backward as DDP does would
         not pay, and DDP's hooks would not see the chunked loss that bypasses the model's forward)."""
         torch = self.torch
+        from torch.nn.utils import parameters_to_vector
+
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         loss = torch.tensor([loss_total], dtype=torch.float32, device=self.device)
-        flat = torch.cat([g.detach().reshape(-1).float() for g in [*grads, loss]])
+        flat = parameters_to_vector([g.detach().float() for g in [*grads, loss]])
         self.world.all_sum_tensor(flat)
-        for p, part in zip(params, _split_like(flat, params)):
-            p.grad = part
+        for p, part in zip(params, split_like(flat, params)):
+            p.grad = part.to(p.dtype)
         return float(flat[-1])
 
     def trainable_finite(self) -> bool:
@@ -316,24 +329,20 @@ class TorchBackend(Backend):
         if not self.world.distributed:
             return
         torch = self.torch
+        from torch.nn.utils import parameters_to_vector
+
         params = self._trainable()
-        flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+        flat = parameters_to_vector([p.detach().float() for p in params])
         self.world.broadcast_tensor(flat)
         with torch.no_grad():
-            for p, part in zip(params, _split_like(flat, params)):
+            for p, part in zip(params, split_like(flat, params)):
                 p.copy_(part)
 
     @contextlib.contextmanager
     def _inference(self):
         """No dropout and no gradients; the model goes back to training mode afterwards."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.torch.no_grad():
-                yield
-        finally:
-            if was_training:
-                self.model.train()
+        with eval_mode(self.model), self.torch.no_grad():
+            yield
 
     def eval_batch(self, batch: Batch) -> EvalResult:
         torch = self.torch
@@ -354,6 +363,25 @@ class TorchBackend(Backend):
         self._pick_attention(len(ids))
         with self._inference(), self._compute():
             return self._causal_lm()(input_ids=x, use_cache=False).logits[0].float().cpu().numpy()
+
+    def row_scores(self, batch: Batch) -> list[EvalResult]:
+        torch = self.torch
+        head, cap = self._head()
+        with self._inference(), self._compute():
+            hidden, labels = self._hidden(batch)
+            rows = torch.from_numpy(batch.loss_mask[:, 1:]).bool().nonzero()[:, 0].to(self.device)
+            n_rows = batch.input_ids.shape[0]
+            loss = torch.zeros(n_rows, dtype=torch.float64, device=self.device)
+            correct = torch.zeros(n_rows, dtype=torch.int64, device=self.device)
+            for i in range(0, hidden.shape[0], LOSS_CHUNK):
+                logits = self._chunk_logits(hidden[i:i + LOSS_CHUNK], head, cap)
+                y, r = labels[i:i + LOSS_CHUNK], rows[i:i + LOSS_CHUNK]
+                ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+                loss.index_add_(0, r, ce.double())
+                correct.index_add_(0, r, (logits.argmax(-1) == y).long())
+        counts = batch.loss_mask[:, 1:].sum(-1)
+        return [EvalResult(loss_sum=float(loss[i]), n_targets=int(counts[i]), n_correct=int(correct[i]))
+                for i in range(n_rows)]
 
     def sequence_logprobs(self, batch: Batch) -> list[float]:
         torch = self.torch
@@ -389,11 +417,16 @@ class TorchBackend(Backend):
 
     # ------------------------------------------------------------------ generation
 
+    def _stop_ids(self, extra) -> set[int]:
+        """`extra` plus every EOS id the tokenizer and the model's generation config name."""
+        return set(extra or ()) | eos_ids(self.tokenizer.eos_token_id,
+                                          getattr(self._causal_lm().generation_config, "eos_token_id", None))
+
     def generate(self, prompt_ids, max_tokens, temperature=0.0, top_p=1.0, on_token=None, stop_ids=None):
         torch = self.torch
         from transformers.generation.streamers import BaseStreamer
 
-        stop = set(stop_ids or ()) | _eos_ids(self.tokenizer, self._causal_lm())
+        stop = self._stop_ids(stop_ids)
 
         class Stream(BaseStreamer):
             first = True
@@ -423,6 +456,38 @@ class TorchBackend(Backend):
         while new and new[-1] in stop:
             new.pop()
         return new
+
+    def generate_batch(self, prompts, max_tokens, temperature=0.0, top_p=1.0, stop_ids=None):
+        """Prompts side by side, left-padded (generate() derives positions from the mask), in
+        groups of similar length so padding stays small."""
+        torch = self.torch
+        stop = self._stop_ids(stop_ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(stop, default=0)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        results: list[list[int]] = [[] for _ in prompts]
+        if max_tokens <= 0:
+            return results
+        kwargs = dict(max_new_tokens=max_tokens, eos_token_id=sorted(stop), pad_token_id=pad, use_cache=True)
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        for start in range(0, len(order), GENERATE_BATCH):
+            group = order[start:start + GENERATE_BATCH]
+            width = max(len(prompts[i]) for i in group)
+            ids = torch.full((len(group), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(group), width), dtype=torch.long)
+            for row, i in enumerate(group):
+                n = len(prompts[i])
+                ids[row, width - n:] = torch.tensor(prompts[i], dtype=torch.long)
+                mask[row, width - n:] = 1
+            with self._inference():
+                out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+            for row, i in enumerate(group):
+                new = out[row, width:].tolist()
+                cut = next((k for k, tok in enumerate(new) if tok in stop), len(new))
+                results[i] = new[:cut]
+        return results
 
     # ------------------------------------------------------------------ reporting
 
@@ -469,29 +534,15 @@ class TorchBackend(Backend):
             return None
         return 2.0 * sum(per_block) + 2.0 * sum(per_block[first:])
 
+    def hidden_size(self) -> int | None:
+        config = self._causal_lm().config
+        config = getattr(config, "text_config", None) or config
+        return getattr(config, "hidden_size", None)
+
     def trainable_parameters(self):
         trainable = sum(p.numel() for p in self._trainable())
         total = sum(p.numel() for p in self.model.parameters())
         return trainable, total
-
-
-def _eos_ids(tokenizer, model) -> set[int]:
-    ids = set()
-    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(v for v in value if isinstance(v, int))
-    return ids
-
-
-def _split_like(flat, tensors) -> list:
-    """Views of `flat` cut to the shapes and dtypes of `tensors`, in order."""
-    out, offset = [], 0
-    for t in tensors:
-        out.append(flat[offset:offset + t.numel()].view_as(t).to(t.dtype))
-        offset += t.numel()
-    return out
 
 
 def packed_attention_mask(segment_ids, dtype):

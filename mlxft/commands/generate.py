@@ -19,7 +19,8 @@ import click
 @click.option("--backend", "-b", type=click.Choice(["auto", "torch", "mlx"]), default="auto", show_default=True)
 @click.option("--adapter", type=click.Choice(["best", "last"]), default="best", show_default=True,
               help="Which adapter of a run to use.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed for sampling (--temperature > 0): the same seed gives the same answer.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow Python code shipped inside the model repo to run.")
 @click.option("--json", "as_json", is_flag=True, help="Print {prompt, text, tokens} as JSON instead of streaming.")
 def generate(model_or_run, prompt, max_tokens, temperature, top_p, system, raw, backend, adapter, seed,
@@ -28,20 +29,11 @@ def generate(model_or_run, prompt, max_tokens, temperature, top_p, system, raw, 
 
     A run directory means its base model plus its best adapter. The answer streams to stdout.
     """
-    import random
-
     from mlxft import ui
     from mlxft.inference import TokenPrinter, format_prompt, load_for_inference, run_stop_ids, run_system_prompt
 
-    random.seed(seed)
-    try:
-        import torch
-
-        torch.manual_seed(seed)
-    except ImportError:
-        pass
     with ui.console.status("Loading model"):
-        engine, resolved = load_for_inference(model_or_run, backend, adapter, trust_remote_code)
+        engine, resolved = load_for_inference(model_or_run, backend, adapter, trust_remote_code, seed)
     if system is None:
         system = run_system_prompt(resolved)
     ids = format_prompt(engine.tokenizer, prompt, raw=raw, system=system)

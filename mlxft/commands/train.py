@@ -99,16 +99,36 @@ def train(recipe, model, data, valid, backend, sets, steps, out, resume, skip_ba
     if as_json:
         ui.emit_json(summary)
     else:
-        best = summary.get("best_val_loss")
         ui.result(f"run: {summary['run']}")
-        ui.result(f"steps: {summary['steps']}  best validation loss: {best:.4f} (step {summary['best_step']})"
-                  if best is not None else f"steps: {summary['steps']}")
+        for line in verdict_lines(summary):
+            ui.result(line)
         ui.result(f"trained {summary['tokens']:,} tokens in {summary['train_seconds']:.1f}s "
                   f"({summary['tok_s']:.0f} tokens/s)")
-        ret = summary.get("retention")
-        if isinstance(ret, dict) and ret.get("score") is not None:
-            ui.result(f"retention: {ret['score']:.3f}")
         ui.result(f"try it:  mlxft generate {summary['run']} --prompt \"...\"")
+
+
+def verdict_lines(summary: dict) -> list[str]:
+    """The end-of-run reading: learned (validation before/after), kept (retention), chosen."""
+    v = summary.get("verdict") or {}
+    lines = []
+    before, after = v.get("val_loss_before"), v.get("val_loss_after")
+    if before is not None and after is not None:
+        acc = ""
+        if v.get("accuracy_before") is not None and v.get("accuracy_after") is not None:
+            acc = f", next-token accuracy {v['accuracy_before']:.0%} -> {v['accuracy_after']:.0%}"
+        lines.append(f"learned: validation loss {before:.3f} -> {after:.3f}{acc}"
+                     + ("" if v.get("learned") else " (no improvement)"))
+    if v.get("retention") is not None:
+        floor = f" (floor {v['floor']:g})" if v.get("floor") else ""
+        lines.append(f"kept:    retention {v['retention']:.3f}{floor}"
+                     + ("" if v.get("kept") else " - below the floor: no adapter kept the base model well enough"))
+    if v.get("chosen_step") is not None:
+        why = ("the lowest validation loss with retention at or above the floor" if v.get("floor") and v.get("kept")
+               else "the highest retention reached" if v.get("floor") and v.get("retention") is not None
+               else "the lowest validation loss")
+        stop = f"; stopped early at step {summary['steps']}: {v['stop_reason']}" if v.get("stop_reason") else ""
+        lines.append(f"chosen:  the adapter of step {v['chosen_step']} of {summary['steps']} ({why}){stop}")
+    return lines
 
 
 def _launch(cfg, out_dir: Path, nproc, hosts, hostfile, explicit_out: bool) -> int:

@@ -2,7 +2,8 @@
 backend can train it (PyTorch through transformers, MLX through mlx-lm), without loading weights.
 
 The torch check imports transformers' auto-mapping tables (a few seconds, no torch); the MLX
-check only looks for mlx-lm's model module file, so mlx itself is never imported here.
+check asks the MLX backend's own rules (mlx_backend.unsupported_reason: its architectures and
+quantizations) and looks for mlx-lm's model module file, so mlx itself is never imported here.
 """
 
 from __future__ import annotations
@@ -49,10 +50,14 @@ def _mlx_models_dir() -> Path | None:
 
 
 def mlx_can_train(config: dict) -> bool:
+    """mlx-lm is installed with a module for this model type and the MLX backend accepts it."""
+    from mlxft.backends.mlx_backend import unsupported_reason
+
     models = _mlx_models_dir()
     model_type = config.get("model_type") or ""
     model_type = _MLX_REMAP.get(model_type, model_type).replace("-", "_")
-    return bool(models and model_type and (models / f"{model_type}.py").is_file())
+    return bool(models and model_type and (models / f"{model_type}.py").is_file()) and \
+        unsupported_reason(config, _MLX_REMAP) is None
 
 
 def backend_support(config: dict) -> dict[str, bool]:
