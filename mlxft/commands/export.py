@@ -79,7 +79,9 @@ def export(model_or_run, output, quant, adapter_only, modelfile, adapter, strict
             from mlxft.export.gguf import GGUFExport, export_job
 
             job = GGUFExport(resolved.path, resolved.adapter, quant, resolved.run, system)
-            if quant == "auto" or not no_check:
+            from mlxft.export.selfcheck import llama_cpp_installed
+
+            if quant == "auto" or (not no_check and llama_cpp_installed()):
                 engine = _trained_model(model_or_run, adapter, job.chat, status)
             if quant == "auto":
                 result = _auto(job, out, engine, resolved, on_tensor, status)
