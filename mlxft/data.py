@@ -169,15 +169,11 @@ def tokenize_record(tokenizer, record: dict, fmt: str, mask_prompt: bool, system
                                  "model's does not (it never mentions 'tools'); pick one that does, e.g. "
                                  "Qwen2.5-*-Instruct or Llama-3.2-*-Instruct")
             return tokenize_chat(tokenizer, messages, mask_prompt, tools=tools)
-        if has_chat_template(tokenizer):
-            return tokenize_chat(tokenizer, messages, mask_prompt)
-        text, spans = "", []
-        for m in messages:
-            chunk = f"{m['role']}: {m['content']}\n"
-            if m["role"] == "assistant":
-                spans.append((len(text) + len("assistant: "), len(text) + len(chunk)))
-            text += chunk
-        return _finish_plain(tokenizer, text, spans, mask_prompt)
+        if not has_chat_template(tokenizer):  # training installs its choice first (mlxft.templates)
+            from mlxft.templates import choose, install
+
+            install(tokenizer, choose(tokenizer))
+        return tokenize_chat(tokenizer, messages, mask_prompt)
     if fmt == "completions":
         if has_chat_template(tokenizer):
             messages = [{"role": "user", "content": record["prompt"]},

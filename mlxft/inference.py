@@ -20,6 +20,9 @@ def load_for_inference(model_spec: str | None, backend: str = "auto", adapter: s
     engine = make_backend(name, cfg)
     engine.trust_remote_code = trust_remote_code
     engine.load(resolved.path, adapter=resolved.adapter, train=False)
+    from mlxft.templates import for_inference
+
+    engine.chat_setup = for_inference(engine.tokenizer, resolved.run)  # the template a run trained with
     return engine, resolved
 
 
@@ -33,6 +36,12 @@ def run_system_prompt(resolved) -> str | None:
         return build_config(str(resolved.run / "config.yaml")).data.system_prompt
     except Exception:
         return None
+
+
+def run_stop_ids(engine) -> list[int]:
+    """The end-of-turn ids the run trained with (its recorded chat template), beside EOS."""
+    setup = getattr(engine, "chat_setup", None)
+    return list(setup.stop_ids) if setup is not None else []
 
 
 def format_prompt(tokenizer, prompt: str, raw: bool = False, system: str | None = None,

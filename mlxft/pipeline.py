@@ -85,6 +85,9 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
     with ui.console.status(f"Loading {resolved.spec} on {backend_name}"):
         backend.load(resolved.path, adapter=start_adapter, train=True)
     timings["load_s"] = round(time.perf_counter() - clock, 2)
+    from mlxft.templates import for_training, record
+
+    chat = for_training(backend.tokenizer, cfg.data.system_prompt, run.path if resume else None)
     train_set, valid_set = load_data(cfg, backend.tokenizer, skip_bad_lines)
     from mlxft.defaults import resolve
 
@@ -96,6 +99,7 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
                          revision=resolved.revision, source=resolved.source, backend=backend_name,
                          backend_reason=why, status="running", world_size=world.size, defaults_chosen=chosen)
         (run.path / "config.yaml").write_text(to_yaml(cfg))
+        record(run.path, chat)
     trainable, total = backend.trainable_parameters()
     ui.info(f"[bold]mlxft train[/bold] {resolved.spec} -> {run.path}  backend={backend_name} "
             f"({why}) device={backend.device_name()} dtype={backend.dtype_name()}")

@@ -86,6 +86,11 @@ class Backend(abc.ABC):
                  stop_ids: set[int] | None = None) -> list[int]:
         """Generate token ids after `prompt_ids`, calling on_token for each as it comes."""
 
+    def logits(self, ids: list[int]):
+        """Next-token logits (float32 NumPy, one row per position) for one sequence; export's
+        self-check compares them with llama.cpp's."""
+        raise NotImplementedError
+
     def generate_batch(self, prompts: list[list[int]], max_tokens: int, temperature: float = 0.0,
                        top_p: float = 1.0, stop_ids: set[int] | None = None) -> list[list[int]]:
         """Generated ids after each prompt (stop tokens not included): a row that stopped on its

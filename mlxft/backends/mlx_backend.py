@@ -457,6 +457,15 @@ class MLXBackend(Backend):
             mx.eval(loss, correct)
         return EvalResult(loss_sum=float(loss.item()), n_targets=batch.n_targets, n_correct=int(correct.item()))
 
+    def logits(self, ids: list[int]):
+        mx = self.mx
+        training = self.model.training
+        self.model.eval()
+        out = np.array(self.model(mx.array([ids], dtype=mx.int32))[0].astype(mx.float32))
+        if training:
+            self.model.train()
+        return out
+
     def sequence_logprobs(self, batch: Batch) -> list[float]:
         mx = self.mx
         with eval_mode(self.model):

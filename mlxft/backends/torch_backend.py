@@ -357,6 +357,13 @@ class TorchBackend(Backend):
                 correct += int((logits.argmax(-1) == y).sum())
         return EvalResult(loss_sum=loss_sum, n_targets=int(labels.numel()), n_correct=correct)
 
+    def logits(self, ids: list[int]):
+        torch = self.torch
+        x = torch.tensor([ids], device=self.device)
+        self._pick_attention(len(ids))
+        with self._inference(), self._compute():
+            return self._causal_lm()(input_ids=x, use_cache=False).logits[0].float().cpu().numpy()
+
     def row_scores(self, batch: Batch) -> list[EvalResult]:
         torch = self.torch
         head, cap = self._head()

@@ -18,7 +18,7 @@ class _BackendChat:
         self.context = context
 
     def reply(self, history: list[dict], message: str, write) -> str:
-        from mlxft.inference import TokenPrinter, format_prompt
+        from mlxft.inference import TokenPrinter, format_prompt, run_stop_ids
 
         tok = self.engine.tokenizer
         while True:
@@ -28,7 +28,7 @@ class _BackendChat:
             history = history[2:]  # drop the oldest exchange
         printer = TokenPrinter(tok, write)
         self.engine.generate(ids, self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                             on_token=printer)
+                             on_token=printer, stop_ids=run_stop_ids(self.engine))
         return printer.text()
 
 

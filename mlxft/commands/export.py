@@ -6,7 +6,8 @@ from __future__ import annotations
 import click
 
 QUANT_HELP = ("f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (written by mlxft); q4_k_m, q5_k_m, q6_k "
-              "(llama.cpp's quantizer, needs llama-cpp-python).")
+              "(llama.cpp's quantizer, needs llama-cpp-python); auto (the smallest of q4_k_m, q5_k_m, q6_k, "
+              "q8_0 within a measured KL tolerance on the run's validation text).")
 
 
 @click.command()
@@ -17,17 +18,25 @@ QUANT_HELP = ("f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (written by mlxft); 
 @click.option("--modelfile", is_flag=True, help="Also write an Ollama Modelfile beside the GGUF.")
 @click.option("--adapter", type=click.Choice(["best", "last"]), default="best", show_default=True,
               help="Which adapter of a run to use.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def export(model_or_run, output, quant, adapter_only, modelfile, adapter, as_json):
+@click.option("--strict", is_flag=True, help="Exit with code 1 when the self-check finds a difference.")
+@click.option("--no-check", is_flag=True, help="Skip the self-check (llama.cpp against the trained model).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (with every self-check figure).")
+def export(model_or_run, output, quant, adapter_only, modelfile, adapter, strict, no_check, as_json):
     """Export MODEL_OR_RUN (default: the built-in SmolLM2-135M-Instruct) to a GGUF file.
 
     A run directory is exported as its base with the adapter merged in (float32, tensor by
-    tensor, nothing fused on disk). Supported: Llama 3.x / SmolLM2 / Mistral (llama), Qwen2,
-    Qwen3, Gemma 3 (text), Phi-3.
+    tensor, nothing fused on disk), with the chat template the run trained with. Supported:
+    Llama 3.x / SmolLM2 / Mistral (llama), Qwen2, Qwen3, Gemma 3 (text), Phi-3.
+
+    Afterwards the file checks itself: llama.cpp loads it and its tokenization, greedy answers,
+    next-token distributions and stop tokens are compared with the trained model on the run's
+    validation conversations (one summary line; every figure with --json). A Modelfile's
+    TEMPLATE is rendered and compared with the chat template, character for character.
 
     \b
     Examples:
       mlxft export runs/quickstart -o tuned.gguf --quant q8_0 --modelfile
+      mlxft export runs/quickstart -o tuned.gguf --quant auto --strict
       mlxft export runs/quickstart -o tuned-lora.gguf --adapter-only
     """
     from pathlib import Path
@@ -41,8 +50,8 @@ def export(model_or_run, output, quant, adapter_only, modelfile, adapter, as_jso
         raise MlxftError(f"-o {output}: the output file name must end in .gguf")
     if adapter_only and quant is not None:
         raise MlxftError("--quant: not used with --adapter-only (adapter tensors are written in F32)")
-    quant = check_quant(quant or "f16")
-    if quant in ("q4_k_m", "q5_k_m", "q6_k"):
+    quant = "auto" if (quant or "").lower() == "auto" else check_quant(quant or "f16")
+    if quant in ("q4_k_m", "q5_k_m", "q6_k", "auto"):
         from mlxft.export.quantize import require_llama_cpp
 
         require_llama_cpp(quant)
@@ -53,44 +62,141 @@ def export(model_or_run, output, quant, adapter_only, modelfile, adapter, as_jso
     resolved = resolve_model(model_or_run, adapter=adapter)
     if adapter_only and resolved.adapter is None:
         raise MlxftError(f"{model_or_run or 'default'}: --adapter-only needs a run directory (one with an adapter)")
+    system = run_system_prompt(resolved)
 
     def on_tensor(i, n, name):
         status.update(f"Writing {out.name}: tensor {i}/{n} {name}")
 
     from mlxft.atomic import write_errors
 
+    engine = job = None
     with write_errors("GGUF file", out), ui.console.status(f"Preparing {out.name}") as status:
         if adapter_only:
             from mlxft.export.gguf import export_adapter
 
             result = export_adapter(resolved.path, resolved.adapter, out)
         else:
-            from mlxft.export.gguf import export_model
+            from mlxft.export.gguf import GGUFExport, export_job
 
-            result = export_model(resolved.path, resolved.adapter, out, quant, on_tensor=on_tensor)
+            job = GGUFExport(resolved.path, resolved.adapter, quant, resolved.run, system)
+            from mlxft.export.selfcheck import llama_cpp_installed
+
+            if quant == "auto" or (not no_check and llama_cpp_installed()):
+                engine = _trained_model(model_or_run, adapter, job.chat, status)
+            if quant == "auto":
+                result = _auto(job, out, engine, resolved, on_tensor, status)
+            else:
+                result = export_job(job, out, on_tensor=on_tensor)
     if modelfile:
-        import json
+        result.update(_modelfile(out, resolved, job, system, adapter_only))
+    if not adapter_only and not no_check:
+        result["selfcheck"] = _selfcheck(out, engine, job, resolved, result)
+    _report(result, modelfile, as_json)
+    failed = (result.get("selfcheck") or {}).get("ok") is False or \
+        (result.get("modelfile_check") or {}).get("ok") is False
+    if strict and failed:
+        raise MlxftError(f"{out}: the self-check failed (--strict); the file is written, but it does not behave "
+                         "like the trained model", "see the self-check line above, or run with --json")
 
-        from mlxft.export.ollama import write_modelfile
+
+def _trained_model(model_or_run, adapter, chat, status):
+    """The trained model through mlxft's backend, with the template the export carries."""
+    from mlxft.inference import load_for_inference
+    from mlxft.templates import install
+
+    status.update("Loading the trained model for the self-check")
+    engine, _ = load_for_inference(model_or_run, "auto", adapter)
+    install(engine.tokenizer, chat)
+    return engine
+
+
+def _validation_ids(engine, job, resolved) -> list[list[int]]:
+    from mlxft.export.selfcheck import MAX_TOKENS_PER_TEXT, conversations, probe_records, validation_records
+    from mlxft.templates import render
+
+    prompts = conversations(validation_records(resolved.run), job.chat.system_prompt)
+    prompts = prompts or conversations(probe_records(), job.chat.system_prompt)
+    texts = [render(engine.tokenizer, job.chat.template,
+                    p.messages + ([{"role": "assistant", "content": p.answer}] if p.answer else []),
+                    add_generation_prompt=not p.answer) for p in prompts[:16]]
+    return [ids[:MAX_TOKENS_PER_TEXT] for ids in (engine.tokenizer(t, add_special_tokens=False)["input_ids"]
+                                                   for t in texts) if len(ids) > 1]
+
+
+def _auto(job, out, engine, resolved, on_tensor, status) -> dict:
+    from mlxft.export.autoquant import choose_and_write
+
+    auto = choose_and_write(job, out, engine, _validation_ids(engine, job, resolved), on_tensor, status)
+    return {"output": str(out), "architecture": job.arch.gguf, "quant": auto["chosen"], "tensors": len(job.plan),
+            "bytes": out.stat().st_size, "tokenizer": job.vocab.model, "pre": job.vocab.pre,
+            "adapter_merged": str(job.adapter) if job.adapter else None, "auto": auto,
+            "chat_template": {"source": job.chat.source, "family": job.chat.family, "stops": job.chat.stop_tokens}}
+
+
+def _modelfile(out, resolved, job, system, adapter_only) -> dict:
+    import json
+
+    from mlxft.errors import MlxftError
+    from mlxft.export.ollama import modelfile_system, write_modelfile
+
+    if job is None:  # adapter only: the chat setup of the run, or of the base
+        from mlxft.export.gguf import chat_for_export
         from mlxft.export.tokenizer import Vocab
         from mlxft.fuse import read_config
 
         config = read_config(resolved.path)
         vocab = Vocab(resolved.path, int(config["vocab_size"]), config.get("model_type", ""))
-        base_gguf = None
-        if adapter_only:
-            source = resolved.path / "mlxft_source.json"
-            base_gguf = json.loads(source.read_text()).get("gguf") if source.is_file() else None
-            if not base_gguf:
-                raise MlxftError("--modelfile: with --adapter-only the Modelfile needs the base as a GGUF file, and "
-                                 f"{resolved.path} was not imported from one", "export the base with mlxft export first")
-        result.update(write_modelfile(out, vocab, run_system_prompt(resolved), base_gguf=base_gguf))
-        if result["template"] is None:
-            ui.warn("chat template not recognised; the Modelfile has no TEMPLATE")
+        chat, tok = chat_for_export(vocab, resolved.run, system), vocab.tok
+    else:
+        chat, tok = job.chat, job.vocab.tok
+    base_gguf = None
+    if adapter_only:
+        source = resolved.path / "mlxft_source.json"
+        base_gguf = json.loads(source.read_text()).get("gguf") if source.is_file() else None
+        if not base_gguf:
+            raise MlxftError("--modelfile: with --adapter-only the Modelfile needs the base as a GGUF file, and "
+                             f"{resolved.path} was not imported from one", "export the base with mlxft export first")
+    system_line = modelfile_system(chat, tok)
+    info = write_modelfile(out, chat, system_line, base_gguf=base_gguf)
+    from mlxft.export.selfcheck import check_modelfile
+
+    info["modelfile_check"] = check_modelfile(info.pop("go_template"), system_line, tok, chat)
+    return info
+
+
+def _selfcheck(out, engine, job, resolved, result) -> dict:
+    from mlxft.export.selfcheck import llama_cpp_installed, run_selfcheck, validation_records
+
+    modelfile_check = result.get("modelfile_check")
+    if not llama_cpp_installed():
+        check = {"skipped": "llama.cpp is not installed (pip install llama-cpp-python)", "ok": None}
+    else:
+        check = run_selfcheck(out, engine, job.chat, result["quant"], validation_records(resolved.run))
+    if modelfile_check is not None:
+        check["modelfile"] = modelfile_check
+        if modelfile_check.get("ok") is False:
+            check["ok"] = False
+    return check
+
+
+def _report(result, modelfile, as_json) -> None:
+    from mlxft import ui
+
     if as_json:
         ui.emit_json(result)
-    else:
-        size = result["bytes"] / 2**20
-        ui.result(f"{result['output']}  ({result.get('quant', 'lora adapter')}, {result['architecture']}, {size:.1f} MiB)")
-        if modelfile:
-            ui.result(f"{result['modelfile']}  (ollama create NAME -f {result['modelfile']})")
+        return
+    if "auto" in result:
+        from mlxft.export.autoquant import table_text
+
+        ui.result(table_text(result["auto"]))
+    size = result["bytes"] / 2**20
+    ui.result(f"{result['output']}  ({result.get('quant', 'lora adapter')}, {result['architecture']}, {size:.1f} MiB)")
+    if modelfile:
+        ui.result(f"{result['modelfile']}  (ollama create NAME -f {result['modelfile']})")
+        mcheck = result.get("modelfile_check") or {}
+        if mcheck.get("ok") is not True:
+            ui.result(f"Modelfile template check: {mcheck.get('reason', 'failed')}")
+    if "selfcheck" in result:
+        from mlxft.export.selfcheck import summary_line
+
+        ui.result(summary_line(result["selfcheck"]))

@@ -36,7 +36,7 @@ def generate(model_or_run, prompt, prompts_file, max_tokens, temperature, top_p,
     import json
 
     from mlxft import ui
-    from mlxft.inference import TokenPrinter, format_prompt, load_for_inference, run_system_prompt
+    from mlxft.inference import TokenPrinter, format_prompt, load_for_inference, run_stop_ids, run_system_prompt
 
     if (prompt is None) == (prompts_file is None):
         raise click.UsageError("give exactly one of --prompt and --prompts-file")
@@ -61,7 +61,8 @@ def generate(model_or_run, prompt, prompts_file, max_tokens, temperature, top_p,
             sys.stdout.flush()
 
     printer = TokenPrinter(engine.tokenizer, write)
-    engine.generate(ids, max_tokens, temperature=temperature, top_p=top_p, on_token=printer)
+    engine.generate(ids, max_tokens, temperature=temperature, top_p=top_p, on_token=printer,
+                    stop_ids=run_stop_ids(engine))
     if as_json:
         ui.emit_json({"model": resolved.spec, "prompt": prompt, "text": printer.text(), "tokens": len(printer.ids)})
     else:

@@ -1,6 +1,6 @@
 """Per-architecture tables for GGUF export: HF config -> GGUF keys, HF tensor names -> GGUF
-tensor names, and the per-tensor changes llama.cpp expects (learned from llama.cpp's
-convert_hf_to_gguf.py and its model loaders).
+tensor names (gguf-py's `get_tensor_name_map`), and the per-tensor changes llama.cpp expects
+(learned from llama.cpp's convert_hf_to_gguf.py and its model loaders).
 
     family          GGUF arch  tensor changes
     llama/mistral   llama      q/k rows permuted for rotary; Llama 3 rope scaling -> rope_freqs
@@ -12,9 +12,10 @@ convert_hf_to_gguf.py and its model loaders).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,26 +27,9 @@ class Arch:
     gguf: str                       # general.architecture
     permute_qk: bool = False        # llama-style rotary row order
     norm_shift: float = 0.0         # gemma stores (w - 1)
-    write_output: bool = True       # gemma: never (always tied)
-    layer_names: dict = field(default_factory=dict)  # overrides of LAYER_NAMES
+    write_output: bool = True       # gemma: never (llama.cpp's gemma3 reads the tied embedding)
 
 
-LAYER_NAMES = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "self_attn.qkv_proj": "attn_qkv",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "mlp.gate_up_proj": "ffn_up",   # phi3: gate and up stacked, as llama.cpp expects
-}
-GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attention\.masked_bias|\.attention\.bias)$")
 
 ARCHS = {
@@ -53,10 +37,7 @@ ARCHS = {
     "mistral": Arch("llama", permute_qk=True),
     "qwen2": Arch("qwen2"),
     "qwen3": Arch("qwen3"),
-    "gemma3_text": Arch("gemma3", norm_shift=1.0, write_output=False, layer_names={
-        "post_attention_layernorm": "post_attention_norm",
-        "pre_feedforward_layernorm": "ffn_norm",
-        "post_feedforward_layernorm": "post_ffw_norm"}),
+    "gemma3_text": Arch("gemma3", norm_shift=1.0, write_output=False),
     "phi3": Arch("phi3"),
 }
 SUPPORTED = ("llama (Llama 3.x, SmolLM2)", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
@@ -79,23 +60,33 @@ def arch_for(config: dict, where: str) -> Arch:
     return arch
 
 
+@functools.lru_cache(maxsize=None)
+def _name_map(gguf_arch: str):
+    """gguf-py's HF -> GGUF tensor name table for one architecture (one block; the block index is
+    carried over by gguf_tensor_name)."""
+    import gguf
+
+    arch = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == gguf_arch)
+    return gguf.get_tensor_name_map(arch, 1)
+
+
 def gguf_tensor_name(arch: Arch, hf_name: str) -> str | None:
-    """GGUF name for an HF tensor name; None for tensors llama.cpp does not take."""
+    """GGUF name for an HF tensor name (gguf-py's table for the architecture); None for tensors
+    llama.cpp does not take."""
     if IGNORED.search(hf_name):
         return None
     stem, _, suffix = hf_name.rpartition(".")
     if suffix not in ("weight", "bias"):
         raise ModelError(f"{hf_name}: unexpected tensor (not a weight or bias)")
-    if stem in GLOBAL_NAMES:
-        if stem == "lm_head" and not arch.write_output:
-            return None
-        return f"{GLOBAL_NAMES[stem]}.{suffix}"
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem)
-    if m:
-        names = {**LAYER_NAMES, **arch.layer_names}
-        if m.group(2) in names:
-            return f"blk.{m.group(1)}.{names[m.group(2)]}.{suffix}"
-    raise ModelError(f"{hf_name}: tensor not known for GGUF architecture {arch.gguf}")
+    if stem == "lm_head" and not arch.write_output:
+        return None
+    block = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", stem)
+    name = _name_map(arch.gguf).get_name(f"model.layers.0.{block.group(2)}" if block else stem)
+    if name is not None and block:
+        name = name.replace("blk.0.", f"blk.{block.group(1)}.", 1)
+    if name is None:
+        raise ModelError(f"{hf_name}: tensor not known for GGUF architecture {arch.gguf}")
+    return f"{name}.{suffix}"
 
 
 def hparams(config: dict) -> dict:

@@ -79,15 +79,17 @@ def choose_type(gguf_name: str, shape: tuple, base, has_output: bool):
 class GGUFExport:
     """Plan, then write, one model (base + optional adapter) as GGUF."""
 
-    def __init__(self, model_dir: Path, adapter: Path | None, quant: str):
+    def __init__(self, model_dir: Path, adapter: Path | None, quant: str, run_dir: Path | None = None,
+                 system: str | None = None):
         from mlxft.fuse import FusedTensors
 
-        self.quant = check_quant(quant)
+        self.quant = "auto" if quant == "auto" else check_quant(quant)
         self.model_dir = Path(model_dir)
+        self.adapter = adapter
         self.tensors = FusedTensors(self.model_dir, adapter)
         self.config = self.tensors.config
         self.arch = archs.arch_for(self.config, str(self.model_dir / "config.json"))
-        if self.quant in KQUANTS:
+        if self.quant in KQUANTS or self.quant == "auto":
             # llama.cpp quantizes from an unquantized GGUF: F32 when it is small, else F16/BF16
             est = sum(int(np.prod(self.tensors.shape(n))) for n in self.tensors.names()) * 4
             src = self.tensors.source_dtype("model.embed_tokens.weight") if "model.embed_tokens.weight" in self.tensors.names() else "F32"
@@ -102,6 +104,7 @@ class GGUFExport:
         from mlxft.export.tokenizer import Vocab
 
         self.vocab = Vocab(self.model_dir, embed.shape[0], self.arch.gguf)
+        self.chat = chat_for_export(self.vocab, run_dir, system)
 
     def _plan(self, base) -> list[Planned]:
         names = self.tensors.names()
@@ -165,6 +168,19 @@ class GGUFExport:
         w.close()
 
 
+def chat_for_export(vocab, run_dir: Path | None, system: str | None):
+    """The chat template a run trained with (else what training would choose), written into the
+    GGUF with its end-of-turn token, so llama.cpp formats and stops as the run trained."""
+    from mlxft.templates import choose, recorded
+
+    chat = recorded(run_dir) or choose(vocab.tok, system)
+    vocab.chat_template = chat.template
+    turn_end = [i for i in chat.stop_ids if i != vocab.eos and 0 <= i < len(vocab.tokens)]
+    if turn_end:
+        vocab.eot = turn_end[0]
+    return chat
+
+
 def quantize(w: np.ndarray, qtype) -> np.ndarray:
     import gguf
 
@@ -177,12 +193,16 @@ def quantize(w: np.ndarray, qtype) -> np.ndarray:
     return gguf.quants.quantize(w, qtype)
 
 
-def export_model(model_dir: Path, adapter: Path | None, out: Path, quant: str = "f16", on_tensor=None) -> dict:
+def export_model(model_dir: Path, adapter: Path | None, out: Path, quant: str = "f16", on_tensor=None,
+                 run_dir: Path | None = None, system: str | None = None) -> dict:
     """Write `out` (atomically); returns a summary for the command's output."""
+    return export_job(GGUFExport(model_dir, adapter, quant, run_dir, system), out, on_tensor)
+
+
+def export_job(job: GGUFExport, out: Path, on_tensor=None) -> dict:
     from mlxft.atomic import atomic_path
     from mlxft.fuse import check_disk_space
 
-    job = GGUFExport(model_dir, adapter, quant)
     out = Path(out)
     need = job.estimated_bytes()
     if job.quant in KQUANTS:
@@ -204,7 +224,8 @@ def export_model(model_dir: Path, adapter: Path | None, out: Path, quant: str = 
             job.write(tmp, on_tensor)
     return {"output": str(out), "architecture": job.arch.gguf, "quant": job.quant,
             "tensors": len(job.plan), "bytes": out.stat().st_size, "tokenizer": job.vocab.model,
-            "pre": job.vocab.pre, "adapter_merged": str(adapter) if adapter else None}
+            "pre": job.vocab.pre, "adapter_merged": str(job.adapter) if job.adapter else None,
+            "chat_template": {"source": job.chat.source, "family": job.chat.family, "stops": job.chat.stop_tokens}}
 
 
 def export_adapter(model_dir: Path, adapter: Path, out: Path) -> dict:

@@ -4,6 +4,10 @@ llama.cpp picks per-tensor types exactly as its `llama-quantize` tool does."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 from pathlib import Path
 
 from mlxft.errors import MlxftError
@@ -24,12 +28,37 @@ def require_llama_cpp(quant: str):
     return llama_cpp
 
 
+@contextlib.contextmanager
+def native_log_captured():
+    """llama.cpp's C code logs a line per tensor to file descriptor 2; keep it off the terminal
+    and hand it back (the last lines go into the error when quantizing fails)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as log:
+        os.dup2(log.fileno(), 2)
+        lines: list[str] = []
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            log.seek(0)
+            lines.extend(log.read().decode("utf-8", "replace").splitlines())
+
+
+def llama_quantize(src: Path, dst: Path, ftype_name: str, label: str, threads: int = 0) -> None:
+    """Quantize the unquantized GGUF `src` into `dst` with llama.cpp (`LLAMA_FTYPE_*` name)."""
+    llama_cpp = require_llama_cpp(label)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, ftype_name)
+    params.nthread = threads
+    with native_log_captured() as log:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise MlxftError(f"{dst}: llama.cpp's quantizer failed (code {rc}) for {label}: "
+                         f"{log[-1] if log else 'no message'}")
+
+
 def kquantize(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
     """Quantize the unquantized GGUF `src` into `dst` with llama.cpp."""
-    llama_cpp = require_llama_cpp(quant)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, KQUANTS[quant])
-    params.nthread = threads
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    if rc != 0:
-        raise MlxftError(f"{dst}: llama.cpp's quantizer failed (code {rc}) for {quant}")
+    llama_quantize(src, dst, KQUANTS[quant], quant, threads)

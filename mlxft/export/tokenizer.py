@@ -1,6 +1,13 @@
-"""The tokenizer inside a GGUF: BPE (byte-level, `tokenizer.ggml.model = gpt2`: tokens, types,
-merges, and the `pre` pre-tokenizer name) or SentencePiece (`llama`: pieces, scores, types),
-plus special token ids, add_bos/add_eos and the chat template.
+"""The tokenizer inside a GGUF, written the way llama.cpp's converter (convert_hf_to_gguf.py) writes
+it, so that llama.cpp splits text exactly as the training tokenizer did:
+
+- byte-level BPE (`tokenizer.ggml.model = gpt2`): tokens, types, merges and the `pre`
+  pre-tokenizer name;
+- SentencePiece (`llama`): pieces, real scores, types and `add_space_prefix`, from
+  `tokenizer.model` when the folder has one, else from the SentencePiece-style BPE in
+  `tokenizer.json` (what transformers saves, and what a GGUF import gives);
+- special token ids, merges and add_sep through gguf-py's `SpecialVocab`; add_bos/add_eos from
+  what the HF tokenizer really does; the chat template the run trained with.
 
 `pre` is chosen the way llama.cpp's converter chooses it: the sha256 of the token ids the HF
 tokenizer gives for llama.cpp's check text, looked up in a table of known tokenizers. Unknown
@@ -11,6 +18,7 @@ we refuse, because a wrong `pre` silently changes how llama.cpp splits text.
 from __future__ import annotations
 
 import json
+import re
 from hashlib import sha256
 from pathlib import Path
 
@@ -42,6 +50,9 @@ PRE_BY_REGEX = {_LLAMA3_RE: "llama-bpe", _QWEN2_RE: "qwen2"}
 
 # gguf TokenType values
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# end-of-turn markers of the chat families mlxft knows (llama.cpp stops on `tokenizer.ggml.eot_token_id`)
+EOT_TEXTS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 
 
 def chk_hash(tokenizer) -> str:
@@ -86,10 +97,12 @@ def load_hf_tokenizer(folder: Path):
 
 
 class Vocab:
-    """Everything tokenizer-related that goes into the GGUF, computed before writing starts."""
+    """Everything tokenizer-related that goes into the GGUF, computed before writing starts.
+    `chat_template` overrides the folder's own (the run's recorded training template)."""
 
-    def __init__(self, folder: Path, n_vocab: int, arch: str):
+    def __init__(self, folder: Path, n_vocab: int, arch: str, chat_template: str | None = None):
         self.folder = Path(folder)
+        self.arch = arch
         self.tok = load_hf_tokenizer(self.folder)
         tj_path = self.folder / "tokenizer.json"
         # the tokenizer as transformers built it (its class may override tokenizer.json's pre-tokenizer)
@@ -105,11 +118,9 @@ class Vocab:
         if (self.folder / "tokenizer.model").is_file():
             self.model, self.pre = "llama", "default"
             self._sentencepiece(n_vocab)
-            if arch == "gemma3":
-                self.add_space_prefix = False
         elif model.get("type") == "BPE" and not self._byte_level():
             self.model, self.pre = "llama", "default"
-            self._llama_hf(n_vocab)
+            self._sentencepiece_json(n_vocab)
         elif model.get("type") == "BPE":
             self.model = "gpt2"
             self.pre = bpe_pre(self.tok, self.tokenizer_json, str(tj_path))
@@ -117,11 +128,22 @@ class Vocab:
         else:
             raise ModelError(f"{self.folder}: tokenizer type {model.get('type') or 'unknown'} is not supported "
                              "(byte-level BPE or SentencePiece)")
-        self._specials()
+        if self.model == "llama":
+            self.add_space_prefix = self._adds_space_prefix()
+        self._specials(n_vocab)
+        if chat_template is not None:
+            self.chat_template = chat_template
 
     def _byte_level(self) -> bool:
         text = json.dumps(self.tokenizer_json.get("pre_tokenizer")) + json.dumps(self.tokenizer_json.get("decoder"))
         return "ByteLevel" in text
+
+    def _adds_space_prefix(self) -> bool:
+        """Whether the tokenizer puts a "▁" before the first word. llama.cpp's converter sets this
+        per family (False for Gemma); asking the tokenizer gives the same answer for every family,
+        and llama.cpp's default (True) would otherwise prepend a space to every text."""
+        pieces = self.tok.convert_ids_to_tokens(self.tok.encode("Hello", add_special_tokens=False))
+        return bool(pieces) and pieces[0].startswith("\u2581")
 
     def _bpe(self, n_vocab: int) -> None:
         vocab = self.tok.get_vocab()
@@ -141,10 +163,14 @@ class Vocab:
             else:
                 self.tokens.append(f"[PAD{i}]")
                 self.types.append(UNUSED)
-        merges = (self.tokenizer_json.get("model") or {}).get("merges") or []
-        self.merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
-        if not self.merges:
-            raise ModelError(f"{self.folder}/tokenizer.json: BPE tokenizer without merges")
+
+    def _added(self, i: int, tok) -> None:
+        """An added token, typed and spelled as llama.cpp's converter does: CONTROL when special
+        (or named like one), else USER_DEFINED with "▁" written as the space llama.cpp matches."""
+        special = tok.special or looks_special(tok.content)
+        self.tokens[i] = tok.content if special else tok.content.replace("\u2581", " ")
+        self.scores[i] = -1000.0
+        self.types[i] = CONTROL if special else USER_DEFINED
 
     def _sentencepiece(self, n_vocab: int) -> None:
         from sentencepiece import SentencePieceProcessor
@@ -162,37 +188,76 @@ class Vocab:
             i = int(i)
             if i >= n_vocab or (i < sp.vocab_size() and self.tokens[i] == tok.content and self.types[i] != NORMAL):
                 continue
-            special = tok.special or looks_special(tok.content)
-            self.tokens[i] = tok.content if special else tok.content.replace("\u2581", " ")
-            self.scores[i] = -1000.0
-            self.types[i] = CONTROL if special else USER_DEFINED
+            self._added(i, tok)
 
-    def _llama_hf(self, n_vocab: int) -> None:
+    def _sentencepiece_json(self, n_vocab: int) -> None:
+        """A SentencePiece vocabulary stored as BPE in tokenizer.json (byte fallback, "▁" for
+        spaces): what transformers saves without tokenizer.model, and what a GGUF import gives.
+        llama.cpp merges the adjacent pair whose joined piece has the highest score, where HF BPE
+        merges the pair with the lowest merge rank; so a piece's score is minus the rank of the
+        first merge that makes it, and the two agree merge for merge. Pieces no merge makes are
+        never looked up as a merge result; they keep their order below every merged piece."""
+        model = self.tokenizer_json["model"]
+        vocab = model.get("vocab") or {}
+        if max(vocab.values(), default=0) >= n_vocab:
+            raise ModelError(f"{self.folder}: tokenizer has ids beyond the embedding rows ({n_vocab})")
+        rank: dict[str, int] = {}
+        for r, merge in enumerate(model.get("merges") or []):
+            left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+            rank.setdefault(left + right, r)
+        floor = len(rank) + 1
+        self.tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+        self.scores = [-1000.0] * n_vocab
+        self.types = [UNUSED] * n_vocab
+        byte_piece = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+        for piece, i in vocab.items():
+            self.tokens[i] = piece
+            if model.get("byte_fallback") and byte_piece.fullmatch(piece):
+                self.scores[i], self.types[i] = 0.0, BYTE
+            elif piece == model.get("unk_token"):
+                self.scores[i], self.types[i] = 0.0, UNKNOWN
+            else:
+                self.scores[i], self.types[i] = -float(rank.get(piece, floor + i)), NORMAL
+        for i, tok in self.tok.added_tokens_decoder.items():
+            if int(i) < n_vocab:
+                self._added(int(i), tok)
+
+    def _specials(self, n_vocab: int) -> None:
+        """Special ids, merges and add_sep from gguf-py's SpecialVocab (as llama.cpp's converter
+        reads them). add_bos/add_eos are decided by encoding a text with the HF tokenizer instead:
+        SpecialVocab leaves them unset when tokenizer_config.json does not say, and llama.cpp's
+        default for an unset key depends on the vocabulary type, not on what training did."""
+        import logging
+
         import gguf
 
-        vocab = gguf.LlamaHfVocab(self.folder)
-        self.tokens, self.scores, self.types = [], [], []
-        for text, score, kind in vocab.all_tokens():
-            self.tokens.append(text.decode("utf-8") if isinstance(text, bytes) else text)
-            self.scores.append(score)
-            self.types.append(int(kind))
-        for i in range(len(self.tokens), n_vocab):
-            self.tokens.append(f"[PAD{i}]")
-            self.scores.append(-1000.0)
-            self.types.append(UNUSED)
-        if len(self.tokens) != n_vocab:
-            raise ModelError(f"{self.folder}: tokenizer has more tokens than the embedding rows ({n_vocab})")
-
-    def _specials(self) -> None:
+        log = logging.getLogger("gguf.vocab")
+        level = log.level
+        log.setLevel(logging.ERROR)  # its notes on unusual post-processors are not the user's concern
+        try:
+            self.special = gguf.SpecialVocab(self.folder, load_merges=self.model == "gpt2", n_vocab=n_vocab)
+        finally:
+            log.setLevel(level)
+        self.special.chat_template = None  # the template is chosen by the run (see mlxft.templates)
+        if self.model == "gpt2":
+            self.merges = list(self.special.merges)
+            if not self.merges:
+                raise ModelError(f"{self.folder}/tokenizer.json: BPE tokenizer without merges")
+        self.special.merges, self.special.load_merges = [], False  # written by write() itself
+        ids = self.special.special_token_ids
         tok = self.tok
-        self.bos, self.eos, self.unk, self.pad = tok.bos_token_id, tok.eos_token_id, tok.unk_token_id, tok.pad_token_id
+        for key, value in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id), ("unk", tok.unk_token_id)):
+            if key not in ids and value is not None and 0 <= value < n_vocab:
+                ids[key] = int(value)
+        self.bos, self.eos, self.unk, self.pad = ids.get("bos"), ids.get("eos"), ids.get("unk"), ids.get("pad")
         with_special = tok.encode("a", add_special_tokens=True)
         without = tok.encode("a", add_special_tokens=False)
         self.add_bos = bool(self.bos is not None and with_special[:1] == [self.bos] and without[:1] != [self.bos])
         self.add_eos = bool(self.eos is not None and with_special[-1:] == [self.eos] and without[-1:] != [self.eos])
+        self.special.add_special_token.update(bos=self.add_bos, eos=self.add_eos)
         self.chat_template = tok.chat_template if isinstance(getattr(tok, "chat_template", None), str) else None
         self.eot = None
-        for text in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
+        for text in EOT_TEXTS:
             if text in self.tokens and self.types[self.tokens.index(text)] == CONTROL:
                 self.eot = self.tokens.index(text)
                 break
@@ -206,13 +271,9 @@ class Vocab:
         w.add_token_types(self.types)
         if self.merges:
             w.add_token_merges(self.merges)
-        for setter, value in ((w.add_bos_token_id, self.bos), (w.add_eos_token_id, self.eos),
-                              (w.add_unk_token_id, self.unk), (w.add_pad_token_id, self.pad),
-                              (w.add_eot_token_id, self.eot)):
-            if value is not None:
-                setter(int(value))
-        w.add_add_bos_token(self.add_bos)
-        w.add_add_eos_token(self.add_eos)
+        self.special.add_to_gguf(w, quiet=True)
+        if self.eot is not None:
+            w.add_eot_token_id(int(self.eot))
         if self.add_space_prefix is not None:
             w.add_add_space_prefix(self.add_space_prefix)
         if self.chat_template:
@@ -220,6 +281,13 @@ class Vocab:
 
     def stop_tokens(self) -> list[str]:
         """Texts that end a turn: EOS, end-of-turn, and generation_config's extra EOS ids."""
+        out = []
+        for i in self.stop_ids():
+            if self.tokens[i] not in out:
+                out.append(self.tokens[i])
+        return out
+
+    def stop_ids(self) -> list[int]:
         ids = [i for i in (self.eos, self.eot) if i is not None]
         gen = self.folder / "generation_config.json"
         if gen.is_file():
@@ -228,8 +296,8 @@ class Vocab:
             except ValueError:
                 extra = None
             ids += extra if isinstance(extra, list) else [extra] if isinstance(extra, int) else []
-        out = []
+        seen = []
         for i in ids:
-            if 0 <= i < len(self.tokens) and self.tokens[i] not in out:
-                out.append(self.tokens[i])
-        return out
+            if isinstance(i, int) and 0 <= i < len(self.tokens) and i not in seen:
+                seen.append(i)
+        return seen
