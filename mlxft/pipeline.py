@@ -88,6 +88,7 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
     from mlxft.templates import for_training, record
 
     chat = for_training(backend.tokenizer, cfg.data.system_prompt, run.path if resume else None)
+    backend.chat_setup = chat  # retention and replay answers stop at its end-of-turn token
     train_set, valid_set = load_data(cfg, backend.tokenizer, skip_bad_lines)
     from mlxft.defaults import resolve
 

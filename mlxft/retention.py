@@ -96,8 +96,10 @@ def _model_identity(cfg, run, backend) -> dict:
     from mlxft.runs import Run, is_run_dir
 
     meta = run.meta()
+    setup = getattr(backend, "chat_setup", None)
     ident = {"model_path": meta.get("model_path"), "backend": backend.name, "dtype": backend.dtype_name(),
-             "device": backend.device_name(), "system_prompt": cfg.data.system_prompt}
+             "device": backend.device_name(), "system_prompt": cfg.data.system_prompt,
+             "chat_template": _sha(setup.template)[:16] if setup is not None else None}
     if cfg.model and is_run_dir(cfg.model):
         try:
             adapter = Run(Path(cfg.model)).adapter()

@@ -34,6 +34,11 @@ class Backend(abc.ABC):
     name: str = "base"
     # Code shipped inside a model repo runs only when the user passes --trust-remote-code.
     trust_remote_code: bool = False
+    # The chat format in use (mlxft.templates.ChatSetup): its end-of-turn ids stop generation too.
+    chat_setup = None
+
+    def chat_stop_ids(self) -> set[int]:
+        return set(self.chat_setup.stop_ids) if self.chat_setup is not None else set()
 
     def __init__(self, cfg: Config, world: World | None = None):
         self.cfg = cfg

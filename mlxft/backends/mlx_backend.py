@@ -528,7 +528,7 @@ class MLXBackend(Backend):
         from mlx_lm.generate import generate_step
         from mlx_lm.sample_utils import make_sampler
 
-        stop = set(stop_ids or ()) | self._eos_ids()
+        stop = set(stop_ids or ()) | self.chat_stop_ids() | self._eos_ids()
         sampler = make_sampler(temp=temperature, top_p=top_p if temperature > 0 else 0.0)
         out: list[int] = []
         with eval_mode(self.model):

@@ -419,7 +419,7 @@ class TorchBackend(Backend):
 
     def _stop_ids(self, extra) -> set[int]:
         """`extra` plus every EOS id the tokenizer and the model's generation config name."""
-        return set(extra or ()) | eos_ids(self.tokenizer.eos_token_id,
+        return set(extra or ()) | self.chat_stop_ids() | eos_ids(self.tokenizer.eos_token_id,
                                           getattr(self._causal_lm().generation_config, "eos_token_id", None))
 
     def generate(self, prompt_ids, max_tokens, temperature=0.0, top_p=1.0, on_token=None, stop_ids=None):
