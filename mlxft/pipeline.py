@@ -115,7 +115,7 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
         clock = time.perf_counter()
         retention.before_training(cfg, run, backend)
         timings["baseline_and_replay_s"] = round(time.perf_counter() - clock, 2)
-    if retention is not None and cfg.data.replay > 0:
+    if retention is not None and cfg.data.replay > 0 and retention.own_chat_format(backend):
         replay = retention.replay_samples(cfg, run, backend.tokenizer, len(train_set)) if world.is_root else None
         train_set.samples.extend(_share_replay(world, replay))
     track = retention.tracker(run, backend) if retention is not None and cfg.retention.enabled and world.is_root \

@@ -72,6 +72,22 @@ def load_probes(path: Path = GENERAL_PROBES, limit: int | None = None) -> list[d
     return rows[:limit] if limit is not None else rows
 
 
+def own_chat_format(backend) -> bool:
+    """Whether the model brought its own chat template (an instruction-tuned model). A base model
+    gets mlxft's fallback template (mlxft.templates); its answers to chats are not worth keeping."""
+    setup = getattr(backend, "chat_setup", None)
+    return setup is None or setup.source == "model"
+
+
+def probe_set(cfg, backend) -> list[dict]:
+    """The probes a run is scored on: every kind for a model with its own chat format; for a base
+    model only the texts to continue, since how it answers chats is what training changes."""
+    probes = load_probes()
+    if not own_chat_format(backend):
+        probes = [p for p in probes if p.get("kind") == "text"]
+    return probes[:cfg.retention.probes]
+
+
 def _sha(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
@@ -158,7 +174,7 @@ def score_answers(backend, items: list[tuple[list[int], list[int]]]) -> list[tup
 
 def build_baseline(cfg, backend) -> dict:
     """Generate and score the base model's answers to the probes."""
-    probes = load_probes(limit=cfg.retention.probes)
+    probes = probe_set(cfg, backend)
     tok = backend.tokenizer
     rows = []
     with _eval_mode(backend):
@@ -225,7 +241,7 @@ def before_training(cfg, run, backend) -> None:
 
     ident = _model_identity(cfg, run, backend)
     if cfg.retention.enabled and cfg.retention.probes > 0:
-        probes = load_probes(limit=cfg.retention.probes)
+        probes = probe_set(cfg, backend)
         key = _sha({**ident, "probes": probes, "max_new_tokens": cfg.retention.max_new_tokens,
                     "v": CACHE_VERSION})[:24]
         started = time.perf_counter()
@@ -236,7 +252,10 @@ def before_training(cfg, run, backend) -> None:
         (run.path / BASELINE_FILE).write_text(json.dumps(baseline, indent=1))
         how = "cached" if cached else f"{time.perf_counter() - started:.1f}s"
         ui.info(f"retention baseline: {len(baseline['probes'])} probes ({how}) -> {run.path / BASELINE_FILE}")
-    if cfg.data.replay > 0:
+    if cfg.data.replay > 0 and not own_chat_format(backend):
+        ui.info("replay: off for this base model (no chat template of its own, so its chat answers are not "
+                "worth replaying); retention uses the probe texts to continue")
+    elif cfg.data.replay > 0:
         n_lines = _count_records(cfg.data.train)
         need = min(len(load_probes(REPLAY_PROMPTS)), replay_count(cfg.data.replay, n_lines))
         started = time.perf_counter()

@@ -32,6 +32,9 @@ class _Backend:
     def load_state(self, path):
         pass
 
+    def hidden_size(self):
+        return None
+
 
 def _trainer(tmp_path) -> Trainer:
     from mlxft.config import Config
