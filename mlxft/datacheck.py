@@ -222,6 +222,11 @@ def _end_ids(tokenizer) -> set[int]:
     ids -= {tokenizer.bos_token_id, tokenizer.pad_token_id} - {tokenizer.eos_token_id}
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):  # end-of-turn markers the tokenizer does not list as special (Gemma's)
+        from mlxft.templates import stop_tokens
+
+        ids.update(stop_tokens(tokenizer, template)[1])
     return ids
 
 
