@@ -3,7 +3,6 @@ succeeds or fails with a DataError naming the file (and line, when a line is at 
 
 import json
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -5,7 +5,6 @@ answers that never end, short answers and the rendered trained spans are reporte
 import json
 import random
 
-import pytest
 from click.testing import CliRunner
 
 from mlxft.cli import cli

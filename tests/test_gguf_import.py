@@ -281,7 +281,7 @@ def test_smollm2_tokenizer_matches_llamacpp(llama_vocab, default_model_dir):
 def test_float32_gguf_logits_equal_llamacpp(tmp_path):
     """With float32 weights llama.cpp does no activation quantization, so the imported model
     (permutation, rope, norms, tied head) must give the same logits to float precision."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -293,7 +293,9 @@ def test_float32_gguf_logits_equal_llamacpp(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(import_gguf(path), dtype=torch.float32)
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0].numpy()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    from mlxft.export.selfcheck import load_llama  # no AMX repacking (crashes on some CPUs)
+
+    llm = load_llama(path, n_ctx=64, logits_all=True, verbose=False, n_threads=2)
     llm.eval(ids)
     theirs = np.array(llm.scores[: len(ids)], dtype=np.float32)
     assert np.abs(theirs).max() > 0.1  # not a degenerate all-zero comparison
@@ -303,7 +305,7 @@ def test_float32_gguf_logits_equal_llamacpp(tmp_path):
 @pytest.mark.llamacpp
 @pytest.mark.slow
 def test_smollm2_logits_match_llamacpp(default_model_dir):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -314,8 +316,9 @@ def test_smollm2_logits_match_llamacpp(default_model_dir):
     model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0].numpy()
-    llm = llama_cpp.Llama(model_path=str(smollm2_gguf()), n_ctx=256, logits_all=True, verbose=False,
-                          n_threads=2)
+    from mlxft.export.selfcheck import load_llama  # no AMX repacking (crashes on some CPUs)
+
+    llm = load_llama(smollm2_gguf(), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
     llm.eval(ids)
     theirs = np.array(llm.scores[: len(ids)], dtype=np.float32)
     assert ours.shape == theirs.shape

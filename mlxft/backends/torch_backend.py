@@ -20,7 +20,6 @@ import contextlib
 import math
 import os
 from pathlib import Path
-from typing import Callable
 
 from mlxft.backends.base import Backend, EvalResult, StepResult
 from mlxft.backends.common import (adapted_layer_count, eos_ids, eval_mode, rank_seed, resolve_lora_targets,

@@ -36,9 +36,9 @@ class _LlamaCppChat:
     """A conversation on llama.cpp (llama-cpp-python), with the GGUF's own chat template."""
 
     def __init__(self, path, system, max_tokens, temperature, top_p, n_ctx, seed):
-        from llama_cpp import Llama
+        from mlxft.export.selfcheck import load_llama
 
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, seed=seed, verbose=False)
+        self.llm = load_llama(path, n_ctx=n_ctx, seed=seed, verbose=False)
         self.system, self.max_tokens = system, max_tokens
         self.temperature, self.top_p = temperature, top_p
 
