@@ -78,7 +78,8 @@ class RetentionConfig:
     warn_below: float = 0.9
     # The adapter generate/fuse/export use is the best by validation whose retention is at least
     # this; training also stops once retention is below it and validation stops improving. 0: off.
-    floor: float = 0.9
+    # None: 0.9 for a model with its own chat template, off for a base model (mlxft/defaults.py).
+    floor: float | None = None
 
 
 @dataclass
@@ -311,7 +312,7 @@ def validate(cfg: Config) -> None:
         (cfg.retention.probes >= 0, "retention.probes", "must be >= 0"),
         (cfg.retention.max_new_tokens >= 1, "retention.max_new_tokens", "must be at least 1"),
         (0 <= cfg.retention.warn_below <= 1, "retention.warn_below", "must be between 0 and 1"),
-        (0 <= cfg.retention.floor <= 1, "retention.floor", "must be between 0 and 1"),
+        (cfg.retention.floor is None or 0 <= cfg.retention.floor <= 1, "retention.floor", "must be between 0 and 1"),
     ]
     for ok, key, why in checks:
         if not ok:

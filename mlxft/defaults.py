@@ -11,6 +11,11 @@ that says what was chosen and why.
   rule and is not measured here.
 - train.eval_every: about twice per epoch, so early stopping and the retention floor act
   between passes, at most every 100 steps.
+- retention.floor: 0.9 for a model that brought its own chat template. A base model without one
+  gets no replay (its chat answers are not worth keeping), and without replay nothing holds its
+  behaviour near the old one while it learns a chat task: measured on Gemma 3 270M, retention on
+  the probe texts fell to 0.52 within 30 steps while the facts were being learned, so a floor
+  would keep an untrained adapter. There retention is reported and warned about, not enforced.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ LR_REFERENCE_WIDTH = 576
 LR_AT_REFERENCE = 1e-3
 LR_RANGE = (2e-4, 1e-3)
 EVAL_EVERY_MAX = 100
+RETENTION_FLOOR = 0.9
 
 
 def auto_epochs(n_train: int) -> int:
@@ -44,11 +50,15 @@ def steps_per_epoch(n_train: int, batch_size: int, grad_accumulation: int) -> in
     return max(1, math.ceil(max(1, math.ceil(n_train / batch_size)) / grad_accumulation))
 
 
-def resolve(cfg, n_train: int, hidden_size: int | None) -> str | None:
+def resolve(cfg, n_train: int, hidden_size: int | None, own_chat_format: bool = True) -> str | None:
     """Fill the open training settings in place; the line saying what was chosen, or None when
-    the recipe set them all."""
+    the recipe set them all. `own_chat_format`: the model brought its own chat template."""
     t = cfg.train
     why = []
+    if cfg.retention.floor is None:
+        cfg.retention.floor = RETENTION_FLOOR if own_chat_format else 0.0
+        if not own_chat_format and cfg.retention.enabled:
+            why.append("no retention floor (a base model without its own chat template: reported, not enforced)")
     if t.steps is None and t.epochs is None:
         t.epochs = float(auto_epochs(n_train))
         why.append(f"up to {t.epochs:g} epochs for {n_train} samples")

@@ -92,7 +92,8 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
     train_set, valid_set = load_data(cfg, backend.tokenizer, skip_bad_lines)
     from mlxft.defaults import resolve
 
-    chosen = resolve(cfg, len(train_set), backend.hidden_size())  # before config.yaml, so --resume repeats it
+    own_format = chat.source == "model"
+    chosen = resolve(cfg, len(train_set), backend.hidden_size(), own_format)  # before config.yaml: --resume repeats it
     if world.distributed:  # hashing every token is start-up work a single process need not do
         check_agreement(world, fingerprint(cfg, resolved.path, start_adapter, backend_name, train_set, valid_set))
     if not resume and world.is_root:
