@@ -198,6 +198,10 @@ def test_mlx_lm_adapter_converted_once_and_used_by_commands(tiny_model_dir, mlx_
     _close(_mlx_lm_logits(fused, None), _mlx_lm_logits(tiny_model_dir, folder), _mlx_lm_logits(tiny_model_dir, None))
 
     data = write_chat(tmp_path / "train.jsonl")
+    scored = json.loads(_cli("eval", str(folder), "--data", str(data), "--backend", "mlx", "--json").stdout)
+    assert scored["tuned"]["loss"] != scored["base"]["loss"]
+    _cli("export", str(folder), "--adapter-only", "-o", str(tmp_path / "lora.gguf"))
+    assert (tmp_path / "lora.gguf").stat().st_size > 0
     run = tmp_path / "continued"
     _cli("train", "--backend", "mlx", "--model", str(folder), "--data", str(data), "--steps", "1", "--out", str(run),
          "--set", "retention.enabled=false", "--set", "train.max_seq_len=64", "--json")

@@ -235,6 +235,19 @@ def test_api_key_and_disconnect_stops_generation(runs):
         again = good.completions.create(model="alpha", prompt="Once upon a time", max_tokens=3, temperature=0)
         assert again.usage.completion_tokens == 3
 
+        # not streamed: the server notices the closed connection while generating
+        body = json.dumps({"model": "alpha", "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0})
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sesame\r\n"
+                          f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode())
+            time.sleep(0.5)
+        before = engine.stats["tokens"]
+        deadline = time.time() + 10
+        while engine.stats["cancelled"] < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        assert engine.stats["cancelled"] == 2 and engine.stats["tokens"] - before < 100
+
 
 def test_torch_backend_serves_the_same_text(runs):
     pytest.importorskip("torch")
