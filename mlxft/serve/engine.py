@@ -68,11 +68,13 @@ class Engine:
             if spec and spec != model.id:
                 self.aliases.setdefault(spec, model.id)
         self.base = base
-        self.backend = load_backend(base.path, None, backend, trust_remote_code)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlxft-generate")
+        # Loaded on the generation thread, so all of the model's work happens on one thread
+        # (MLX keeps its streams per thread).
+        self.backend = self._worker.submit(load_backend, base.path, None, backend, trust_remote_code).result()
         self.tokenizer = self.backend.tokenizer
         self.context = model_context(base.path) or 2048
         self.active: Path | None = None
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlxft-generate")
         self.stats = {"requests": 0, "cancelled": 0, "tokens": 0}
 
     def find(self, name: str) -> ServedModel | None:
