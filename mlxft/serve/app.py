@@ -84,6 +84,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
         if model is None:
             raise APIError(404, f"The model '{req.model}' does not exist", "model", "model_not_found")
         if chat:
+            engine.use_template(model)
             ids = format_messages(tokenizer, req.messages, model.system)
         else:
             ids = format_prompt(tokenizer, req.prompt, raw=True)

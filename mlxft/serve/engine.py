@@ -21,6 +21,7 @@ class ServedModel:
     spec: str                    # what the user passed on the command line
     adapter: Path | None         # None: the base model alone
     system: str | None = None    # the run's system prompt, used when a request sends none
+    setup: object | None = None  # the chat template and stop ids the run trained with (templates.ChatSetup)
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -49,6 +50,7 @@ class Engine:
                  trust_remote_code: bool = False):
         from mlxft.inference import load_backend, model_context, run_system_prompt
         from mlxft.sources import resolve_model
+        from mlxft.templates import recorded
 
         self.models: dict[str, ServedModel] = {}
         self.aliases: dict[str, str] = {}
@@ -61,7 +63,8 @@ class Engine:
                 raise ModelError(f"{spec}: its base model {resolved.path} differs from {base.path} "
                                  f"(of {base.spec}); one server serves runs of one base")
             model = ServedModel(id=_model_id(spec, resolved), spec=str(spec or "default"),
-                                adapter=resolved.adapter, system=run_system_prompt(resolved))
+                                adapter=resolved.adapter, system=run_system_prompt(resolved),
+                                setup=recorded(resolved.run))
             if model.id in self.models:
                 raise ModelError(f"{spec}: two models would both be called '{model.id}'")
             self.models[model.id] = model
@@ -73,12 +76,18 @@ class Engine:
         # (MLX keeps its streams per thread).
         self.backend = self._worker.submit(load_backend, base.path, None, backend, trust_remote_code).result()
         self.tokenizer = self.backend.tokenizer
+        self.base_template = getattr(self.tokenizer, "chat_template", None)
         self.context = model_context(base.path) or 2048
         self.active: Path | None = None
         self.stats = {"requests": 0, "cancelled": 0, "tokens": 0}
 
     def find(self, name: str) -> ServedModel | None:
         return self.models.get(name) or self.models.get(self.aliases.get(name, ""))
+
+    def use_template(self, model: ServedModel) -> None:
+        """Make the shared tokenizer render chats as `model`'s run trained (its recorded chat
+        template, else the base's); called right before formatting, on the event-loop thread."""
+        self.tokenizer.chat_template = model.setup.template if model.setup is not None else self.base_template
 
     def submit(self, fn: Callable, *args):
         """Run `fn(*args)` on the generation thread; returns a concurrent Future."""
@@ -132,7 +141,9 @@ class Engine:
 
         printer = Printer(self.tokenizer, on_piece)
         try:
-            self.backend.generate(prompt_ids, max_tokens, temperature=temperature, top_p=top_p, on_token=printer)
+            stop_ids = list(model.setup.stop_ids) if model.setup is not None else []
+            self.backend.generate(prompt_ids, max_tokens, temperature=temperature, top_p=top_p, on_token=printer,
+                                  stop_ids=stop_ids)
         except Cancelled:
             pass
         n = len(printer.ids)
