@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": "mlxft.commands.evaluate:eval_command",
     "fuse": "mlxft.commands.fuse:fuse",
     "export": "mlxft.commands.export:export",
+    "serve": "mlxft.commands.serve:serve",
     "pull": "mlxft.commands.pull:pull",
     "models": "mlxft.commands.models:models",
     "runs": "mlxft.commands.runs:runs",

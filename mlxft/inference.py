@@ -9,21 +9,42 @@ def load_for_inference(model_spec: str | None, backend: str = "auto", adapter: s
                        trust_remote_code: bool = False, seed: int = 0):
     """Return (backend instance, ResolvedModel) ready to generate or evaluate. The backend seeds
     its framework's RNG with `seed` as it loads, so sampled generations repeat per seed."""
-    from mlxft.backends.select import choose_backend, make_backend
     from mlxft.sources import resolve_model
 
     resolved = resolve_model(model_spec, adapter=adapter)
+    engine = load_backend(resolved.path, resolved.adapter, backend, trust_remote_code, seed)
+    from mlxft.templates import for_inference
+
+    engine.chat_setup = for_inference(engine.tokenizer, resolved.run)  # the template a run trained with
+    return engine, resolved
+
+
+def load_backend(model_path, adapter=None, backend: str = "auto", trust_remote_code: bool = False,
+                 seed: int = 0):
+    """A backend with the model at `model_path` (plus `adapter`) loaded for inference."""
+    from mlxft.backends.select import choose_backend, make_backend
+
     name, _ = choose_backend(backend)
     cfg = Config()
     cfg.seed = seed
     cfg.train.dtype = "float32" if name == "torch" else "auto"
     engine = make_backend(name, cfg)
     engine.trust_remote_code = trust_remote_code
-    engine.load(resolved.path, adapter=resolved.adapter, train=False)
-    from mlxft.templates import for_inference
+    engine.load(model_path, adapter=adapter, train=False)
+    return engine
 
-    engine.chat_setup = for_inference(engine.tokenizer, resolved.run)  # the template a run trained with
-    return engine, resolved
+
+def model_context(path) -> int | None:
+    """The context length in the model's config.json (max_position_embeddings), if it says."""
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def run_system_prompt(resolved) -> str | None:
@@ -49,11 +70,17 @@ def format_prompt(tokenizer, prompt: str, raw: bool = False, system: str | None 
     if raw or not getattr(tokenizer, "chat_template", None):
         ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         return list(ids)
-    messages = []
-    if system:
-        messages.append({"role": "system", "content": system})
-    messages.extend(history or [])
-    messages.append({"role": "user", "content": prompt})
+    return format_messages(tokenizer, [*(history or []), {"role": "user", "content": prompt}], system)
+
+
+def format_messages(tokenizer, messages: list[dict], system: str | None = None) -> list[int]:
+    """Token ids of a conversation in the model's chat template, ready for the assistant's turn;
+    `system` goes first unless the conversation starts with its own system message. Without a
+    chat template, the last message's text as a raw prompt (as format_prompt does)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return list(tokenizer(messages[-1]["content"], add_special_tokens=True)["input_ids"])
+    if system and not (messages and messages[0].get("role") == "system"):
+        messages = [{"role": "system", "content": system}, *messages]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 

@@ -115,6 +115,11 @@ class Backend(abc.ABC):
             rows.append(self.eval_batch(collate([Sample(ids=ids, targets=targets)], self.tokenizer.pad_token_id)))
         return rows
 
+    def use_adapter(self, adapter: Path | None) -> None:
+        """Switch an inference model (loaded with train=False) to `adapter`, or to the base alone
+        for None, without reloading the base; adapters are read once and kept (for serving)."""
+        raise NotImplementedError(f"the {self.name} backend cannot switch adapters")
+
     @abc.abstractmethod
     def sequence_logprobs(self, batch: Batch) -> list[float]:
         """Per-row summed log-probability of the target tokens (for retention probes)."""

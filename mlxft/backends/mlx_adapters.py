@@ -160,3 +160,21 @@ def apply_peft(model, path: Path, dropout: float | None = None) -> dict:
             layer.m = mx.array(parts["m"].astype(np.float32))
         set_module(model, module, layer)
     return cfg
+
+
+def switch_adapter(model, path: Path | None, cache: dict) -> None:
+    """Put the adapter at `path` (None: none) on an inference model in place of the current one.
+    The LoRA/DoRA layers of each adapter are built once and kept in `cache`; they all wrap the
+    same base layers, so switching moves module references and copies no weights."""
+    for module, layer in lora_modules(model).items():
+        set_module(model, module, layer.linear)
+    if path is None:
+        return
+    key = str(Path(path).resolve())
+    if key not in cache:
+        apply_peft(model, Path(path), dropout=0.0)
+        model.freeze()
+        cache[key] = lora_modules(model)
+        return
+    for module, layer in cache[key].items():
+        set_module(model, module, layer)

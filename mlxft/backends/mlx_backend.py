@@ -543,6 +543,12 @@ class MLXBackend(Backend):
                         on_token(tok)
         return out
 
+    def use_adapter(self, adapter):
+        from mlxft.backends.mlx_adapters import switch_adapter
+
+        switch_adapter(self.model, adapter, self.__dict__.setdefault("_adapter_layers", {}))
+        self._fns = {}
+
     def _eos_ids(self) -> set[int]:
         try:
             generation = json.loads((self.model_path / "generation_config.json").read_text()).get("eos_token_id")

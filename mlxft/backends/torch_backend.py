@@ -488,6 +488,26 @@ class TorchBackend(Backend):
                 results[i] = new[:cut]
         return results
 
+    def use_adapter(self, adapter):
+        import hashlib
+
+        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if adapter is None:
+            if isinstance(self.model, PeftModel):
+                self.model.base_model.disable_adapter_layers()
+            return
+        name = "a" + hashlib.sha1(str(Path(adapter).resolve()).encode()).hexdigest()[:12]
+        if not isinstance(self.model, PeftModel):
+            self.model = PeftModel.from_pretrained(self.model, str(adapter), adapter_name=name)
+        elif name not in self.model.peft_config:
+            self.model.load_adapter(str(adapter), adapter_name=name)
+        self.model.base_model.enable_adapter_layers()
+        self.model.set_adapter(name)
+        self.model.eval()
+        self._tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+
     # ------------------------------------------------------------------ reporting
 
     def device_name(self) -> str:

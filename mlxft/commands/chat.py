@@ -117,7 +117,9 @@ def chat(model_or_run, system, max_tokens, temperature, top_p, backend, adapter,
         if system is None:
             system = run_system_prompt(resolved)
         context = n_ctx
-        limit = _model_context(resolved.path)
+        from mlxft.inference import model_context
+
+        limit = model_context(resolved.path)
         if limit:
             context = min(context, limit)
         session = _BackendChat(loaded, system, max_tokens, temperature, top_p, context)
@@ -168,14 +170,3 @@ def chat(model_or_run, system, max_tokens, temperature, top_p, backend, adapter,
         write("\n")
         history = history + [{"role": "user", "content": message}, {"role": "assistant", "content": answer}]
 
-
-def _model_context(path) -> int | None:
-    import json
-    from pathlib import Path
-
-    try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    value = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
-    return int(value) if isinstance(value, int) and value > 0 else None

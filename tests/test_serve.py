@@ -1,0 +1,271 @@
+"""`mlxft serve` driven by the official `openai` client on loopback: chat completions (streamed
+and not) equal to `mlxft generate` at temperature 0, text completions, two runs of one base
+served side by side, every bad-request case, the API key, a client that disconnects mid-stream,
+and the PyTorch backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mlxft.data import collate
+from tests.test_mlx_helpers import config, samples
+
+pytestmark = pytest.mark.mlx
+mx = pytest.importorskip("mlx.core")
+pytest.importorskip("mlx_lm")
+openai = pytest.importorskip("openai")
+pytest.importorskip("starlette")
+uvicorn = pytest.importorskip("uvicorn")
+
+PROMPT = "What colour is the sky?"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir):
+    """Two runs of the tiny base with different adapters (LoRA and DoRA), trained a few steps."""
+    from mlxft.backends.mlx_backend import MLXBackend
+    from mlxft.runs import create_run
+
+    work = tmp_path_factory.mktemp("serve-runs")
+    out = []
+    for name, kind, seed in (("alpha", "lora", 1), ("beta", "dora", 2)):
+        cfg = config(kind)
+        cfg.seed = seed
+        be = MLXBackend(cfg)
+        be.load(Path(tiny_model_dir), train=True)
+        batch = collate(samples(seed=seed), 2)
+        for _ in range(4):
+            assert be.train_step([batch], 5e-2).finite
+        run = create_run(work / name, model=str(tiny_model_dir), model_path=str(tiny_model_dir), source="local")
+        be.save_adapter(run.last_adapter)
+        out.append(run.path)
+    return out
+
+
+def _generate(run, prompt, n, backend="mlx", raw=False):
+    from mlxft.cli import cli
+
+    args = ["generate", str(run), "-p", prompt, "-n", str(n), "-t", "0", "--backend", backend, "--json"]
+    result = CliRunner().invoke(cli, args + (["--raw"] if raw else []), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)["text"]
+
+
+@pytest.fixture(scope="module")
+def server(runs, session_home):
+    """`mlxft serve RUN_A RUN_B` as a real process on a loopback port."""
+    port = _free_port()
+    env = dict(os.environ, MLXFT_HOME=str(session_home), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "mlxft", "serve", *map(str, runs), "--port", str(port),
+                             "--backend", "mlx"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    deadline = time.time() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail("server did not start: " + proc.stderr.read()[-2000:])
+        time.sleep(0.3)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+
+
+def test_models_listed(client):
+    assert sorted(m.id for m in client.models.list().data) == ["alpha", "beta"]
+    assert client.models.retrieve("beta").id == "beta"
+
+
+def test_chat_equals_generate_streamed_and_not(client, runs):
+    expected = _generate(runs[0], PROMPT, 12)
+    assert expected, "the tiny model must say something for the comparison to mean anything"
+    reply = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": PROMPT}],
+                                           temperature=0, max_tokens=12)
+    assert reply.choices[0].message.content == expected
+    assert reply.usage.completion_tokens <= 12 and reply.usage.prompt_tokens > 0
+
+    stream = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": PROMPT}],
+                                            temperature=0, max_tokens=12, stream=True,
+                                            stream_options={"include_usage": True})
+    pieces, finish, used = [], None, None
+    for part in stream:
+        if part.usage is not None:
+            used = part.usage
+        for choice in part.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == expected and len([p for p in pieces if p]) > 1
+    assert finish in ("stop", "length") and used.completion_tokens == reply.usage.completion_tokens
+
+
+def test_two_adapters_side_by_side(client, runs):
+    a, b = (_generate(run, "Once upon a time", 16, raw=True) for run in runs)
+    assert a != b, "the two adapters must answer differently for the test to mean anything"
+    got = {}
+    for name in ("alpha", "beta", "alpha"):  # switch there and back
+        got.setdefault(name, []).append(client.completions.create(model=name, prompt="Once upon a time",
+                                                                  temperature=0, max_tokens=16).choices[0].text)
+    assert got["alpha"] == [a, a] and got["beta"] == [b]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="beta", prompt="Once upon a time", temperature=0, max_tokens=16, stream=True) if c.choices)
+    assert streamed == b
+
+
+def test_stop_and_seed(client, runs):
+    full = _generate(runs[0], "Once upon a time", 16, raw=True)
+    stop = full[len(full) // 2:][:3]
+    cut = client.completions.create(model="alpha", prompt="Once upon a time", temperature=0, max_tokens=16, stop=stop)
+    assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    sampled = [client.completions.create(model="alpha", prompt="Once upon a time", temperature=1.0, top_p=0.9,
+                                         max_tokens=16, seed=seed).choices[0].text for seed in (7, 7, 8)]
+    assert sampled[0] == sampled[1] != sampled[2]
+
+
+def test_bad_requests(client, server):
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.status_code == 404 and err.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="alpha", messages=[])
+    assert err.value.status_code == 400 and err.value.param == "messages"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], temperature=5)
+    assert err.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "word " * 600}])
+    assert err.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="alpha", prompt="hi", max_tokens=100000)
+    assert err.value.code == "context_length_exceeded"
+
+    request = urllib.request.Request(server + "/v1/chat/completions", data=b'{"model": "alpha", "messages": [',
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as http:
+        urllib.request.urlopen(request, timeout=10)
+    assert http.value.code == 400
+    assert json.loads(http.value.read())["error"]["type"] == "invalid_request_error"
+
+
+class _InProcess:
+    """A server in a thread of the test process, so a test can see its engine."""
+
+    def __init__(self, engine, api_key=None):
+        from mlxft.serve.app import create_app
+
+        self.engine, self.port = engine, _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key), host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def test_api_key_and_disconnect_stops_generation(runs):
+    from mlxft.serve.engine import Engine
+
+    engine = Engine([str(runs[0])], backend="mlx")
+    original = engine.backend.generate
+
+    def slow_generate(prompt_ids, max_tokens, on_token=None, **kw):
+        def paced(tok):
+            time.sleep(0.02)
+            on_token(tok)
+        return original(prompt_ids, max_tokens, on_token=paced, **kw)
+
+    engine.backend.generate = slow_generate
+    with _InProcess(engine, api_key="sesame") as url:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=url, api_key="sesame", max_retries=0)
+        assert [m.id for m in good.models.list().data] == ["alpha"]
+
+        stream = good.completions.create(model="alpha", prompt="Once upon a time", max_tokens=400, temperature=0,
+                                         stream=True)
+        for i, _ in enumerate(stream):
+            if i == 2:
+                break
+        stream.close()
+        deadline = time.time() + 10
+        while engine.stats["cancelled"] < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        assert engine.stats["cancelled"] == 1
+        tokens = engine.stats["tokens"]
+        assert tokens < 100, tokens  # stopped soon after the client left, not after 400 tokens
+        time.sleep(0.5)
+        assert engine.stats["tokens"] == tokens
+        again = good.completions.create(model="alpha", prompt="Once upon a time", max_tokens=3, temperature=0)
+        assert again.usage.completion_tokens == 3
+
+        # not streamed: the server notices the closed connection while generating
+        body = json.dumps({"model": "alpha", "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0})
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sesame\r\n"
+                          f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode())
+            time.sleep(0.5)
+        before = engine.stats["tokens"]
+        deadline = time.time() + 10
+        while engine.stats["cancelled"] < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        assert engine.stats["cancelled"] == 2 and engine.stats["tokens"] - before < 100
+
+
+def test_torch_backend_serves_the_same_text(runs):
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from mlxft.serve.engine import Engine
+
+    engine = Engine([str(r) for r in runs], backend="torch")
+    with _InProcess(engine) as url:
+        client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+        for run, name in zip(runs, ("alpha", "beta")):
+            expected = _generate(run, PROMPT, 10, backend="torch")
+            reply = client.chat.completions.create(model=name, messages=[{"role": "user", "content": PROMPT}],
+                                                   temperature=0, max_tokens=10)
+            assert reply.choices[0].message.content == expected
+
+
+def test_serve_refuses_runs_of_different_bases(runs, tmp_path, default_model_dir):
+    from mlxft.cli import cli
+
+    result = CliRunner().invoke(cli, ["serve", str(runs[0]), str(default_model_dir), "--port", str(_free_port())])
+    assert result.exit_code == 1 and "one server serves runs of one base" in result.output
