@@ -156,7 +156,8 @@ def main() -> None:
         summary = json.loads(done.stdout.strip().splitlines()[-1])
         ret = (summary.get("retention") or {}).get("score") if isinstance(summary.get("retention"), dict) else None
         results[key] = {"label": label, "wall_s": round(wall, 1), "peak_rss_mib": round(rss / 2 ** 20),
-                        "tokens": summary.get("tokens"), "steps": summary.get("steps"), "retention": ret}
+                        "tokens": summary.get("tokens"), "steps": summary.get("steps"), "retention": ret,
+                        "timings": summary.get("timings")}
         print(f"  {label}: {wall:.1f} s, peak RSS {rss / 2 ** 20:.0f} MiB, tokens {summary.get('tokens')}"
               + (f", retention {ret:.3f}" if ret is not None else ""), flush=True)
     print("\n| contender | wall s | peak RSS MiB | tokens trained | retention |\n|---|---|---|---|---|")
