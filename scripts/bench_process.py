@@ -153,7 +153,8 @@ def main() -> None:
         else:
             cmd = cmd + ["--out", str(out)]
         wall, rss, done = timed(cmd, env)
-        summary = json.loads(done.stdout.strip().splitlines()[-1])
+        out_text = done.stdout.strip()
+        summary = json.loads(out_text if out_text.startswith("{") else out_text.splitlines()[-1])
         ret = (summary.get("retention") or {}).get("score") if isinstance(summary.get("retention"), dict) else None
         results[key] = {"label": label, "wall_s": round(wall, 1), "peak_rss_mib": round(rss / 2 ** 20),
                         "tokens": summary.get("tokens"), "steps": summary.get("steps"), "retention": ret,
