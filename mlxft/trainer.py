@@ -11,7 +11,9 @@ given, on retention (teacher-forced scores of the base model's own probe answers
 generation). Adapters whose retention is at least retention.floor rank above those below it;
 among them the lowest validation loss wins, and below the floor the highest retention. Training
 stops after train.early_stop_patience validations without improvement (see min_improvement), or
-as soon as retention is below the floor at a validation that did not improve. Data order is a pure function of (seed, epoch), so a resumed run sees
+as soon as retention is below the floor at a validation that did not improve.
+
+Data order is a pure function of (seed, epoch), so a resumed run sees
 exactly the batches the uninterrupted run would have seen.
 
 Distributed (data parallel): every rank holds the whole tokenized dataset and walks the same
