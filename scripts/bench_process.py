@@ -15,7 +15,7 @@ checkpoints, writing the adapter), with its peak RSS from the kernel (wait4's ru
 
 Trainer gets mlxft's tokenization (same chat template, same masked targets), LoRA r/alpha on the
 same modules of every layer, the same batch size, AdamW at the learning rate mlxft chose,
-cosine schedule with 5% warm-up, `group_by_length=True` (its option against padding), no
+cosine schedule with 5% warm-up (transformers 5 has no `group_by_length` any more), no
 evaluation and no checkpoints (it does less work than mlxft's default run, which validates and
 checkpoints). mlxft may stop early (its default); the tokens each contender trained are shown.
 
@@ -76,8 +76,8 @@ def trainer_child(args) -> None:
                                              bias="none", task_type="CAUSAL_LM"))
     targs = TrainingArguments(
         output_dir=str(args.out), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_ratio=0.05, weight_decay=0.0,
-        max_grad_norm=1.0, optim="adamw_torch", bf16=args.trainer_dtype == "bf16", group_by_length=True,
+        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0,
+        max_grad_norm=1.0, optim="adamw_torch", bf16=args.trainer_dtype == "bf16",
         logging_steps=10 ** 9, save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True,
         remove_unused_columns=False, disable_tqdm=True, seed=0)
     trainer = Trainer(model=model, args=targs, train_dataset=rows,
