@@ -1,10 +1,12 @@
-"""Process memory, machine memory and free disk space readings."""
+"""Process memory, machine memory, free disk space and CPU model readings."""
 
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import sys
+from pathlib import Path
 
 
 def peak_rss_bytes() -> int:
@@ -28,3 +30,14 @@ def free_disk_bytes(path) -> int:
     while not p.exists():
         p = p.parent
     return shutil.disk_usage(p).free
+
+
+def cpu_model() -> str:
+    """The CPU's model name (benchmarks print it beside every figure)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import subprocess
@@ -29,14 +28,6 @@ WORDS = ("bike wheel tire chain brake gear saddle pedal frame fork spoke rim tub
          "steel carbon alloy red blue green black white new old small large cheap costly good best").split()
 
 
-def cpu_model() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def make_data(path: Path, n: int, seed: int = 0) -> tuple[int, int]:
@@ -66,6 +57,8 @@ def make_data(path: Path, n: int, seed: int = 0) -> tuple[int, int]:
 
 
 def main() -> None:
+    from mlxft.sysinfo import cpu_model
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=100_000)
     ap.add_argument("--model", help="model whose tokenizer to use (default: the built-in one)")

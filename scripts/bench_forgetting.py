@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -53,14 +52,6 @@ SETTINGS: dict[str, list[str]] = {
 }
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def model_spec(name: str) -> str | None:
@@ -114,6 +105,8 @@ def train_once(model: str | None, task: str, sets: list[str], out: Path) -> dict
 
 
 def main() -> None:
+    from mlxft.sysinfo import cpu_model
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="smollm2,gemma3")
     ap.add_argument("--tasks", default="faq,style,extract")

@@ -87,16 +87,11 @@ def trainer_child(args) -> None:
     print(json.dumps({"tokens": sum(len(s.ids) for s in data.samples) * args.epochs}))
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
+    from mlxft.sysinfo import cpu_model
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=ROOT / "recipes" / "data" / "quickstart" / "train.jsonl")
     ap.add_argument("--epochs", type=int, default=3)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -36,14 +35,6 @@ TOPICS = ("rivers", "mountains", "bread", "trains", "bees", "clocks", "maps", "v
           "winter", "robots", "islands", "paper", "bridges", "owls")
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def free_port() -> int:
@@ -139,6 +130,8 @@ def round_of(client, model: str, n: int, max_tokens: int, pid: int | None) -> di
 
 
 def main() -> None:
+    from mlxft.sysinfo import cpu_model
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="*", help="what to serve (default: the built-in model)")
     ap.add_argument("--tiny", metavar="HIDDENxLAYERS", help="serve a random tiny llama instead")
