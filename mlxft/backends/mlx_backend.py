@@ -27,6 +27,7 @@ from mlxft.backends.common import (adapted_layer_count, eos_ids, eval_mode, rank
 from mlxft.config import Config
 from mlxft.data import Batch
 from mlxft.errors import ModelError
+from mlxft.mlx_lm_config import UnmappableRope, mlx_lm_fields
 from mlxft.tokenizer import load_tokenizer
 
 LOSS_CHUNK = 1024     # target positions per LM-head chunk
@@ -46,6 +47,10 @@ def unsupported_reason(config: dict, remap: dict[str, str]) -> str | None:
     if remap.get(model_type, model_type) not in SUPPORTED_TYPES:
         return (f"architecture '{model_type}' is not supported by the MLX backend "
                 f"(supported: {', '.join(SUPPORTED_TYPES)}); try --backend torch")
+    try:
+        mlx_lm_fields(config)
+    except UnmappableRope as exc:
+        return str(exc)
     quant = config.get("quantization")
     if isinstance(quant, dict):
         layers = [quant] + [v for v in quant.values() if isinstance(v, dict)]
@@ -168,9 +173,14 @@ class MLXBackend(Backend):
         self._setup_device()
         from mlx_lm.utils import load_model
 
+        rope = mlx_lm_fields(config)  # transformers-5 RoPE fields, as mlx-lm's classes read them
+        if train and rope.exact_up_to is not None and self.cfg.train.max_seq_len > rope.exact_up_to:
+            raise ModelError(f"{model_path}: mlx-lm computes this model's longrope RoPE as transformers does only "
+                             f"up to {rope.exact_up_to} positions; set train.max_seq_len <= {rope.exact_up_to} "
+                             "or use --backend torch")
         mx.random.seed(self.cfg.seed)
         try:
-            model, _ = load_model(model_path)
+            model, _ = load_model(model_path, model_config=rope.overrides)
         except Exception as exc:
             raise ModelError(f"{model_path}: cannot load with mlx-lm ({type(exc).__name__}: "
                              f"{' '.join(str(exc).split())[:200]})") from None
