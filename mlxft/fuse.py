@@ -146,6 +146,7 @@ def fuse_model(base: Path, adapter: Path | None, out: Path, *, quantize_bits: in
                group_size: int = 64, shard_bytes: int = 4 << 30) -> dict:
     """Write the fused model as an HF folder at `out` (atomically). Returns a summary."""
     from mlxft.atomic import atomic_dir
+    from mlxft.mlx_lm_config import for_shared_folder
 
     fused = FusedTensors(base, adapter)
     dtype = output_dtype(fused)
@@ -203,7 +204,7 @@ def fuse_model(base: Path, adapter: Path | None, out: Path, *, quantize_bits: in
         if quantize_bits:
             config["quantization"] = {"group_size": group_size, "bits": quantize_bits}
             config["quantization_config"] = dict(config["quantization"])
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "config.json").write_text(json.dumps(for_shared_folder(config), indent=2))
     return {"output": str(out), "base": str(base), "adapter": str(adapter) if adapter else None,
             "dtype": config["dtype"], "quantized_bits": quantize_bits, "bytes": need,
             "tensors_merged": len(fused.targets) + (len(fused.adapter.replaced) if fused.adapter else 0)}

@@ -24,7 +24,7 @@ from mlxft.errors import ModelError
 from mlxft.paths import imported_models_dir
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "mistral")
-IMPORT_FORMAT = 2  # bump when the conversion changes; older imports are redone once
+IMPORT_FORMAT = 3  # bump when the conversion changes; older imports are redone once
 
 # llama.cpp's BPE pre-tokenizer regexes (src/llama-vocab.cpp), applied one after another, for the
 # `tokenizer.ggml.pre` values transformers has no table entry for.
@@ -153,6 +153,7 @@ def _convert_with_transformers(path: Path, target: Path, digest: str, info: dict
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mlxft.mlx_lm_config import write_shared_config
     from mlxft.ui import progress_frames_dropped, quiet_libraries
 
     quiet_libraries()
@@ -184,6 +185,7 @@ def _convert_with_transformers(path: Path, target: Path, digest: str, info: dict
     model.config.name_or_path = path.stem
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        write_shared_config(tmp)  # RoPE fields mlx-lm reads, beside transformers' rope_parameters
         tokenizer.save_pretrained(tmp)
         (tmp / "mlxft_source.json").write_text(json.dumps(
             {"kind": "gguf", "gguf": str(path.resolve()), "sha256": digest, "format": IMPORT_FORMAT,
