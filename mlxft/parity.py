@@ -10,8 +10,8 @@ scaling moves logits by a sizeable fraction of the range (SmolLM2 with mlx-lm's 
 2.88 on a range of about 30).
 
 Used by `mlxft doctor --check MODEL`, the parity tests and scripts/mlx_parity.py. `translate=False`
-loads the MLX side without mlxft's config translation (mlx-lm reading config.json alone), to
-show what the translation changes.
+loads the MLX side without mlxft's corrections (mlx-lm reading config.json alone, mlx-lm's Gemma 3
+embedding scale), to show what they change.
 """
 
 from __future__ import annotations
@@ -74,16 +74,18 @@ def _config():
 
 @contextmanager
 def _untranslated():
-    """mlx-lm reading config.json as it stands (the MLX backend before this translation)."""
+    """The MLX backend without mlxft's corrections: mlx-lm reading config.json as it stands, and
+    mlx-lm's own Gemma 3 embedding scale."""
     import mlxft.backends.mlx_backend as mb
     from mlxft.mlx_lm_config import MlxLmFields
 
-    saved = mb.mlx_lm_fields
+    saved = mb.mlx_lm_fields, mb.use_weight_dtype_embed_scale
     mb.mlx_lm_fields = lambda config: MlxLmFields({}, {})
+    mb.use_weight_dtype_embed_scale = lambda model: False
     try:
         yield
     finally:
-        mb.mlx_lm_fields = saved
+        mb.mlx_lm_fields, mb.use_weight_dtype_embed_scale = saved
 
 
 def torch_logits(model_path: Path, ids: list[int]) -> np.ndarray:

@@ -24,6 +24,7 @@ import numpy as np
 from mlxft.backends.base import Backend, EvalResult, StepResult
 from mlxft.backends.common import (adapted_layer_count, eos_ids, eval_mode, rank_seed, resolve_lora_targets,
                                    short_name, split_like)
+from mlxft.backends.mlx_gemma import use_weight_dtype_embed_scale
 from mlxft.config import Config
 from mlxft.data import Batch
 from mlxft.errors import ModelError
@@ -191,6 +192,7 @@ class MLXBackend(Backend):
         elif self._compute_dtype(model) == mx.float32 and self._metal():
             model.set_dtype(mx.bfloat16)  # as the torch backend's auto: bf16 where the GPU computes it
         self.dtype = self._compute_dtype(model)
+        use_weight_dtype_embed_scale(model)  # Gemma 3: the embedding scale transformers and llama.cpp use
         model.freeze()
         if adapter is not None:
             from mlxft.backends.mlx_adapters import apply_peft
