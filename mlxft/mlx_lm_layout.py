@@ -110,19 +110,24 @@ def write_mlx_lm_adapter(peft_dir: Path, out: Path, model_path: Path, model_ref:
         tensors[f"{module}.lora_b"] = np.ascontiguousarray(b, dtype=np.float32)
         if dora:
             tensors[f"{module}.m"] = np.ascontiguousarray(parts["m"], dtype=np.float32)
+    from mlxft.mlx_lm_config import mlx_lm_base
+
+    base = mlx_lm_base(model_path)  # a folder whose config.json mlx-lm reads as transformers does
+    if base != Path(model_path).resolve():
+        model_ref = None  # the Hub id would give mlx-lm the untranslated config
     config = {
         "fine_tune_type": "dora" if dora else "lora",
         "num_layers": n_layers - first_block if first_block < n_layers else 0,
         "lora_parameters": {"rank": rank, "scale": float(scale), "dropout": float(cfg.get("lora_dropout", 0.0)),
                             "keys": sorted(keys)},
-        "model": model_ref or str(Path(model_path).resolve()),
+        "model": model_ref or str(base),
         "exported_by": "mlxft",
         "exported_from": str(peft_dir.resolve()),
     }
     with atomic_dir(out) as tmp:
         (tmp / CONFIG).write_text(json.dumps(config, indent=4))
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "mlx"})
-    return {"output": str(out), "format": "mlx-lm", "fine_tune_type": config["fine_tune_type"],
+    return {"output": str(out), "format": "mlx-lm", "base": config["model"], "fine_tune_type": config["fine_tune_type"],
             "num_layers": config["num_layers"], "rank": rank, "scale": float(scale),
             "layers_adapted": len(groups), "bytes": (out / WEIGHTS).stat().st_size}
 

@@ -241,4 +241,4 @@ def _export_mlx_lm(model_or_run, out, adapter, quant, modelfile, as_json):
     else:
         ui.result(f"{result['output']}  (mlx-lm {result['fine_tune_type']}, rank {result['rank']}, "
                   f"scale {result['scale']:g}, last {result['num_layers']} layers; "
-                  f"mlx_lm.generate --model BASE --adapter-path {result['output']})")
+                  f"mlx_lm.generate --model {result['base']} --adapter-path {result['output']})")
