@@ -88,37 +88,37 @@ def _untranslated():
         mb.mlx_lm_fields, mb.use_weight_dtype_embed_scale = saved
 
 
-def torch_logits(model_path: Path, ids: list[int]) -> np.ndarray:
+def torch_logits(model_path: Path, ids: list[int], adapter: Path | None = None) -> np.ndarray:
     from mlxft.backends.torch_backend import TorchBackend
 
     be = TorchBackend(_config(), device="cpu")
-    be.load(Path(model_path), train=False)
+    be.load(Path(model_path), adapter=adapter, train=False)
     return be.logits(ids)
 
 
-def mlx_logits(model_path: Path, ids: list[int], translate: bool = True) -> np.ndarray:
+def mlx_logits(model_path: Path, ids: list[int], translate: bool = True, adapter: Path | None = None) -> np.ndarray:
     from mlxft.backends.mlx_backend import MLXBackend
 
     be = MLXBackend(_config())
     if translate:
-        be.load(Path(model_path), train=False)
+        be.load(Path(model_path), adapter=adapter, train=False)
     else:
         with _untranslated():
-            be.load(Path(model_path), train=False)
+            be.load(Path(model_path), adapter=adapter, train=False)
     return be.logits(ids)
 
 
-def check_model(model_path: Path, n_tokens: int = 32, before: bool = False) -> dict:
-    """The comparison for one model folder: {"ids", "after": Parity, "before": Parity|None}.
-    `before` also loads MLX without the translation (an error there is reported, not raised)."""
+def check_model(model_path: Path, n_tokens: int = 32, before: bool = False, adapter: Path | None = None) -> dict:
+    """The comparison for one model folder (and adapter): {"tokens", "after": Parity, "before"}.
+    `before` also loads MLX without the corrections (an error there is reported, not raised)."""
     from mlxft.tokenizer import load_tokenizer
 
     ids = probe_ids(load_tokenizer(Path(model_path), False), n_tokens)
-    reference = torch_logits(model_path, ids)
-    result = {"tokens": len(ids), "after": compare(reference, mlx_logits(model_path, ids))}
+    reference = torch_logits(model_path, ids, adapter)
+    result = {"tokens": len(ids), "after": compare(reference, mlx_logits(model_path, ids, adapter=adapter))}
     if before:
         try:
-            result["before"] = compare(reference, mlx_logits(model_path, ids, translate=False))
+            result["before"] = compare(reference, mlx_logits(model_path, ids, translate=False, adapter=adapter))
         except Exception as exc:  # mlx-lm may not even build the untranslated model (gemma3 layer pattern)
             result["before"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:120]}"
     return result

@@ -145,3 +145,23 @@ def test_longrope_training_past_the_short_factors_is_refused(family_dirs):
         MLXBackend(config(max_seq_len=256)).load(family_dirs["phi3-longrope"])
     assert "128" in exc.value.message and "max_seq_len" in exc.value.message
     MLXBackend(config(max_seq_len=128)).load(family_dirs["phi3-longrope"])  # within: loads
+
+
+def test_doctor_check_compares_the_backends(family_dirs, monkeypatch):
+    from click.testing import CliRunner
+
+    from mlxft.cli import cli
+
+    res = CliRunner().invoke(cli, ["doctor", "--check", str(family_dirs["llama-llama3"]), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["ok"] and report["ratio"] <= BOUND and report["tokens"] == 32
+    assert report["mlx_lm_fields"]["rope_scaling"]["rope_type"] == "llama3"
+
+    import mlxft.backends.mlx_backend as mb
+    from mlxft.mlx_lm_config import MlxLmFields
+
+    monkeypatch.setattr(mb, "mlx_lm_fields", lambda config: MlxLmFields({}, {}))  # the bug, injected
+    res = CliRunner().invoke(cli, ["doctor", "--check", str(family_dirs["llama-llama3"])])
+    assert res.exit_code == 1 and "DIFFERENT MODELS" in res.stdout
+    assert "differ from PyTorch's" in res.stderr and len(res.stderr.strip().splitlines()) == 1

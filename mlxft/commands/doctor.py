@@ -59,11 +59,19 @@ def collect(bench: bool = False) -> dict:
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--bench", is_flag=True, help="Also measure matmul speed (GFLOPS) per backend and dtype.")
-def doctor(as_json, bench):
+@click.option("--check", "check_spec", metavar="MODEL",
+              help="Instead: load MODEL (a folder, Hub id, GGUF or run) on the MLX and PyTorch backends and "
+                   "compare their next-token logits in float32 (needs both installed); exit 1 if they differ.")
+def doctor(as_json, bench, check_spec):
     """Report Python, OS, installed backends, devices, memory and the backend `auto` picks."""
     from mlxft import ui
     from mlxft.progress import fmt_bytes
 
+    if check_spec:
+        from mlxft.commands.doctor_check import check_backends
+
+        check_backends(check_spec, as_json)
+        return
     info = collect(bench)
     if as_json:
         ui.emit_json(info)
