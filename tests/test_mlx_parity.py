@@ -18,37 +18,14 @@ import pytest
 
 from mlxft.errors import ModelError
 from mlxft.parity import BOUND, check_model
-from tests.tiny import make_tiny_model
+from tests.tiny import ROPE_FAMILIES as FAMILIES
+from tests.tiny import make_rope_family
 
 pytestmark = pytest.mark.mlx
 pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 pytest.importorskip("torch")
 
-INIT = {"initializer_range": 0.2}
-FAMILIES = {
-    "llama": ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}),
-    "llama-llama3": ("llama", {"rope_parameters": {
-        "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
-    "llama-linear": ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 2e5, "factor": 4.0}}),
-    "llama-yarn": ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e5, "factor": 4.0,
-                                                 "original_max_position_embeddings": 128}}),
-    "llama-dynamic": ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 3e5, "factor": 2.0}}),
-    "qwen2": ("qwen2", {"rope_parameters": {"rope_type": "default", "rope_theta": 5e4}}),
-    "qwen3": ("qwen3", {"rope_parameters": {"rope_type": "default", "rope_theta": 3e5}}),
-    # hidden 80: sqrt(80) is not a bfloat16 number, so mlx-lm's rounded embedding scale would show
-    "gemma3_text": ("gemma3", {"hidden_size": 80, "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 8,
-                               "rope_parameters": {
-                                   "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5},
-                                   "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}}}),
-    "phi3": ("phi3", {"partial_rotary_factor": 0.5,
-                      "rope_parameters": {"rope_type": "default", "rope_theta": 2e5}}),
-    # rotary dims 8 -> 4 factors; short and long differ, so mlx-lm is given the short ones
-    "phi3-longrope": ("phi3", {"original_max_position_embeddings": 128, "rope_parameters": {
-        "rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0, 1.5, 2.0, 3.0],
-        "long_factor": [2.0, 4.0, 8.0, 16.0], "partial_rotary_factor": 0.5}}),
-}
 # mlx-lm 0.32's qwen3 reads transformers-5 rope_parameters itself; every other family here
 # loses its RoPE settings without the translation.
 RIGHT_WITHOUT_TRANSLATION = {"qwen3"}
@@ -57,8 +34,7 @@ RIGHT_WITHOUT_TRANSLATION = {"qwen3"}
 @pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory, default_model_dir):
     root = tmp_path_factory.mktemp("families")
-    return {name: make_tiny_model(root / name, default_model_dir, arch, **INIT, **kw)
-            for name, (arch, kw) in FAMILIES.items()}
+    return {name: make_rope_family(root, default_model_dir, name) for name in FAMILIES}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

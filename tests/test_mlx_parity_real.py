@@ -68,6 +68,18 @@ def test_smollm2_matches_torch_and_the_bug_shows(smollm2_t5):
     assert not result["before"].ok  # mlx-lm alone reads RoPE base 10000
 
 
+def test_gguf_import_writes_a_folder_plain_mlx_lm_reads_right(default_model_dir):
+    """The SmolLM2 import (GGUF -> HF folder) carries rope_parameters for transformers and the
+    top-level fields for mlx-lm: mlx-lm alone, without mlxft's in-memory translation, agrees."""
+    from mlxft.parity import compare, mlx_logits, probe_ids, torch_logits
+    from mlxft.tokenizer import load_tokenizer
+
+    config_json = json.loads((Path(default_model_dir) / "config.json").read_text())
+    assert config_json["rope_parameters"]["rope_theta"] == config_json["rope_theta"] == 100000.0
+    ids = probe_ids(load_tokenizer(default_model_dir), 16)
+    assert compare(torch_logits(default_model_dir, ids), mlx_logits(default_model_dir, ids, translate=False)).ok
+
+
 def test_gemma3_270m_matches_torch(gemma_dir):
     config_json = json.loads((gemma_dir / "config.json").read_text())
     assert config_json["model_type"] == "gemma3_text"

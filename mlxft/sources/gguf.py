@@ -8,6 +8,7 @@ tokenizer from the GGUF vocabulary (BPE with merges, or SentencePiece with score
 the chat template over. For BPE vocabularies the pre-tokenizer is then set to the exact split
 regexes llama.cpp uses for the file's `tokenizer.ggml.pre` (transformers lacks some, e.g.
 `smollm`, whose digits llama.cpp splits one by one), so the folder tokenizes as the GGUF does.
+config.json also carries the RoPE fields mlx-lm reads (mlxft/mlx_lm_config.py).
 
 Imports are cached under MLXFT_HOME/models/<name>-<sha256[:12]>, keyed by the file's hash, so
 each GGUF is converted once; `mlxft_source.json` there records where it came from.
