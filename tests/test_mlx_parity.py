@@ -141,3 +141,19 @@ def test_doctor_check_compares_the_backends(family_dirs, monkeypatch):
     res = CliRunner().invoke(cli, ["doctor", "--check", str(family_dirs["llama-llama3"])])
     assert res.exit_code == 1 and "DIFFERENT MODELS" in res.stdout
     assert "differ from PyTorch's" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_train_refuses_unmappable_rope_before_training(family_dirs, tmp_path):
+    from click.testing import CliRunner
+
+    from mlxft.cli import cli
+    from tests.test_mlx_helpers import write_chat
+
+    model = _variant(family_dirs["llama"], tmp_path, lambda c: c["rope_parameters"].update(rope_type="proportional"))
+    data = write_chat(tmp_path / "chat.jsonl")
+    res = CliRunner().invoke(cli, ["train", "--model", str(model), "--data", str(data), "--backend", "mlx",
+                                   "--steps", "2", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'proportional'" in lines[0] and "'llama'" in lines[0], res.stderr
+    assert not (tmp_path / "run").exists()  # refused before the run directory is made
