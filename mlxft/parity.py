@@ -7,7 +7,7 @@ logits differ by rounding, about sqrt(K) * 6e-8 relative for a K-term dot produc
 thousands for real models: ~1e-5 of the values' scale, and the scale is at most the range).
 1e-3 of the range leaves two orders of magnitude for that rounding, while a wrong RoPE base or
 scaling moves logits by a sizeable fraction of the range (SmolLM2 with mlx-lm's default base:
-2.88 on a range of about 30).
+4.0 on a range of 62, 0.064 of it; the tiny test models: 0.5 to 0.7 of it).
 
 Used by `mlxft doctor --check MODEL`, the parity tests and scripts/mlx_parity.py. `translate=False`
 loads the MLX side without mlxft's corrections (mlx-lm reading config.json alone, mlx-lm's Gemma 3
