@@ -127,9 +127,9 @@ def write_mlx_lm_adapter(peft_dir: Path, out: Path, model_path: Path, model_ref:
     with atomic_dir(out) as tmp:
         (tmp / CONFIG).write_text(json.dumps(config, indent=4))
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "mlx"})
-    return {"output": str(out), "format": "mlx-lm", "base": config["model"], "fine_tune_type": config["fine_tune_type"],
-            "num_layers": config["num_layers"], "rank": rank, "scale": float(scale),
-            "layers_adapted": len(groups), "bytes": (out / WEIGHTS).stat().st_size}
+    return {"output": str(out), "format": "mlx-lm", "base": config["model"],
+            "fine_tune_type": config["fine_tune_type"], "num_layers": config["num_layers"], "rank": rank,
+            "scale": float(scale), "layers_adapted": len(groups), "bytes": (out / WEIGHTS).stat().st_size}
 
 
 def read_mlx_lm_config(path: Path) -> dict:

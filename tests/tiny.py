@@ -59,7 +59,8 @@ ROPE_FAMILIES = {
     "qwen2": ("qwen2", {"rope_parameters": {"rope_type": "default", "rope_theta": 5e4}}),
     "qwen3": ("qwen3", {"rope_parameters": {"rope_type": "default", "rope_theta": 3e5}}),
     # hidden 80: sqrt(80) is not a bfloat16 number, so mlx-lm's rounded embedding scale would show
-    "gemma3_text": ("gemma3", {"hidden_size": 80, "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 8,
+    "gemma3_text": ("gemma3", {"hidden_size": 80, "sliding_window": 8,
+                               "layer_types": ["sliding_attention", "full_attention"],
                                "rope_parameters": {
                                    "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5},
                                    "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}}}),
