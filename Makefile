@@ -53,11 +53,11 @@ quickstart: setup
 test: setup-test test-fast test-slow
 
 test-fast: setup-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # Real-model tier (SmolLM2-135M): learning a fact, export judged by llama.cpp, and the like.
 test-slow: setup-test
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow --durations=15
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
