@@ -1,7 +1,7 @@
 """Comparing two evaluations of one model at the level the claims are about: mean KL between
 next-token distributions, top-1 agreement, and a simulation of llama.cpp's 8-bit activation
 rounding, which gives quantized-kernel comparisons a bound derived from the rounding step itself
-rather than read off one CPU."""
+rather than read off one CPU, and the bound for two float32 evaluations of one model."""
 
 from __future__ import annotations
 
@@ -34,6 +34,26 @@ def top1_margin(logits: np.ndarray) -> np.ndarray:
     """How far the top logit leads the runner-up at each position."""
     top2 = np.sort(np.asarray(logits, dtype=np.float64), axis=-1)[:, -2:]
     return top2[:, 1] - top2[:, 0]
+
+
+def f32_bound(ours: np.ndarray, exact: np.ndarray, longest_dot: int) -> float:
+    """Largest |theirs - exact| allowed, where `theirs` is another float32 evaluation of the model
+    that gave `ours` (float32) and `exact` (float64).
+
+    Two float32 implementations (llama.cpp with F32 weights and an F32 KV cache, MLX, PyTorch) sum
+    the same dot products (at most `longest_dot` terms) through the same layers; they differ only
+    in summation order, FMA use, and a few ulp in exp/silu/RoPE-angle implementations (llama.cpp
+    builds RoPE angles by repeated multiplication: at most p * max_i(i * theta_i) * 2**-24, about
+    94 * 1 * 6e-8 = 6e-6 rad for SmolLM2's test sequence, negligible). Each therefore sits at a
+    rounding distance of the same kind from the exact result. That distance is measured on the
+    spot, e = max|ours - exact|, not read off a CPU; it is floored at the textbook one-dot-product
+    estimate sqrt(n) * 2**-24 * max|logit| (n = longest_dot) in case this CPU's rounding happens
+    to cancel. |theirs - exact| may reach e, doubled for summation orders that happen to align
+    badly, and doubled again for the elementwise functions: 4 e. (Measured on an Intel Xeon,
+    Sapphire Rapids, SmolLM2 through llama.cpp: e = 6.2e-5, |theirs - exact| = 4.8e-5, logits up
+    to 41; the injected bugs in test_gguf_import.py move logits by 10 to 6500.)"""
+    floor = np.sqrt(longest_dot) * 2.0**-24 * np.abs(exact).max()
+    return 4 * max(float(np.abs(ours - exact).max()), floor)
 
 
 def round_blocks_to_8bit(x, block: int = 32):

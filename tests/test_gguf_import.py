@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from mlxft.errors import ModelError
+from tests.logit_stats import f32_bound
 
 HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = 256, 512, 2, 4, 2
 # tensor -> type for layer 0 (layer 1 is F16): every K-quant gguf-py can dequantize, plus legacy ones
@@ -411,24 +412,6 @@ def smollm2_vs_llamacpp(default_model_dir, tmp_path_factory):
     llama_q4 = _llamacpp_logits(smollm2_gguf(), ids)
     return dict(ids=ids, model=model, ours=ours, exact=exact, llama_f32=llama_f32, llama_q4=llama_q4,
                 simulated=simulated)
-
-
-def f32_bound(ours: np.ndarray, exact: np.ndarray, longest_dot: int) -> float:
-    """Largest |logit difference| allowed between two float32 evaluations of one model.
-
-    Both llama.cpp (F32 weights, F32 KV cache) and transformers sum the same dot products (of at
-    most `longest_dot` terms) through the same layers in float32; they differ only in summation order, FMA
-    use, and a few-ulp difference in exp/silu/RoPE angle implementations (llama.cpp builds RoPE
-    angles by repeated multiplication: at most p * max_i(i * theta_i) * 2**-24 ~ 94 * 1 * 6e-8 ~
-    6e-6 rad here, negligible). So each sits at a rounding distance of the same kind from the
-    exact (float64) result. That distance is measured on the spot, e = max|ours32 - ours64|, not
-    read off a CPU; it is floored at the textbook one-dot-product estimate sqrt(n) * 2**-24 *
-    max|logit| (n = longest_dot) in case this CPU's rounding happens to cancel. |theirs - ours64| may then
-    reach e from each side's rounding, doubled for summation orders that happen to align badly:
-    4 e. (Measured on an Intel Xeon Sapphire Rapids: e = 6.2e-5, |theirs - ours64| = 4.8e-5,
-    logits up to 41; the injected bugs below move logits by 0.1-10.)"""
-    floor = np.sqrt(longest_dot) * 2.0**-24 * np.abs(exact).max()
-    return 4 * max(float(np.abs(ours - exact).max()), floor)
 
 
 def same_f32_model(candidate: np.ndarray, llama_f32: np.ndarray, bound: float) -> bool:
