@@ -230,6 +230,9 @@ def test_import_dequantizes_every_type_and_undoes_permutation(tiny_gguf):
     assert set(want) <= set(got)
     for name, arr in want.items():
         assert got[name].dtype == np.float32
+        # d * q + m (or d * q) in float32 here and in gguf-py, in either order: at most two
+        # roundings, 2 * 2**-24 = 1.2e-7 relative; rtol=1e-6 is 8 of those, atol covers zeros.
+        # A wrong scale, sub-block or bit order is off by whole quantization steps (>1e-3 here).
         np.testing.assert_allclose(got[name], arr, rtol=1e-6, atol=1e-7, err_msg=name)
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_key_value_heads"] == KV_HEADS
