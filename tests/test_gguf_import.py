@@ -453,10 +453,9 @@ def same_distribution(candidate: np.ndarray, llama_q4: np.ndarray, ours: np.ndar
 def test_smollm2_import_equals_llamacpp_at_f32(smollm2_vs_llamacpp):
     r = smollm2_vs_llamacpp
     bound = f32_bound(r["ours"], r["exact"], SMOLLM2_LONGEST_DOT)
-    diff = float(np.abs(r["ours"] - r["llama_f32"]).max())
     assert np.abs(r["llama_f32"]).max() > 1  # a real comparison, not two all-zero arrays
-    # |ours32 - theirs| <= |ours32 - exact| + |theirs - exact| <= e + 4e (see f32_bound)
-    assert diff <= bound + float(np.abs(r["ours"] - r["exact"]).max()), (diff, bound)
+    # llama.cpp within 4e of the float64 evaluation (see f32_bound); mlxft's own float32 logits
+    # are then within 5e of llama.cpp's by the triangle inequality
     assert same_f32_model(r["exact"], r["llama_f32"], bound), (float(np.abs(r["exact"] - r["llama_f32"]).max()), bound)
 
 
