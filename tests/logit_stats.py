@@ -1,5 +1,5 @@
 """Comparing two evaluations of one model at the level the claims are about: mean KL between
-next-token distributions, top-1 agreement, and a simulation of llama.cpp's 8-bit activation
+next-token distributions, top-1 leads, and a simulation of llama.cpp's 8-bit activation
 rounding, which gives quantized-kernel comparisons a bound derived from the rounding step itself
 rather than read off one CPU, and the bound for two float32 evaluations of one model."""
 
@@ -24,10 +24,6 @@ def kl_per_position(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
 
 def mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     return float(kl_per_position(p_logits, q_logits).mean())
-
-
-def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
-    return float((np.asarray(a).argmax(-1) == np.asarray(b).argmax(-1)).mean())
 
 
 def top1_margin(logits: np.ndarray) -> np.ndarray:
