@@ -50,14 +50,18 @@ quickstart: setup
 	echo "Q: What is the capital of France?"; \
 	$(BIN)/mlxft generate $$run --prompt "What is the capital of France?" --max-tokens 40
 
+# Both tiers share one MLXFT_HOME (tests/conftest.py), so the real models are imported from their
+# GGUFs once per checkout instead of once per pytest process. --durations prints the slowest 15.
+TEST_HOME ?= $(CURDIR)/.test-home
+
 test: setup-test test-fast test-slow
 
 test-fast: setup-test
-	$(BIN)/python -m pytest -q
+	MLXFT_TEST_HOME=$(TEST_HOME) $(BIN)/python -m pytest -q --durations=15
 
 # Real-model tier (SmolLM2-135M): learning a fact, export judged by llama.cpp, and the like.
 test-slow: setup-test
-	$(BIN)/python -m pytest -q -m slow
+	MLXFT_TEST_HOME=$(TEST_HOME) $(BIN)/python -m pytest -q -m slow --durations=15
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .test-home

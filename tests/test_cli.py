@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -19,20 +18,17 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "mlxft", *args], capture_output=True, text=True, env=env)
 
 
-def test_help_is_fast_and_imports_no_heavy_library():
-    code = ("import sys, time; t=time.perf_counter(); from mlxft.cli import cli; "
+def test_help_imports_no_heavy_library():
+    # --help stays fast because it imports none of the heavy libraries; that is what is checked
+    # (a wall-clock limit would only measure how loaded the machine running the test is).
+    code = ("import sys; from mlxft.cli import cli; "
             "from click.testing import CliRunner; r=CliRunner().invoke(cli, ['--help']); "
             "assert r.exit_code == 0, r.output; "
-            "heavy=[m for m in ('torch','transformers','mlx','peft','numpy') if m in sys.modules]; "
-            "print(heavy, time.perf_counter()-t)")
+            "print([m for m in ('torch','transformers','mlx','peft','numpy') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
-    heavy, seconds = out.rsplit(" ", 1)
-    assert heavy == "[]"
-    assert float(seconds) < 1.0
-    started = time.perf_counter()
+    assert out.strip() == "[]"
     res = run_cli("--help")
     assert res.returncode == 0 and "train" in res.stdout and "export" in res.stdout
-    assert time.perf_counter() - started < 3.0  # includes interpreter start-up
 
 
 def test_every_command_has_help():

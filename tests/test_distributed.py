@@ -357,6 +357,9 @@ def _kill_rank_then_resume(model, data, tmp_path, launch, steps):
 
     r = run(launch(["train", "--resume", str(broken)]))
     assert json.loads((broken / "run.json").read_text())["status"] == "done", r.stderr[-3000:]
+    # Same machine, same processes, state restored bit for bit: every step repeats the same sums
+    # (a two-rank all-reduce adds a + b, commutative in floating point), so losses and adapters
+    # repeat exactly (expected difference 0; 1e-6 is about one ulp of a ~10-nat loss).
     curve = {x["step"]: x["loss"] for x in train_rows(broken)}
     diverged = [(x["step"], x["loss"], curve.get(x["step"])) for x in train_rows(full)
                 if curve.get(x["step"]) is None or abs(curve[x["step"]] - x["loss"]) > 1e-6]

@@ -81,6 +81,8 @@ def test_early_stop_on_real_overfitting(tiny_model_dir, tmp_path):
     res = CliRunner().invoke(cli, ["eval", str(tmp_path / "run"), "--json"])
     assert res.exit_code == 0, res.output
     got = json.loads(res.stdout)
+    # the trainer's figure (LoRA side path) against eval's (adapter merged into the weights): one
+    # more float32 rounding per weight, ~1e-6 relative; see test_eval.py's note
     assert got["tuned"]["loss"] == pytest.approx(summary["chosen_val_loss"], rel=1e-4)
     assert summary["chosen_val_loss"] <= summary["best_val_loss"]
     assert got["tuned"]["loss"] <= summary["last_val_loss"]

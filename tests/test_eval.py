@@ -73,6 +73,18 @@ def varied_model(tmp_path_factory, default_model_dir):
                            tie_word_embeddings=False)
 
 
+# Tolerances on losses. A tiny random model's loss is about ln(49152) = 10.8 nats per token. In
+# float32, the log-sum-exp over V = 49152 logits carries a relative rounding of about
+# sqrt(V) * 2**-24 = 1.3e-5 in its sum, which the log turns into 1.3e-5 nats; logits computed in
+# differently shaped batches (padding, packing) differ by float32 rounding of similar relative
+# size (~1e-6 of 10.8). So two evaluations of the same loss agree to ~1e-6 relative: rel=1e-5 is
+# the bound where the same library computes both, rel=1e-4 where one side merges the adapter
+# into the weights (one more rounding per weight) or is another framework (MLX). Perplexity
+# exp(loss) turns the loss's absolute error (1e-5 * 10.8 = 1.1e-4 at rel=1e-5) into the same
+# relative error, hence rel=1e-4 there. A target token masked wrongly or a sample dropped moves
+# the mean by a whole token's loss over the token count, far beyond these bounds.
+
+
 def test_eval_equals_hand_computation(varied_model, tmp_path):
     data = write_jsonl(tmp_path / "chats.jsonl", [{"messages": m} for m in CHATS])
     res = CliRunner().invoke(cli, ["eval", str(varied_model), "--data", str(data), "--json", "--batch-size", "2"])

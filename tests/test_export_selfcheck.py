@@ -40,6 +40,10 @@ def test_selfcheck_passes_then_catches_a_broken_tokenizer_key(run_dir, tmp_path,
     check = json.loads(res.stdout)["selfcheck"]
     assert check["ok"] is True and check["prompts"] == len(VALID)
     assert check["tokens"]["equal"] == check["tokens"]["total"] == 2 * len(VALID)
+    # the self-check's own f16 tolerances (mlxft/export/selfcheck.py TOLERANCES): f16 rounds by
+    # 2**-11 relative, which moves a random tiny model's flat distributions very little. Those roundings
+    # are deterministic; only float32 summation order differs by CPU (~1e-7), which can flip a
+    # top-1 only where the lead is that small.
     assert check["logits"]["mean_kl"] < 0.005 and check["logits"]["top1"] > 0.98
     assert check["stops"]["end_of_generation"] and check["stops"]["tokens"] == ["<|im_end|>"]
 

@@ -127,6 +127,9 @@ def test_real_model_f16_tokenizes_like_hf_and_keeps_top1(default_model_dir, work
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text, add_special_tokens=False)
     got = llama_cpp_logits(llm, held_ids)
     agree = float((got.argmax(-1) == source_logits.argmax(-1)).mean())
+    # f16 weights, activations and KV cache round deterministically (round to nearest) on every
+    # CPU; only float32 summation order differs. A top-1 flips only at a near-tie, 1 position in
+    # 100 allowed (the check passed on an Intel Xeon Sapphire Rapids and an AMD EPYC Zen 3).
     assert agree >= 0.99, f"top-1 agreement {agree:.3f}"
 
 

@@ -105,6 +105,9 @@ def test_grad_accumulation_matches_big_batch(tiny_model_dir, data_file, tmp_path
         pad = b.tokenizer.pad_token_id
         batches = [collate(samples, pad)] if split == 1 else [collate(samples[:4], pad), collate(samples[4:], pad)]
         losses.append(b.train_step(batches, lr=1e-3).loss)
+    # the same 8 samples' mean loss summed in one batch or two: float32 rounding of a ~10.8-nat
+    # mean (ulp 9.5e-7) over differently shaped matmuls; 1e-5 is ~10 ulp, while weighting the two
+    # halves by batch instead of by target count moves it by the halves' loss difference
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
 
 
