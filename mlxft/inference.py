@@ -51,10 +51,10 @@ def run_system_prompt(resolved) -> str | None:
     """The system prompt a run was trained with, so inference matches training."""
     if resolved.run is None:
         return None
-    from mlxft.config import build_config
+    from mlxft.runs import Run
 
     try:
-        return build_config(str(resolved.run / "config.yaml")).data.system_prompt
+        return Run(resolved.run).config().data.system_prompt
     except Exception:
         return None
 

@@ -10,23 +10,16 @@ import time
 from pathlib import Path
 
 from mlxft import ui
-from mlxft.config import Config, build_config, to_yaml
-from mlxft.data import Dataset, Sample, load_dataset, split_dataset
-from mlxft.errors import ConfigError, MlxftError
+from mlxft.config import Config, to_yaml
+from mlxft.data import Dataset, Sample
+from mlxft.errors import MlxftError
 from mlxft.runs import Run, create_run, is_run_dir
 
 
 def load_data(cfg: Config, tokenizer, skip_bad_lines: bool = False) -> tuple[Dataset, Dataset]:
-    if not cfg.data.train:
-        raise ConfigError("data.train: no training data", "pass --data FILE.jsonl or set data.train in the recipe")
-    kw = dict(max_seq_len=cfg.train.max_seq_len, mask_prompt=cfg.train.mask_prompt,
-              system_prompt=cfg.data.system_prompt, skip_bad_lines=skip_bad_lines,
-              columns=cfg.data.columns, limit=cfg.data.limit)
-    train = load_dataset(cfg.data.train, tokenizer, split=cfg.data.split, **kw)
-    if cfg.data.valid:
-        valid = load_dataset(cfg.data.valid, tokenizer, **kw)
-    else:
-        train, valid = split_dataset(train, cfg.data.valid_split, cfg.seed)
+    from mlxft.training_data import training_sets
+
+    train, valid = training_sets(cfg, tokenizer, skip_bad_lines=skip_bad_lines)
     for ds in (train, valid):
         if ds.truncated:
             ui.warn(f"{ds.path}: {ds.truncated} samples longer than train.max_seq_len={cfg.train.max_seq_len} "
@@ -178,8 +171,7 @@ def resume_config(run_dir: Path) -> Config:
     meta = Run(Path(run_dir)).meta()
     if meta.get("status") == "done":
         raise MlxftError(f"--resume {run_dir}: the run already finished")
-    cfg = build_config(str(Path(run_dir) / "config.yaml"))
-    return cfg
+    return Run(Path(run_dir)).config()
 
 
 def resume_source(world, run_dir: Path, keep: Path | None) -> tuple[Config, Path]:
@@ -203,4 +195,4 @@ def resume_source(world, run_dir: Path, keep: Path | None) -> tuple[Config, Path
     if blob.startswith(b"\0"):
         raise MlxftError(f"--resume {run_dir}: rank 0 could not resume ({blob[1:].decode()})")
     bytes_to_dir(blob, keep)
-    return build_config(str(keep / "config.yaml")), keep / "checkpoint"
+    return Run(keep).config(), keep / "checkpoint"

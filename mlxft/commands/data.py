@@ -47,10 +47,10 @@ def check(files, valid_files, model, recipe, max_seq_len, sets, as_json):
     """
     from mlxft import ui
     from mlxft.config import build_config
-    from mlxft.data import load_dataset
     from mlxft.datacheck import analyze, print_report
     from mlxft.sources import resolve_model
     from mlxft.tokenizer import load_tokenizer
+    from mlxft.training_data import read_source
 
     cfg = build_config(recipe, sets, {"model": model, "train": {"max_seq_len": max_seq_len}})
     train_files = [f for f in files if not is_validation_name(f)]
@@ -64,12 +64,9 @@ def check(files, valid_files, model, recipe, max_seq_len, sets, as_json):
     resolved = resolve_model(cfg.model)
     with ui.console.status(f"Loading the tokenizer of {resolved.spec}"):
         tokenizer = load_tokenizer(resolved.path)
-    kw = dict(max_seq_len=cfg.train.max_seq_len, mask_prompt=cfg.train.mask_prompt,
-              system_prompt=cfg.data.system_prompt, skip_bad_lines=True,
-              columns=cfg.data.columns, limit=cfg.data.limit)
     with ui.console.status("Reading and tokenizing"):
-        train = [load_dataset(f, tokenizer, split=cfg.data.split, **kw) for f in train_files]
-        valid = [load_dataset(f, tokenizer, **kw) for f in valid_files]
+        train = [read_source(cfg, f, tokenizer, train=True, skip_bad_lines=True) for f in train_files]
+        valid = [read_source(cfg, f, tokenizer, train=False, skip_bad_lines=True) for f in valid_files]
     with ui.console.status("Checking"):
         report = analyze(train, valid, tokenizer, cfg.train.max_seq_len)
     report["model"] = resolved.spec
