@@ -122,10 +122,10 @@ def _trained_model(model_or_run, adapter, chat, status):
 
 
 def _validation_ids(engine, job, resolved) -> list[list[int]]:
-    from mlxft.export.selfcheck import MAX_TOKENS_PER_TEXT, conversations, probe_records, validation_records
+    from mlxft.export.selfcheck import MAX_TOKENS_PER_TEXT, conversations, probe_records
     from mlxft.templates import render
 
-    prompts = conversations(validation_records(resolved.run), job.chat.system_prompt)
+    prompts = conversations(_validation_records(resolved, engine), job.chat.system_prompt)
     prompts = prompts or conversations(probe_records(), job.chat.system_prompt)
     texts = [render(engine.tokenizer, job.chat.template,
                     p.messages + ([{"role": "assistant", "content": p.answer}] if p.answer else []),
@@ -175,14 +175,23 @@ def _modelfile(out, resolved, job, system, adapter_only) -> dict:
     return info
 
 
+def _validation_records(resolved, engine) -> list[dict]:
+    """The run's validation records, the same samples its training held out (none for a plain model)."""
+    if resolved.run is None:
+        return []
+    from mlxft.training_data import validation_records
+
+    return validation_records(resolved.run, engine.tokenizer)
+
+
 def _selfcheck(out, engine, job, resolved, result) -> dict:
-    from mlxft.export.selfcheck import llama_cpp_installed, run_selfcheck, validation_records
+    from mlxft.export.selfcheck import llama_cpp_installed, run_selfcheck
 
     modelfile_check = result.get("modelfile_check")
     if not llama_cpp_installed():
         check = {"skipped": "llama.cpp is not installed (pip install llama-cpp-python)", "ok": None}
     else:
-        check = run_selfcheck(out, engine, job.chat, result["quant"], validation_records(resolved.run))
+        check = run_selfcheck(out, engine, job.chat, result["quant"], _validation_records(resolved, engine))
     if modelfile_check is not None:
         check["modelfile"] = modelfile_check
         if modelfile_check.get("ok") is False:
