@@ -107,7 +107,7 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
     # Retention baselines and replay answers are generated once, by rank 0, into the run directory.
     if retention is not None and not resume and world.is_root:
         clock = time.perf_counter()
-        retention.before_training(cfg, run, backend)
+        retention.before_training(cfg, run, backend, len(train_set))
         timings["baseline_and_replay_s"] = round(time.perf_counter() - clock, 2)
     if retention is not None and cfg.data.replay > 0 and retention.own_chat_format(backend):
         replay = retention.replay_samples(cfg, run, backend.tokenizer, len(train_set)) if world.is_root else None
