@@ -76,7 +76,7 @@ def read_prompts(path: str) -> list[str]:
     from mlxft.errors import DataError
 
     try:
-        lines = open(path, encoding="utf-8").read().splitlines()
+        lines = open(path, encoding="utf-8-sig").read().splitlines()  # a byte-order mark is not a prompt
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(path, None, f"cannot read prompts ({exc})") from None
     prompts = []
