@@ -12,8 +12,6 @@ erase a small adapter. The result is cast once to the output dtype, or re-quanti
 from __future__ import annotations
 
 import json
-import math
-import re
 import shutil
 from pathlib import Path
 
@@ -22,7 +20,6 @@ import numpy as np
 from mlxft.errors import ModelError
 from mlxft.export.safetensors_io import ModelTensors, SafetensorsFolder, mlx_quantize, to_dtype, write_safetensors
 
-_PREFIX = "base_model.model."
 WEIGHT_FILES = (".safetensors", ".bin", ".pth", ".pt", ".gguf", ".npz")
 
 
@@ -37,7 +34,7 @@ class Adapter:
     """A PEFT adapter folder: per base-module LoRA factors, scaling, optional DoRA magnitude."""
 
     def __init__(self, folder: Path):
-        from mlxft.adapters import read_adapter_config
+        from mlxft.adapters import parse_keys, read_adapter_config
 
         self.folder = Path(folder)
         self.config = read_adapter_config(self.folder)
@@ -48,22 +45,7 @@ class Adapter:
         if not file.is_file():
             raise ModelError(f"{self.folder}: no adapter_model.safetensors")
         self.st = SafetensorsFolder(self.folder, [file])
-        self.modules: dict[str, dict[str, str]] = {}
-        self.replaced: dict[str, str] = {}  # full tensors saved by modules_to_save
-        for key in self.st.names():
-            name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
-            m = re.match(r"(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?\.weight$", name) or \
-                re.match(r"(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)$", name) or \
-                re.match(r"(.+)\.(lora_magnitude_vector)(?:\.[^.]+)?(?:\.weight)?$", name)
-            if m:
-                self.modules.setdefault(m.group(1), {})[m.group(2)] = key
-            elif ".modules_to_save." in name:
-                self.replaced[re.sub(r"\.modules_to_save\.[^.]+", "", name)] = key
-            else:
-                self.replaced[name] = key
-        for module, parts in self.modules.items():
-            if not ({"lora_A", "lora_B"} <= set(parts) or {"lora_embedding_A", "lora_embedding_B"} <= set(parts)):
-                raise ModelError(f"{self.folder}: incomplete LoRA factors for {module}")
+        self.modules, self.replaced = parse_keys(self.st.names(), self.folder)
 
     def rank(self, module: str) -> int:
         parts = self.modules[module]
@@ -72,12 +54,9 @@ class Adapter:
 
     def scale(self, module: str) -> float:
         """alpha / r (PEFT rank_pattern / alpha_pattern honoured; rsLoRA: alpha / sqrt(r))."""
-        r = self.rank(module)
-        alpha = self.config.get("lora_alpha", r)
-        for pattern, value in (self.config.get("alpha_pattern") or {}).items():
-            if re.search(rf"(^|\.){pattern}$", module):
-                alpha = value
-        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+        from mlxft.adapters import module_scale
+
+        return module_scale(self.config, module, self.rank(module))
 
     def factors(self, module: str) -> tuple[np.ndarray, np.ndarray]:
         """(A (r, in), B (out, r)) as float32, for any LoRA kind (embeddings transposed)."""

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from mlxft.adapters import linear_factors
 from mlxft.errors import ModelError
 
 CONFIG = "adapter_config.json"
@@ -49,31 +49,6 @@ def _num_hidden_layers(model_path: Path) -> int:
     return value
 
 
-def _peft_modules(peft_dir: Path) -> tuple[dict, dict]:
-    """(PEFT config, {module path: {"A", "B"[, "m"], "scale"}}) with float32 arrays."""
-    from mlxft.adapters import read_adapter_config, read_adapter_tensors
-    from mlxft.backends.mlx_adapters import _group, _pattern_value
-
-    cfg = read_adapter_config(peft_dir)
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ModelError(f"{peft_dir}: adapter type {cfg.get('peft_type')} has no mlx-lm layout (only LoRA/DoRA)")
-    if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
-        raise ModelError(f"{peft_dir}: trained biases or modules_to_save have no place in mlx-lm's adapter layout")
-    groups = _group(read_adapter_tensors(peft_dir), peft_dir)
-    if not groups:
-        raise ModelError(f"{peft_dir}: adapter holds no LoRA weights")
-    for module, parts in groups.items():
-        a, b = parts["A"].astype(np.float32), parts["B"].astype(np.float32)
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise ModelError(f"{peft_dir}: '{module}' is not a linear LoRA (A {a.shape}, B {b.shape})")
-        r = a.shape[0]
-        alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", r)))
-        parts.update(A=a, B=b, scale=alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r)
-        if "m" in parts:
-            parts["m"] = parts["m"].astype(np.float32).reshape(-1)
-    return cfg, groups
-
-
 def write_mlx_lm_adapter(peft_dir: Path, out: Path, model_path: Path, model_ref: str | None = None) -> dict:
     """Write the PEFT adapter at `peft_dir` (for the base at `model_path`) as an mlx-lm adapter
     folder at `out`, atomically. Returns a summary."""
@@ -82,7 +57,7 @@ def write_mlx_lm_adapter(peft_dir: Path, out: Path, model_path: Path, model_ref:
     from mlxft.atomic import atomic_dir
 
     peft_dir, out = Path(peft_dir), Path(out)
-    cfg, groups = _peft_modules(peft_dir)
+    cfg, groups = linear_factors(peft_dir, "mlx-lm's adapter layout")
     dora = bool(cfg.get("use_dora")) or any("m" in p for p in groups.values())
     if dora and not all("m" in p for p in groups.values()):
         raise ModelError(f"{peft_dir}: a DoRA adapter lacks the magnitude vector of some layers")
