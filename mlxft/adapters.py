@@ -153,3 +153,33 @@ def write_adapter(path: Path, config: dict, tensors: dict) -> None:
     with atomic_dir(path) as tmp:
         (tmp / CONFIG).write_text(json.dumps(config, indent=2))
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+
+
+def _plain_number(value: float):
+    """alpha as PEFT users write it: 16, not 16.000000000000004 (a float32 scale times r)."""
+    return int(round(value)) if abs(value - round(value)) < 1e-6 * max(1.0, abs(value)) else value
+
+
+def peft_config(base_model: str | None, ranks: dict[str, int], alphas: dict[str, float], *,
+                dropout: float = 0.0, use_dora: bool = False, n_layers: int | None = None) -> dict:
+    """The adapter_config.json of a LoRA/DoRA adapter with rank `ranks[module]` and alpha
+    `alphas[module]` per adapted module path: the most common rank and alpha as r / lora_alpha,
+    the others as rank_pattern / alpha_pattern keyed by the full module path (which PEFT's
+    pattern matching takes for that module alone). `layers_to_transform` lists the adapted
+    blocks when they are not all `n_layers` of them."""
+    from collections import Counter
+
+    alphas = {m: _plain_number(float(a)) for m, a in alphas.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    layers = {int(match.group(1)) for m in ranks if (match := re.search(r"\.layers\.(\d+)\.", f".{m}"))}
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "bias": "none",
+        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}),
+        "layers_to_transform": sorted(layers) if layers and (n_layers is None or len(layers) < n_layers) else None,
+        "use_dora": use_dora, "use_rslora": False, "fan_in_fan_out": False,
+        "rank_pattern": {m: v for m, v in ranks.items() if v != r},
+        "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
+        "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
+    }

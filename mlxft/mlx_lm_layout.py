@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlxft.adapters import linear_factors
+from mlxft.adapters import linear_factors, peft_config
 from mlxft.errors import ModelError
 
 CONFIG = "adapter_config.json"
@@ -140,7 +140,7 @@ def to_peft(path: Path) -> tuple[dict, dict]:
         raise ModelError(f"{path / WEIGHTS}: holds no adapter weights")
     dora = config.get("fine_tune_type") == "dora"
     scale = float(params["scale"])
-    tensors, targets, layers, ranks = {}, set(), set(), set()
+    tensors, ranks = {}, set()
     for module, parts in sorted(modules.items()):
         if "lora_a" not in parts or "lora_b" not in parts:
             raise ModelError(f"{path / WEIGHTS}: '{module}' lacks lora_a or lora_b")
@@ -155,23 +155,11 @@ def to_peft(path: Path) -> tuple[dict, dict]:
         if dora:
             tensors[f"base_model.model.{module}.lora_magnitude_vector"] = np.ascontiguousarray(parts["m"])
         ranks.add(a.shape[1])
-        targets.add(module.rsplit(".", 1)[-1])
-        match = _BLOCK.match(module)
-        if match:
-            layers.add(int(match["index"]))
     if len(ranks) != 1:
         raise ModelError(f"{path / WEIGHTS}: layers have different ranks {sorted(ranks)}")
     rank = ranks.pop()
-    alpha = scale * rank
-    peft = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": config.get("model"),
-        "r": rank, "lora_alpha": int(round(alpha)) if abs(alpha - round(alpha)) < 1e-9 else alpha,
-        "lora_dropout": float(params.get("dropout", 0.0)), "bias": "none",
-        "target_modules": sorted(targets), "layers_to_transform": sorted(layers) or None,
-        "use_dora": dora, "use_rslora": False, "fan_in_fan_out": False,
-        "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
-        "init_lora_weights": True, "inference_mode": True,
-    }
+    peft = peft_config(config.get("model"), {m: rank for m in modules}, {m: scale * rank for m in modules},
+                       dropout=float(params.get("dropout", 0.0)), use_dora=dora)
     return peft, tensors
 
 

@@ -11,12 +11,11 @@ classes share with transformers, e.g.
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from mlxft.adapters import PREFIX, linear_factors, write_adapter
+from mlxft.adapters import PREFIX, linear_factors, peft_config, write_adapter
 from mlxft.errors import ModelError
 
 
@@ -49,37 +48,20 @@ def to_peft(model, base_model: str, dropout: float = 0.0) -> tuple[dict, dict]:
     mods = lora_modules(model)
     if not mods:
         raise ModelError("the model has no LoRA layers to save")
-    tensors, ranks, alphas, layers, targets = {}, {}, {}, set(), set()
+    tensors, ranks, alphas = {}, {}, {}
     use_dora = False
     for path, m in mods.items():
         a = np.array(m.lora_a.astype(mx.float32))
         b = np.array(m.lora_b.astype(mx.float32))
-        r = a.shape[1]
         tensors[f"{PREFIX}{path}.lora_A.weight"] = np.ascontiguousarray(a.T)
         tensors[f"{PREFIX}{path}.lora_B.weight"] = np.ascontiguousarray(b.T)
         if isinstance(m, DoRALinear):
             use_dora = True
             tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = np.array(m.m.astype(mx.float32))
-        ranks[path] = r
-        alpha = float(m.scale) * r
-        alphas[path] = int(round(alpha)) if abs(alpha - round(alpha)) < 1e-6 else alpha
-        targets.add(path.rsplit(".", 1)[-1])
-        nums = [int(p) for p in path.split(".") if p.isdigit()]
-        if nums:
-            layers.add(nums[0])
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
-    n_layers = len(getattr(model, "layers", []))
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "bias": "none",
-        "target_modules": sorted(targets),
-        "layers_to_transform": sorted(layers) if layers and len(layers) < n_layers else None,
-        "use_dora": use_dora, "use_rslora": False, "fan_in_fan_out": False,
-        "rank_pattern": {p: v for p, v in ranks.items() if v != r},
-        "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha},
-        "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
-    }
+        ranks[path] = a.shape[1]
+        alphas[path] = float(m.scale) * a.shape[1]
+    config = peft_config(base_model, ranks, alphas, dropout=dropout, use_dora=use_dora,
+                         n_layers=len(getattr(model, "layers", [])))
     return config, tensors
 
 
