@@ -67,8 +67,9 @@ def test_mlx_support_is_the_mlx_backends_own_list():
     """`mlx: yes` exactly for the architectures and quantizations the MLX backend trains, not for
     every model type mlx-lm has a module for (gpt2, gemma2, mamba have one; the backend refuses them)."""
     pytest.importorskip("mlx_lm")
-    from mlxft.backends.mlx_backend import SUPPORTED_TYPES, unsupported_reason
-    from mlxft.sources.capabilities import _mlx_models_dir, backend_support
+    from mlxft.mlx_support import SUPPORTED_TYPES, unsupported_reason
+    from mlxft.mlx_support import mlx_lm_models_dir as _mlx_models_dir
+    from mlxft.sources.capabilities import backend_support
 
     for model_type in SUPPORTED_TYPES:
         assert backend_support({"architectures": ["XForCausalLM"], "model_type": model_type})["mlx"], model_type

@@ -27,38 +27,13 @@ from mlxft.backends.common import (adapted_layer_count, eos_ids, eval_mode, rank
 from mlxft.config import Config
 from mlxft.data import Batch
 from mlxft.errors import ModelError
+from mlxft.mlx_support import unsupported_reason
 from mlxft.tokenizer import load_tokenizer
 
 LOSS_CHUNK = 1024     # target positions per LM-head chunk
 TARGET_BUCKET = 32    # target count rounded up to this, so compiled shapes repeat
 SEQ_BUCKET = 8        # sequence length rounded up to this (pad tokens are never attended)
-# Model types whose mlx-lm classes use the HF module names (PEFT keys map 1:1) and build their
-# attention mask through the cache hook that packed batches use.
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
-SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 STATE_FILE = "mlx_optimizer.safetensors"
-
-
-def unsupported_reason(config: dict, remap: dict[str, str]) -> str | None:
-    """Why the MLX backend cannot train the model of this config.json, or None when it can.
-    `remap`: mlx-lm's model-type aliases (mlx_lm.utils.MODEL_REMAPPING). Imports no mlx."""
-    model_type = config.get("model_type", "?")
-    if remap.get(model_type, model_type) not in SUPPORTED_TYPES:
-        return (f"architecture '{model_type}' is not supported by the MLX backend "
-                f"(supported: {', '.join(SUPPORTED_TYPES)}); try --backend torch")
-    quant = config.get("quantization")
-    if isinstance(quant, dict):
-        layers = [quant] + [v for v in quant.values() if isinstance(v, dict)]
-        for q in layers:
-            mode, bits = q.get("mode", quant.get("mode", "affine")), q.get("bits", quant.get("bits"))
-            if mode != "affine" or bits not in SUPPORTED_BITS:
-                return (f"MLX quantization mode '{mode}' with {bits} bits is not supported "
-                        f"for training (affine {'/'.join(map(str, SUPPORTED_BITS))}-bit only)")
-    elif isinstance(config.get("quantization_config"), dict):
-        method = config["quantization_config"].get("quant_method", "unknown")
-        return (f"quantization '{method}' is not supported by the MLX backend "
-                "(use a dense model or an MLX affine-quantized one)")
-    return None
 
 
 def check_model(path: Path) -> dict:
@@ -67,9 +42,7 @@ def check_model(path: Path) -> dict:
         config = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}: no readable config.json ({exc})") from None
-    from mlx_lm.utils import MODEL_REMAPPING
-
-    reason = unsupported_reason(config, MODEL_REMAPPING)
+    reason = unsupported_reason(config)
     if reason:
         raise ModelError(f"{path}: {reason}")
     return config
