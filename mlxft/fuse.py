@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from mlxft.errors import ModelError
-from mlxft.export.safetensors_io import ModelTensors, SafetensorsFolder, mlx_quantize, to_dtype, write_safetensors
+from mlxft.safetensors_io import ModelTensors, SafetensorsFolder, to_dtype, write_safetensors
+from mlxft.mlx_affine import quantize as mlx_quantize
 
 WEIGHT_FILES = (".safetensors", ".bin", ".pth", ".pt", ".gguf", ".npz")
 
