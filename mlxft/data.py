@@ -13,9 +13,7 @@ or on everything (text). With `mask_prompt: false` it goes on every token.
 
 from __future__ import annotations
 
-import contextlib
 import random
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import numpy as np
 from mlxft.errors import DataError
 from mlxft.formats import read_records, row_error
 from mlxft.formats.records import RowError
+from mlxft.templates import adds_bos
 
 
 @dataclass
@@ -184,26 +183,6 @@ def tokenize_record(tokenizer, record: dict, fmt: str, mask_prompt: bool, system
         text = record["prompt"] + record["completion"]
         return _finish_plain(tokenizer, text, [(len(record["prompt"]), len(text))], mask_prompt)
     return _finish_plain(tokenizer, record["text"], [(0, len(record["text"]))], mask_prompt=False)
-
-
-_ADDS_BOS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def adds_bos(tokenizer) -> bool:
-    """Whether the tokenizer starts a text with BOS. Asked of its encoding rather than of
-    `add_bos_token`, which some tokenizers (Gemma's in transformers 5) report as False while their
-    post-processor adds BOS."""
-    if tokenizer.bos_token_id is None:
-        return False
-    try:
-        return _ADDS_BOS[tokenizer]
-    except (KeyError, TypeError):
-        pass
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    answer = bool(ids) and ids[0] == tokenizer.bos_token_id
-    with contextlib.suppress(TypeError):
-        _ADDS_BOS[tokenizer] = answer
-    return answer
 
 
 def _finish_plain(tokenizer, text: str, spans, mask_prompt: bool) -> Sample:

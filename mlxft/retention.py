@@ -144,7 +144,7 @@ def _eval_mode(backend):
 
 
 def probe_prompt_ids(tokenizer, probe: dict, system: str | None) -> list[int]:
-    from mlxft.inference import format_prompt
+    from mlxft.templates import format_prompt
 
     return format_prompt(tokenizer, probe["prompt"], raw=probe.get("kind") == "text", system=system)
 

@@ -1,4 +1,7 @@
-"""The chat template a run trains with, recorded in the run and carried into every export.
+"""The chat template a run trains with, recorded in the run and carried into every export; and
+the rules that go with it, kept here once: whether the tokenizer adds BOS (adds_bos), which
+tokens end an assistant turn (stop_tokens), and a prompt or conversation as token ids ready for
+generation (format_prompt, format_messages).
 
 A base model's own chat template is used when it has one. When it has none, mlxft uses its
 family's known template where the vocabulary shows the family (the family's turn markers are
@@ -22,7 +25,9 @@ check in mlxft/export/selfcheck.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -146,10 +151,26 @@ def vocabulary_family(tokenizer) -> str | None:
     return None
 
 
+_ADDS_BOS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts a text with BOS: the one rule for training data, the chat
+    templates and the export checks. Asked of its encoding rather than of `add_bos_token`, which
+    some tokenizers (Gemma's in transformers 5) report as False while their post-processor adds
+    BOS. Cached per tokenizer (data preparation asks once per sample)."""
     bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer.encode("a", add_special_tokens=True)[:1] == [bos] \
+    if bos is None:
+        return False
+    try:
+        return _ADDS_BOS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    answer = tokenizer.encode("a", add_special_tokens=True)[:1] == [bos] \
         and tokenizer.encode("a", add_special_tokens=False)[:1] != [bos]
+    with contextlib.suppress(TypeError):
+        _ADDS_BOS[tokenizer] = answer
+    return answer
 
 
 def stop_tokens(tokenizer, template: str) -> tuple[list[str], list[int]]:
@@ -268,3 +289,26 @@ def default_system(tokenizer, template: str) -> str | None:
     if bare.startswith(prefix) and bare.endswith(suffix) and len(bare) > len(prefix) + len(suffix):
         return bare[len(prefix):len(bare) - len(suffix)]
     return None
+
+
+# ---------------------------------------------------------------------------- prompts for generation
+
+
+def format_prompt(tokenizer, prompt: str, raw: bool = False, system: str | None = None,
+                  history: list[dict] | None = None) -> list[int]:
+    if raw or not getattr(tokenizer, "chat_template", None):
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return list(ids)
+    return format_messages(tokenizer, [*(history or []), {"role": "user", "content": prompt}], system)
+
+
+def format_messages(tokenizer, messages: list[dict], system: str | None = None) -> list[int]:
+    """Token ids of a conversation in the model's chat template, ready for the assistant's turn;
+    `system` goes first unless the conversation starts with its own system message. Without a
+    chat template, the last message's text as a raw prompt (as format_prompt does)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return list(tokenizer(messages[-1]["content"], add_special_tokens=True)["input_ids"])
+    if system and not (messages and messages[0].get("role") == "system"):
+        messages = [{"role": "system", "content": system}, *messages]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
