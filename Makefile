@@ -16,7 +16,7 @@ else
 MLX_EXTRA := mlx-cpu
 endif
 
-.PHONY: setup setup-test quickstart test test-fast test-slow bench clean
+.PHONY: setup setup-test quickstart test lint test-fast test-slow bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,7 +50,11 @@ quickstart: setup
 	echo "Q: What is the capital of France?"; \
 	$(BIN)/mlxft generate $$run --prompt "What is the capital of France?" --max-tokens 40
 
-test: setup-test test-fast test-slow
+test: setup-test lint test-fast test-slow
+
+# Modules import only downward (the layers in pyproject.toml, [tool.importlinter]).
+lint: setup-test
+	$(BIN)/lint-imports
 
 test-fast: setup-test
 	$(BIN)/python -m pytest -q
