@@ -68,7 +68,8 @@ def _engine(backend_name: str, cfg: Config):
 
 
 def evaluate(model_spec: str | None, data: str | None, backend: str = "auto", adapter: str = "best",
-             batch_size: int = 8, max_seq_len: int | None = None, skip_bad_lines: bool = False) -> dict:
+             batch_size: int = 8, max_seq_len: int | None = None, skip_bad_lines: bool = False,
+             trust_remote_code: bool = False) -> dict:
     """Evaluate a model (or a run: base and tuned) on `data` (for a run, default: its validation file)."""
     from mlxft import ui
     from mlxft.backends.select import choose_backend
@@ -90,6 +91,7 @@ def evaluate(model_spec: str | None, data: str | None, backend: str = "auto", ad
 
     def load(adapter_path):
         engine = _engine(name, cfg)
+        engine.trust_remote_code = trust_remote_code
         label = "base + adapter" if adapter_path else "model"
         with ui.console.status(f"Loading {label} ({resolved.spec}) on {name}"):
             engine.load(resolved.path, adapter=adapter_path, train=False)

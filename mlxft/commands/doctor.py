@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import click
 
+from mlxft.commands.options import json_option
+
 
 def _version(dist: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
@@ -57,7 +59,7 @@ def collect(bench: bool = False) -> dict:
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option("Print the report as JSON.")
 @click.option("--bench", is_flag=True, help="Also measure matmul speed (GFLOPS) per backend and dtype.")
 def doctor(as_json, bench):
     """Report Python, OS, installed backends, devices, memory and the backend `auto` picks."""
