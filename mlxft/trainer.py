@@ -1,7 +1,8 @@
 """The training loop shared by every backend: schedule, accumulation, validation, metrics and
 clean interruption. Its parts live beside it: the batch order and the dealing of batches to
 ranks in mlxft/data.py (BatchOrder, shard), the checkpoint and RNG state in mlxft/checkpoint.py,
-which adapter is kept and when to stop in mlxft/selection.py.
+which adapter is kept and when to stop in mlxft/selection.py. The config must already be
+resolved (mlxft.defaults.resolve, which the pipeline calls): the trainer rewrites nothing.
 
 Distributed (data parallel): every rank holds the whole tokenized dataset and walks the same
 global batch order; each micro-batch of train.batch_size samples is dealt round-robin to the
@@ -25,7 +26,7 @@ from mlxft.backends.base import Backend
 from mlxft.config import Config
 from mlxft.data import Batch, BatchOrder, Dataset, shard
 from mlxft.distributed import PeerLost, resume_command
-from mlxft.errors import Interrupted, MlxftError
+from mlxft.errors import ConfigError, Interrupted, MlxftError
 from mlxft.progress import TrainProgress
 from mlxft.runs import MetricsWriter, Run
 from mlxft.schedule import learning_rate, warmup_steps
@@ -77,9 +78,9 @@ class Trainer:
         self.resume_from = Path(resume_from) if resume_from else run.checkpoint
         self.saved_step: int | None = None
         self._last_val: float | None = None
-        from mlxft.defaults import resolve
-
-        resolve(cfg, len(train_set), backend.hidden_size())  # a no-op when the caller resolved them
+        unresolved = [k for k in ("learning_rate", "eval_every") if getattr(cfg.train, k) is None]
+        if unresolved:
+            raise ConfigError(f"train.{unresolved[0]}: not set", "resolve the config first (mlxft.defaults.resolve)")
         self.retention, self.on_step = retention, on_step
         self.selection = Selection(cfg.train.early_stop_patience, cfg.retention.floor)
         self.order = BatchOrder(train_set.samples, cfg.train.batch_size, cfg.seed)

@@ -50,6 +50,7 @@ def _faults_setup(tiny_model_dir, tmp_path):
     from mlxft.backends.torch_backend import TorchBackend
     from mlxft.config import build_config
     from mlxft.data import load_dataset, split_dataset
+    from mlxft.defaults import resolve
     from mlxft.runs import create_run
 
     data = tmp_path / "d.jsonl"
@@ -59,6 +60,7 @@ def _faults_setup(tiny_model_dir, tmp_path):
     backend = TorchBackend(cfg)
     backend.load(tiny_model_dir)
     train_set, valid_set = split_dataset(load_dataset(data, backend.tokenizer, 64), 0.2, 0)
+    resolve(cfg, len(train_set), backend.hidden_size())
     run = create_run(tmp_path / "run", model="tiny", model_path=str(tiny_model_dir))
     return cfg, backend, train_set, valid_set, run
 
