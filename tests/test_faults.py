@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def gguf_bytes(tmp_path_factory, default_model_dir):
-    from tests.test_gguf_import import write_tiny_gguf
+    from tests.helpers.gguf import write_tiny_gguf
 
     path = write_tiny_gguf(tmp_path_factory.mktemp("g") / "tiny.gguf", n_tokens=600)
     return path.read_bytes()

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.test_eval import write_jsonl
+from tests.helpers.data import write_jsonl
 
 
 def _train(model, tmp_path, data, *sets, valid=None):

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.test_export_gguf import PROMPT, hf_logits, make_adapter, make_run, tokenizer
+from tests.helpers.export import PROMPT, hf_logits, make_adapter, make_run, tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.test_hub import tiny_llama_files
+from tests.helpers.hub import tiny_llama_files
 
 pytestmark = pytest.mark.mlx
 

@@ -44,7 +44,7 @@ def test_quantization_and_backends():
 
 def test_imported_gguf_listed_and_removed(tmp_path):
     from mlxft.sources.gguf import import_gguf
-    from tests.test_gguf_import import write_tiny_gguf
+    from tests.helpers.gguf import write_tiny_gguf
 
     folder = import_gguf(write_tiny_gguf(tmp_path / "listme.gguf", seed=7,
                                          layer0_types={"attn_q": "Q8_0", "attn_k": "Q8_0"}))
