@@ -4,7 +4,6 @@ create the run directory, train, record results and plot the curves."""
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import time
 from pathlib import Path
@@ -30,15 +29,6 @@ def load_data(cfg: Config, tokenizer, skip_bad_lines: bool = False) -> tuple[Dat
 
     report_at_train_start(train, valid, tokenizer, cfg.train.max_seq_len)
     return train, valid
-
-
-def _optional(module: str):
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name == module:
-            return None
-        raise
 
 
 def _share_replay(world, samples: list[Sample] | None) -> list[Sample]:
@@ -103,7 +93,10 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
             f"{trainable:,} trainable of {total:,} parameters")
     if chosen:
         ui.info(f"defaults: {chosen}")
-    retention = _optional("mlxft.retention") if (cfg.retention.enabled or cfg.data.replay) else None
+    if cfg.retention.enabled or cfg.data.replay:
+        from mlxft import retention
+    else:
+        retention = None
     # Retention baselines and replay answers are generated once, by rank 0, into the run directory.
     if retention is not None and not resume and world.is_root:
         clock = time.perf_counter()

@@ -127,8 +127,8 @@ def _model_identity(cfg, run, backend) -> dict:
 
 @contextlib.contextmanager
 def _eval_mode(backend):
-    """Run in inference mode and put the model back as it was (the torch backend's generate()
-    leaves it in eval mode, which would switch off dropout and gradient checkpointing)."""
+    """Generate in eval mode (no dropout), then put the model back in the mode it was in: a
+    training backend must leave this block still training."""
     model = getattr(backend, "model", None)
     was = getattr(model, "training", None)
     if was is not None and hasattr(model, "eval"):

@@ -1,7 +1,8 @@
 """PyTorch backend: transformers model + PEFT LoRA/DoRA, on CUDA when present, else CPU.
 
 Speed and memory (measured on a 2-core AVX512-BF16 CPU with SmolLM2-135M; docs/benchmarks.md):
-- frozen base weights stored in bf16 where the CPU or GPU computes bf16 natively; LoRA weights
+- frozen base weights stored in bf16 on a GPU that computes bf16, and on a CPU where a bf16 matmul
+  is measured faster than f32 (cpu_bf16_pays: a CPU flag alone decides nothing); LoRA weights
   (the only trainable ones, so the only ones with gradients and AdamW state) stay f32 masters;
 - the forward and backward run under bf16 autocast with PEFT's input up-cast switched off, so the
   LoRA path computes in bf16 too instead of copying every activation to f32 (~15% faster, ~300
