@@ -216,20 +216,6 @@ def find_duplicates(train: list[Item], valid: list[Item]) -> dict:
     return result
 
 
-def _end_ids(tokenizer) -> set[int]:
-    """Tokens that end an answer: EOS and the other special tokens (end-of-turn markers), not BOS/PAD."""
-    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-    ids -= {tokenizer.bos_token_id, tokenizer.pad_token_id} - {tokenizer.eos_token_id}
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, str):  # end-of-turn markers the tokenizer does not list as special (Gemma's)
-        from mlxft.templates import stop_tokens
-
-        ids.update(stop_tokens(tokenizer, template)[1])
-    return ids
-
-
 def _percentile(sorted_values: list[int], q: float) -> int:
     return sorted_values[min(len(sorted_values) - 1, int(q * (len(sorted_values) - 1) + 0.5))]
 
@@ -269,7 +255,9 @@ def analyze(train: list[Dataset], valid: list[Dataset], tokenizer, max_seq_len: 
     truncated = [s.source for ds in everything for s, n in zip(ds.samples, ds.full_lengths) if n > max_seq_len]
     n_tokens = sum(len(s) for ds in everything for s in ds.samples)
     n_targets = sum(s.n_targets for ds in everything for s in ds.samples)
-    ends = _end_ids(tokenizer)
+    from mlxft.templates import answer_end_ids
+
+    ends = answer_end_ids(tokenizer)
     never_end, short = [], []
     for ds in everything:
         for s, record, cut in zip(ds.samples, ds.records, ds.cut):

@@ -1,6 +1,7 @@
 """The chat template a run trains with, recorded in the run and carried into every export; and
 the rules that go with it, kept here once: whether the tokenizer adds BOS (adds_bos), which
-tokens end an assistant turn (stop_tokens), and a prompt or conversation as token ids ready for
+tokens end an assistant turn (stop_tokens), where generation stops (stop_ids), which tokens may
+end a trained answer (answer_end_ids), and a prompt or conversation as token ids ready for
 generation (format_prompt, format_messages).
 
 A base model's own chat template is used when it has one. When it has none, mlxft uses its
@@ -190,6 +191,50 @@ def stop_tokens(tokenizer, template: str) -> tuple[list[str], list[int]]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return tokenizer.convert_ids_to_tokens(ids), ids
+
+
+def eos_ids(*values) -> set[int]:
+    """Every end-of-sequence id named by `values` (each an id, a list of ids, or None), as the
+    tokenizer, config.json and generation_config.json spell them."""
+    ids: set[int] = set()
+    for value in values:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
+
+
+def _json_field(path: Path, key: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def stop_ids(tokenizer, model_folder: Path | None = None, setup: "ChatSetup | None" = None, extra=()) -> set[int]:
+    """Where generation stops, the one rule every backend uses: the caller's `extra` ids, the
+    end-of-turn ids of the chat format in use (`setup.stop_ids`), and every EOS id that the
+    tokenizer, the model folder's config.json and its generation_config.json name."""
+    folder = Path(model_folder) if model_folder is not None else None
+    return (set(extra or ()) | set(setup.stop_ids if setup is not None else ())
+            | eos_ids(tokenizer.eos_token_id,
+                      _json_field(folder / "config.json", "eos_token_id") if folder else None,
+                      _json_field(folder / "generation_config.json", "eos_token_id") if folder else None))
+
+
+def answer_end_ids(tokenizer) -> set[int]:
+    """Tokens that may end a trained answer (for the data check's "never learns to stop"): EOS,
+    the other special tokens except BOS and PAD, and the chat template's end-of-turn token, which
+    some tokenizers do not list as special (Gemma's <end_of_turn>)."""
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    ids -= {tokenizer.bos_token_id, tokenizer.pad_token_id} - {tokenizer.eos_token_id}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        ids.update(stop_tokens(tokenizer, template)[1])
+    return ids
 
 
 def render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool = False) -> str:

@@ -36,9 +36,14 @@ class Backend(abc.ABC):
     trust_remote_code: bool = False
     # The chat format in use (mlxft.templates.ChatSetup): its end-of-turn ids stop generation too.
     chat_setup = None
+    # The model folder loaded (its config.json and generation_config.json name EOS ids).
+    model_path: Path | None = None
 
-    def chat_stop_ids(self) -> set[int]:
-        return set(self.chat_setup.stop_ids) if self.chat_setup is not None else set()
+    def stop_ids(self, extra=()) -> set[int]:
+        """Where generation stops: mlxft.templates.stop_ids, for this model and chat format."""
+        from mlxft.templates import stop_ids
+
+        return stop_ids(self.tokenizer, self.model_path, self.chat_setup, extra)
 
     def __init__(self, cfg: Config, world: World | None = None):
         self.cfg = cfg

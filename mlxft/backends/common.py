@@ -33,18 +33,6 @@ def short_name(path: str) -> str:
     return path.rsplit(".", 1)[-1]
 
 
-def eos_ids(*values) -> set[int]:
-    """Every end-of-sequence id named by `values` (each an id, a list of ids, or None), as the
-    tokenizer, config.json and generation_config.json spell them."""
-    ids: set[int] = set()
-    for value in values:
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(v for v in value if isinstance(v, int))
-    return ids
-
-
 @contextlib.contextmanager
 def eval_mode(model):
     """The model in eval mode (no dropout) for the block, back in training mode afterwards if it

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mlxft.backends.base import Backend, EvalResult, StepResult
-from mlxft.backends.common import (adapted_layer_count, eos_ids, eval_mode, rank_seed, resolve_lora_targets,
+from mlxft.backends.common import (adapted_layer_count, eval_mode, rank_seed, resolve_lora_targets,
                                    short_name, split_like)
 from mlxft.config import Config
 from mlxft.data import Batch
@@ -501,7 +501,7 @@ class MLXBackend(Backend):
         from mlx_lm.generate import generate_step
         from mlx_lm.sample_utils import make_sampler
 
-        stop = set(stop_ids or ()) | self.chat_stop_ids() | self._eos_ids()
+        stop = self.stop_ids(stop_ids)
         sampler = make_sampler(temp=temperature, top_p=top_p if temperature > 0 else 0.0)
         out: list[int] = []
         with eval_mode(self.model):
@@ -521,13 +521,6 @@ class MLXBackend(Backend):
 
         switch_adapter(self.model, adapter, self.__dict__.setdefault("_adapter_layers", {}))
         self._fns = {}
-
-    def _eos_ids(self) -> set[int]:
-        try:
-            generation = json.loads((self.model_path / "generation_config.json").read_text()).get("eos_token_id")
-        except (OSError, ValueError):
-            generation = None
-        return eos_ids(self.tokenizer.eos_token_id, self.config.get("eos_token_id"), generation)
 
     # ------------------------------------------------------------------ reporting
 

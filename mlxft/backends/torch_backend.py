@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 from mlxft.backends.base import Backend, EvalResult, StepResult
-from mlxft.backends.common import (adapted_layer_count, eos_ids, eval_mode, rank_seed, resolve_lora_targets,
+from mlxft.backends.common import (adapted_layer_count, eval_mode, rank_seed, resolve_lora_targets,
                                    short_name, split_like)
 from mlxft.config import Config
 from mlxft.data import Batch
@@ -110,6 +110,7 @@ class TorchBackend(Backend):
         quiet_libraries()
         torch.manual_seed(self.cfg.seed)
         model_path = torch_loadable(Path(model_path))
+        self.model_path = model_path
         self.tokenizer = load_tokenizer(model_path, self.trust_remote_code)
         try:
             base = AutoModelForCausalLM.from_pretrained(
@@ -417,16 +418,11 @@ class TorchBackend(Backend):
 
     # ------------------------------------------------------------------ generation
 
-    def _stop_ids(self, extra) -> set[int]:
-        """`extra` plus every EOS id the tokenizer and the model's generation config name."""
-        return set(extra or ()) | self.chat_stop_ids() | eos_ids(self.tokenizer.eos_token_id,
-                                          getattr(self._causal_lm().generation_config, "eos_token_id", None))
-
     def generate(self, prompt_ids, max_tokens, temperature=0.0, top_p=1.0, on_token=None, stop_ids=None):
         torch = self.torch
         from transformers.generation.streamers import BaseStreamer
 
-        stop = self._stop_ids(stop_ids)
+        stop = self.stop_ids(stop_ids)
 
         class Stream(BaseStreamer):
             first = True
@@ -461,7 +457,7 @@ class TorchBackend(Backend):
         """Prompts side by side, left-padded (generate() derives positions from the mask), in
         groups of similar length so padding stays small."""
         torch = self.torch
-        stop = self._stop_ids(stop_ids)
+        stop = self.stop_ids(stop_ids)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(stop, default=0)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[list[int]] = [[] for _ in prompts]
