@@ -142,7 +142,7 @@ def test_auto_dtype_follows_the_measurement(monkeypatch, f32, bf16, expected):
     import torch
 
     import mlxft.devicebench
-    from mlxft.backends.torch_backend import pick_dtype
+    from mlxft.backends.torch_device import pick_dtype
 
     monkeypatch.setattr(mlxft.devicebench, "peak_gflops",
                         lambda backend, dtype, device="cpu": {"float32": f32, "bfloat16": bf16}[dtype])

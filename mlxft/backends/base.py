@@ -145,8 +145,17 @@ class Backend(abc.ABC):
         return None, None
 
     def hidden_size(self) -> int | None:
-        """The model's width (for the learning rate mlxft picks when the recipe leaves it open)."""
-        return None
+        """The model's width (for the learning rate mlxft picks when the recipe leaves it open),
+        from the loaded folder's config.json (its text_config for a multimodal config)."""
+        import json
+
+        try:
+            config = json.loads((Path(self.model_path) / "config.json").read_text(encoding="utf-8"))
+        except (TypeError, OSError, ValueError):
+            return None
+        config = config.get("text_config") or config
+        value = config.get("hidden_size")
+        return value if isinstance(value, int) else None
 
     def trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts."""

