@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from mlxft.backends.base import Backend, StepResult
-from mlxft.backends.common import (adapted_layer_count, eval_mode, max_grad_norm, rank_seed, resolve_lora_targets,
+from mlxft.backends.common import (adapted_layer_count, eval_mode, max_grad_norm, resolve_lora_targets,
                                    short_name)
 from mlxft.backends.mlx_arrays import (MaskHook, assign_tree, flat_f32, packed_allowed, round_up, tree_map_zeros,
                                        unflatten_like)
@@ -73,14 +73,15 @@ class MLXBackend(MLXInference, MLXDeviceInfo, Backend):
 
     # ------------------------------------------------------------------ loading
 
-    def load(self, model_path: Path, adapter: Path | None = None, train: bool = True) -> None:
+    def seed(self, value: int) -> None:
+        self.mx.random.seed(value)
+
+    def _load_base(self, model_path: Path) -> None:
         mx = self.mx
-        model_path = Path(model_path)
         config = check_model(model_path)
         self._setup_device()
         from mlx_lm.utils import load_model
 
-        mx.random.seed(self.cfg.seed)
         try:
             model, _ = load_model(model_path)
         except Exception as exc:
@@ -94,38 +95,39 @@ class MLXBackend(MLXInference, MLXDeviceInfo, Backend):
             model.set_dtype(mx.bfloat16)  # as the torch backend's auto: bf16 where the GPU computes it
         self.dtype = self._compute_dtype(model)
         model.freeze()
+        self.model = model
+
+    def _attach(self, adapter: Path | None, train: bool) -> None:
         if adapter is not None:
             from mlxft.backends.mlx_adapters import apply_peft
 
-            apply_peft(model, Path(adapter), dropout=self.cfg.lora.dropout if train else 0.0)
+            apply_peft(self.model, Path(adapter), dropout=self.cfg.lora.dropout if train else 0.0)
             if not train:
-                model.freeze()
+                self.model.freeze()
         elif train:
-            self._attach_lora(model)
-        self.model = model
+            self._attach_lora(self.model)
         self._check_head()
         self._fns = {}
-        if train:
-            import mlx.optimizers as optim
 
-            block = type(model.layers[0])
-            if self.cfg.train.grad_checkpoint and not getattr(block, "_mlxft_checkpointed", False):
-                from mlx_lm.tuner.trainer import grad_checkpoint
+    def _prepare_training(self) -> None:
+        import mlx.optimizers as optim
 
-                grad_checkpoint(model.layers[0])  # patches the block class, once per process
-                block._mlxft_checkpointed = True
-            self.optimizer = optim.AdamW(learning_rate=self.cfg.train.learning_rate or 0.0, betas=[0.9, 0.999],
-                                         eps=1e-8, weight_decay=self.cfg.train.weight_decay, bias_correction=True)
-            self.optimizer.init(model.trainable_parameters())
-            if self.world.rank:
-                mx.random.seed(rank_seed(self.cfg.seed, self.world.rank))  # own dropout masks per rank
-            model.train()
-        else:
-            model.eval()
-        mx.eval(model.parameters())
+        block = type(self.model.layers[0])
+        if self.cfg.train.grad_checkpoint and not getattr(block, "_mlxft_checkpointed", False):
+            from mlx_lm.tuner.trainer import grad_checkpoint
+
+            grad_checkpoint(self.model.layers[0])  # patches the block class, once per process
+            block._mlxft_checkpointed = True
+        self.optimizer = optim.AdamW(learning_rate=self.cfg.train.learning_rate or 0.0, betas=[0.9, 0.999],
+                                     eps=1e-8, weight_decay=self.cfg.train.weight_decay, bias_correction=True)
+        self.optimizer.init(self.model.trainable_parameters())
+
+    def _finish_load(self, train: bool) -> None:
+        mx = self.mx
+        self.model.train(train)
+        mx.eval(self.model.parameters())
         if hasattr(mx, "reset_peak_memory"):
             mx.reset_peak_memory()
-
 
     def _compute_dtype(self, model):
         from collections import Counter

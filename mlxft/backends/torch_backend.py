@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 from mlxft.backends.base import Backend, StepResult
-from mlxft.backends.common import (adapted_layer_count, max_grad_norm, rank_seed, resolve_lora_targets, short_name,
+from mlxft.backends.common import (adapted_layer_count, max_grad_norm, resolve_lora_targets, short_name,
                                    split_like)
 from mlxft.backends.torch_device import (EAGER_ATTENTION_MAX_LEN, LOSS_CHUNK, TorchDeviceInfo, pick_device,
                                          pick_dtype, torch_loadable)
@@ -57,15 +57,16 @@ class TorchBackend(TorchInference, TorchDeviceInfo, Backend):
 
     # ------------------------------------------------------------------ loading
 
-    def load(self, model_path: Path, adapter: Path | None = None, train: bool = True) -> None:
-        torch = self.torch
+    def seed(self, value: int) -> None:
+        self.torch.manual_seed(value)
+
+    def _load_base(self, model_path: Path) -> None:
         from transformers import AutoModelForCausalLM
 
         from mlxft.ui import quiet_libraries
 
         quiet_libraries()
-        torch.manual_seed(self.cfg.seed)
-        model_path = torch_loadable(Path(model_path))
+        model_path = torch_loadable(model_path)
         self.model_path = model_path
         self.tokenizer = load_tokenizer(model_path, self.trust_remote_code)
         try:
@@ -78,38 +79,39 @@ class TorchBackend(TorchInference, TorchDeviceInfo, Backend):
         base.config.use_cache = False
         for p in base.parameters():
             p.requires_grad_(False)
+        self.model = base
+
+    def _attach(self, adapter: Path | None, train: bool) -> None:
         if adapter is None and not train:
-            self.model = base.eval()
             return
         from peft import PeftModel, get_peft_model
 
-        if adapter is not None and not train and self.dtype == torch.float32:
+        base = self.model
+        if adapter is not None and not train and self.dtype == self.torch.float32:
             # Inference: fold the adapter into the f32 weights once instead of running the LoRA
             # side path in every projection at every token (lower-precision weights would round
             # a small adapter away, so those keep it separate).
-            self.model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().eval()
+            self.model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
             return
         if adapter is not None:
             self.model = PeftModel.from_pretrained(base, str(adapter), is_trainable=train)
         else:
             self.model = get_peft_model(base, self._lora_config(base))
-        if self.cfg.train.grad_checkpoint and train:
-            self.model.base_model.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.to(self.device)
         self._attn_default = getattr(base.config, "_attn_implementation", None)
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self._tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
-        if train:
-            if self.world.rank:
-                torch.manual_seed(rank_seed(self.cfg.seed, self.world.rank))  # own dropout masks per rank
-            self.model.train()
-            params = self._trainable()
-            self.optimizer = torch.optim.AdamW(params, lr=self.cfg.train.learning_rate or 0.0, betas=(0.9, 0.999),
-                                               eps=1e-8, weight_decay=self.cfg.train.weight_decay)
-        else:
-            self.model.eval()
+
+    def _prepare_training(self) -> None:
+        if self.cfg.train.grad_checkpoint:
+            self.model.base_model.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.optimizer = self.torch.optim.AdamW(self._trainable(), lr=self.cfg.train.learning_rate or 0.0,
+                                                betas=(0.9, 0.999), eps=1e-8, weight_decay=self.cfg.train.weight_decay)
+
+    def _finish_load(self, train: bool) -> None:
+        self.model.train(train)
 
     def _lora_config(self, base):
         from peft import LoraConfig
