@@ -18,6 +18,8 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
+
 from mlxft.atomic import atomic_dir
 from mlxft.errors import ModelError
 
@@ -153,6 +155,47 @@ def write_adapter(path: Path, config: dict, tensors: dict) -> None:
     with atomic_dir(path) as tmp:
         (tmp / CONFIG).write_text(json.dumps(config, indent=2))
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+
+
+class Adapter:
+    """A PEFT adapter folder read lazily (one tensor at a time, as float32): per base-module LoRA
+    factors and scaling, the DoRA magnitude, and whole tensors saved by modules_to_save. Used by
+    fuse and by the GGUF adapter export."""
+
+    def __init__(self, folder: Path):
+        from mlxft.safetensors_io import SafetensorsFolder
+
+        self.folder = Path(folder)
+        self.config = read_adapter_config(self.folder)
+        self.use_dora = bool(self.config.get("use_dora"))
+        if self.config.get("fan_in_fan_out"):
+            raise ModelError(f"{self.folder}: fan_in_fan_out adapters (GPT-2 Conv1D) are not supported")
+        file = self.folder / WEIGHTS
+        if not file.is_file():
+            raise ModelError(f"{self.folder}: no {WEIGHTS}")
+        self.st = SafetensorsFolder(self.folder, [file])
+        self.modules, self.replaced = parse_keys(self.st.names(), self.folder)
+
+    def rank(self, module: str) -> int:
+        parts = self.modules[module]
+        a = parts.get("lora_A") or parts["lora_embedding_A"]
+        return self.st.shape(a)[0]
+
+    def scale(self, module: str) -> float:
+        """alpha / r (PEFT rank_pattern / alpha_pattern honoured; rsLoRA: alpha / sqrt(r))."""
+        return module_scale(self.config, module, self.rank(module))
+
+    def factors(self, module: str) -> tuple[np.ndarray, np.ndarray]:
+        """(A (r, in), B (out, r)) as float32, for any LoRA kind (embeddings transposed)."""
+        parts = self.modules[module]
+        if "lora_A" in parts:
+            return self.st.f32(parts["lora_A"]), self.st.f32(parts["lora_B"])
+        # embedding: delta (vocab, dim) = (B_e @ A_e).T with A_e (r, vocab), B_e (dim, r)
+        return self.st.f32(parts["lora_embedding_B"]).T.copy(), self.st.f32(parts["lora_embedding_A"]).T.copy()
+
+    def delta(self, module: str) -> np.ndarray:
+        a, b = self.factors(module)
+        return (b @ a) * np.float32(self.scale(module))
 
 
 def _plain_number(value: float):

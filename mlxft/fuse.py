@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mlxft.adapters import Adapter
 from mlxft.errors import ModelError
-from mlxft.safetensors_io import ModelTensors, SafetensorsFolder, to_dtype, write_safetensors
+from mlxft.safetensors_io import ModelTensors, to_dtype, write_safetensors
 from mlxft.mlx_affine import quantize as mlx_quantize
 
 WEIGHT_FILES = (".safetensors", ".bin", ".pth", ".pt", ".gguf", ".npz")
@@ -29,47 +30,6 @@ def read_config(folder: Path) -> dict:
         return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelError(f"{folder}/config.json: unreadable ({exc})") from None
-
-
-class Adapter:
-    """A PEFT adapter folder: per base-module LoRA factors, scaling, optional DoRA magnitude."""
-
-    def __init__(self, folder: Path):
-        from mlxft.adapters import parse_keys, read_adapter_config
-
-        self.folder = Path(folder)
-        self.config = read_adapter_config(self.folder)
-        self.use_dora = bool(self.config.get("use_dora"))
-        if self.config.get("fan_in_fan_out"):
-            raise ModelError(f"{self.folder}: fan_in_fan_out adapters (GPT-2 Conv1D) are not supported")
-        file = self.folder / "adapter_model.safetensors"
-        if not file.is_file():
-            raise ModelError(f"{self.folder}: no adapter_model.safetensors")
-        self.st = SafetensorsFolder(self.folder, [file])
-        self.modules, self.replaced = parse_keys(self.st.names(), self.folder)
-
-    def rank(self, module: str) -> int:
-        parts = self.modules[module]
-        a = parts.get("lora_A") or parts["lora_embedding_A"]
-        return self.st.shape(a)[0]
-
-    def scale(self, module: str) -> float:
-        """alpha / r (PEFT rank_pattern / alpha_pattern honoured; rsLoRA: alpha / sqrt(r))."""
-        from mlxft.adapters import module_scale
-
-        return module_scale(self.config, module, self.rank(module))
-
-    def factors(self, module: str) -> tuple[np.ndarray, np.ndarray]:
-        """(A (r, in), B (out, r)) as float32, for any LoRA kind (embeddings transposed)."""
-        parts = self.modules[module]
-        if "lora_A" in parts:
-            return self.st.f32(parts["lora_A"]), self.st.f32(parts["lora_B"])
-        # embedding: delta (vocab, dim) = (B_e @ A_e).T with A_e (r, vocab), B_e (dim, r)
-        return self.st.f32(parts["lora_embedding_B"]).T.copy(), self.st.f32(parts["lora_embedding_A"]).T.copy()
-
-    def delta(self, module: str) -> np.ndarray:
-        a, b = self.factors(module)
-        return (b @ a) * np.float32(self.scale(module))
 
 
 class FusedTensors:

@@ -62,7 +62,7 @@ def peft_adapter(tmp_path_factory, default_model_dir):
 
 def test_every_reader_gives_peft_rank_and_scale(peft_adapter):
     from mlxft.adapters import linear_factors, read_adapter_config
-    from mlxft.fuse import Adapter
+    from mlxft.adapters import Adapter
 
     base, folder, want = peft_adapter
     assert len(want) == 2 * len(TARGETS)

@@ -53,7 +53,8 @@ def test_bf16_base_fused_in_float32_and_cast_once(base, tmp_path):
     from safetensors.torch import load_file as load_torch, save_file
 
     from mlxft.safetensors_io import SafetensorsFolder, bf16_to_f32
-    from mlxft.fuse import Adapter, fuse_model
+    from mlxft.adapters import Adapter
+    from mlxft.fuse import fuse_model
 
     bf = tmp_path / "bf16"
     bf.mkdir()
