@@ -16,7 +16,7 @@ else
 MLX_EXTRA := mlx-cpu
 endif
 
-.PHONY: setup setup-test quickstart test test-fast test-slow bench clean
+.PHONY: setup setup-test quickstart test lint test-fast test-slow bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,7 +54,11 @@ quickstart: setup
 # GGUFs once per checkout instead of once per pytest process. --durations prints the slowest 15.
 TEST_HOME ?= $(CURDIR)/.test-home
 
-test: setup-test test-fast test-slow
+test: setup-test lint test-fast test-slow
+
+# Modules import only downward (the layers in pyproject.toml, [tool.importlinter]).
+lint: setup-test
+	$(BIN)/lint-imports
 
 test-fast: setup-test
 	MLXFT_TEST_HOME=$(TEST_HOME) $(BIN)/python -m pytest -q --durations=15

@@ -1,6 +1,6 @@
 """Training data: records (read by mlxft/formats from JSONL, JSON, CSV, TSV, Parquet or Hugging
-Face datasets) tokenized with prompt masking, split, and grouped into batches by length so little
-compute goes to padding.
+Face datasets) tokenized with prompt masking, split, grouped into batches by length so little
+compute goes to padding, put in training order and dealt to data-parallel ranks.
 
 Every source arrives as one of three canonical record formats:
     chat         {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": "..."}, ...],
@@ -13,9 +13,7 @@ or on everything (text). With `mask_prompt: false` it goes on every token.
 
 from __future__ import annotations
 
-import contextlib
 import random
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import numpy as np
 from mlxft.errors import DataError
 from mlxft.formats import read_records, row_error
 from mlxft.formats.records import RowError
+from mlxft.templates import adds_bos
 
 
 @dataclass
@@ -186,26 +185,6 @@ def tokenize_record(tokenizer, record: dict, fmt: str, mask_prompt: bool, system
     return _finish_plain(tokenizer, record["text"], [(0, len(record["text"]))], mask_prompt=False)
 
 
-_ADDS_BOS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def adds_bos(tokenizer) -> bool:
-    """Whether the tokenizer starts a text with BOS. Asked of its encoding rather than of
-    `add_bos_token`, which some tokenizers (Gemma's in transformers 5) report as False while their
-    post-processor adds BOS."""
-    if tokenizer.bos_token_id is None:
-        return False
-    try:
-        return _ADDS_BOS[tokenizer]
-    except (KeyError, TypeError):
-        pass
-    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
-    answer = bool(ids) and ids[0] == tokenizer.bos_token_id
-    with contextlib.suppress(TypeError):
-        _ADDS_BOS[tokenizer] = answer
-    return answer
-
-
 def _finish_plain(tokenizer, text: str, spans, mask_prompt: bool) -> Sample:
     """Plain text: BOS when the tokenizer wants one, EOS appended (and scored) so the model learns
     to stop."""
@@ -342,6 +321,35 @@ def length_grouped_batches(samples: list[Sample], batch_size: int, seed: int, ep
         batches.extend(chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size))
     rng.shuffle(batches)
     return batches
+
+
+class BatchOrder:
+    """Training batches (sample indices) in order: length-grouped per epoch, a pure function of
+    (seed, epoch), so a resumed run sees exactly the batches the uninterrupted run would have."""
+
+    def __init__(self, samples: list[Sample], batch_size: int, seed: int):
+        self.samples, self.batch_size, self.seed = samples, batch_size, seed
+        self._epoch: tuple[int, list[list[int]]] | None = None
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            self._epoch = (epoch, length_grouped_batches(self.samples, self.batch_size, self.seed, epoch))
+        return self._epoch[1]
+
+    def next(self, epoch: int, index: int) -> tuple[list[int], int, int]:
+        """(the batch at cursor (epoch, index), the cursor after it)."""
+        if index >= len(self.batches(epoch)):
+            epoch, index = epoch + 1, 0
+        return self.batches(epoch)[index], epoch, index + 1
+
+
+def shard(samples: list[Sample], rank: int, size: int, pad_id: int, pack_to: int | None = None) -> Batch | None:
+    """This rank's part of a global micro-batch (samples dealt round-robin), padded, or packed
+    into rows of `pack_to` tokens; None when the rank gets no sample."""
+    mine = samples[rank::size]
+    if not mine:
+        return None
+    return pack(mine, pad_id, pack_to) if pack_to else collate(mine, pad_id)
 
 
 def eval_batches(samples: list[Sample], batch_size: int) -> list[list[int]]:

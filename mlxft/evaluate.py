@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import gc
 import math
-import sys
 from pathlib import Path
 
 from mlxft.config import Config
-from mlxft.data import Dataset, collate, eval_batches, load_dataset, split_dataset
+from mlxft.data import Dataset, collate, eval_batches
 
 
 def score_dataset(engine, dataset: Dataset, batch_size: int = 8, max_batches: int | None = None,
@@ -49,32 +48,14 @@ def score_dataset(engine, dataset: Dataset, batch_size: int = 8, max_batches: in
 
 
 def _run_config(resolved) -> Config:
-    from mlxft.config import build_config
+    if resolved.run is None:
+        return Config()
+    from mlxft.runs import Run
 
-    if resolved.run is not None and (Path(resolved.run) / "config.yaml").is_file():
-        try:
-            return build_config(str(Path(resolved.run) / "config.yaml"))
-        except Exception:
-            pass
-    return Config()
-
-
-def held_out_split(cfg: Config, tokenizer, max_seq_len: int, skip_bad_lines: bool = False) -> Dataset:
-    """The share of data.train a run held out for validation: the same seeded split of the same
-    samples as training (read at the run's max_seq_len), each then read at `max_seq_len`."""
-    kw = dict(mask_prompt=cfg.train.mask_prompt, system_prompt=cfg.data.system_prompt, skip_bad_lines=skip_bad_lines,
-              columns=cfg.data.columns, split=cfg.data.split, limit=cfg.data.limit)
-    _, valid = split_dataset(load_dataset(cfg.data.train, tokenizer, max_seq_len=cfg.train.max_seq_len, **kw),
-                             cfg.data.valid_split, cfg.seed)
-    if max_seq_len == cfg.train.max_seq_len:
-        return valid
-    held = {s.source for s in valid.samples}  # "file:line"
-
-    def read(limit: int) -> list:
-        return [s for s in load_dataset(cfg.data.train, tokenizer, max_seq_len=limit, **kw).samples if s.source in held]
-
-    whole = read(sys.maxsize)
-    return Dataset(read(max_seq_len), valid.fmt, valid.path, truncated=sum(len(s) > max_seq_len for s in whole))
+    try:
+        return Run(Path(resolved.run)).config()
+    except Exception:  # a run folder from an older mlxft, or with a hand-edited config: score with defaults
+        return Config()
 
 
 def _engine(backend_name: str, cfg: Config):
@@ -87,7 +68,8 @@ def _engine(backend_name: str, cfg: Config):
 
 
 def evaluate(model_spec: str | None, data: str | None, backend: str = "auto", adapter: str = "best",
-             batch_size: int = 8, max_seq_len: int | None = None, skip_bad_lines: bool = False) -> dict:
+             batch_size: int = 8, max_seq_len: int | None = None, skip_bad_lines: bool = False,
+             trust_remote_code: bool = False) -> dict:
     """Evaluate a model (or a run: base and tuned) on `data` (for a run, default: its validation file)."""
     from mlxft import ui
     from mlxft.backends.select import choose_backend
@@ -96,7 +78,8 @@ def evaluate(model_spec: str | None, data: str | None, backend: str = "auto", ad
 
     resolved = resolve_model(model_spec, adapter=adapter)
     cfg = _run_config(resolved)
-    held_out = data is None and resolved.run is not None and not cfg.data.valid and bool(cfg.data.train)
+    own_data = data is None and resolved.run is not None
+    held_out = own_data and not cfg.data.valid and bool(cfg.data.train)
     if data is None:
         data = cfg.data.valid if resolved.run is not None else None
         if held_out:
@@ -108,17 +91,20 @@ def evaluate(model_spec: str | None, data: str | None, backend: str = "auto", ad
 
     def load(adapter_path):
         engine = _engine(name, cfg)
+        engine.trust_remote_code = trust_remote_code
         label = "base + adapter" if adapter_path else "model"
         with ui.console.status(f"Loading {label} ({resolved.spec}) on {name}"):
             engine.load(resolved.path, adapter=adapter_path, train=False)
         return engine
 
     engine = load(None)
-    if held_out:
-        dataset = held_out_split(cfg, engine.tokenizer, seq, skip_bad_lines)
-    else:
-        dataset = load_dataset(data, engine.tokenizer, max_seq_len=seq, mask_prompt=cfg.train.mask_prompt,
-                               system_prompt=cfg.data.system_prompt, skip_bad_lines=skip_bad_lines)
+    from mlxft.training_data import read_source, validation_set
+
+    if own_data:
+        dataset = validation_set(cfg, engine.tokenizer, skip_bad_lines=skip_bad_lines, max_seq_len=seq)
+    else:  # a file of the user's, read as a validation file of the run (data.columns where it needs them)
+        dataset = read_source(cfg, data, engine.tokenizer, train=False, skip_bad_lines=skip_bad_lines,
+                              max_seq_len=seq, own=False)
     if dataset.truncated:
         ui.warn(f"{data}: {dataset.truncated} samples longer than {seq} tokens were truncated")
     out = {"model": resolved.spec, "data": str(data), "samples": len(dataset), "format": dataset.fmt,

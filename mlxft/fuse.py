@@ -12,17 +12,16 @@ erase a small adapter. The result is cast once to the output dtype, or re-quanti
 from __future__ import annotations
 
 import json
-import math
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 
+from mlxft.adapters import Adapter
 from mlxft.errors import ModelError
-from mlxft.export.safetensors_io import ModelTensors, SafetensorsFolder, mlx_quantize, to_dtype, write_safetensors
+from mlxft.safetensors_io import ModelTensors, to_dtype, write_safetensors
+from mlxft.mlx_affine import quantize as mlx_quantize
 
-_PREFIX = "base_model.model."
 WEIGHT_FILES = (".safetensors", ".bin", ".pth", ".pt", ".gguf", ".npz")
 
 
@@ -31,65 +30,6 @@ def read_config(folder: Path) -> dict:
         return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelError(f"{folder}/config.json: unreadable ({exc})") from None
-
-
-class Adapter:
-    """A PEFT adapter folder: per base-module LoRA factors, scaling, optional DoRA magnitude."""
-
-    def __init__(self, folder: Path):
-        from mlxft.adapters import read_adapter_config
-
-        self.folder = Path(folder)
-        self.config = read_adapter_config(self.folder)
-        self.use_dora = bool(self.config.get("use_dora"))
-        if self.config.get("fan_in_fan_out"):
-            raise ModelError(f"{self.folder}: fan_in_fan_out adapters (GPT-2 Conv1D) are not supported")
-        file = self.folder / "adapter_model.safetensors"
-        if not file.is_file():
-            raise ModelError(f"{self.folder}: no adapter_model.safetensors")
-        self.st = SafetensorsFolder(self.folder, [file])
-        self.modules: dict[str, dict[str, str]] = {}
-        self.replaced: dict[str, str] = {}  # full tensors saved by modules_to_save
-        for key in self.st.names():
-            name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
-            m = re.match(r"(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?\.weight$", name) or \
-                re.match(r"(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)$", name) or \
-                re.match(r"(.+)\.(lora_magnitude_vector)(?:\.[^.]+)?(?:\.weight)?$", name)
-            if m:
-                self.modules.setdefault(m.group(1), {})[m.group(2)] = key
-            elif ".modules_to_save." in name:
-                self.replaced[re.sub(r"\.modules_to_save\.[^.]+", "", name)] = key
-            else:
-                self.replaced[name] = key
-        for module, parts in self.modules.items():
-            if not ({"lora_A", "lora_B"} <= set(parts) or {"lora_embedding_A", "lora_embedding_B"} <= set(parts)):
-                raise ModelError(f"{self.folder}: incomplete LoRA factors for {module}")
-
-    def rank(self, module: str) -> int:
-        parts = self.modules[module]
-        a = parts.get("lora_A") or parts["lora_embedding_A"]
-        return self.st.shape(a)[0]
-
-    def scale(self, module: str) -> float:
-        """alpha / r (PEFT rank_pattern / alpha_pattern honoured; rsLoRA: alpha / sqrt(r))."""
-        r = self.rank(module)
-        alpha = self.config.get("lora_alpha", r)
-        for pattern, value in (self.config.get("alpha_pattern") or {}).items():
-            if re.search(rf"(^|\.){pattern}$", module):
-                alpha = value
-        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
-
-    def factors(self, module: str) -> tuple[np.ndarray, np.ndarray]:
-        """(A (r, in), B (out, r)) as float32, for any LoRA kind (embeddings transposed)."""
-        parts = self.modules[module]
-        if "lora_A" in parts:
-            return self.st.f32(parts["lora_A"]), self.st.f32(parts["lora_B"])
-        # embedding: delta (vocab, dim) = (B_e @ A_e).T with A_e (r, vocab), B_e (dim, r)
-        return self.st.f32(parts["lora_embedding_B"]).T.copy(), self.st.f32(parts["lora_embedding_A"]).T.copy()
-
-    def delta(self, module: str) -> np.ndarray:
-        a, b = self.factors(module)
-        return (b @ a) * np.float32(self.scale(module))
 
 
 class FusedTensors:

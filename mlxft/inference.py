@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mlxft.config import Config
+from mlxft.templates import format_messages, format_prompt  # noqa: F401 (the names generate, chat and serve use)
 
 
 def load_for_inference(model_spec: str | None, backend: str = "auto", adapter: str = "best",
@@ -51,10 +52,10 @@ def run_system_prompt(resolved) -> str | None:
     """The system prompt a run was trained with, so inference matches training."""
     if resolved.run is None:
         return None
-    from mlxft.config import build_config
+    from mlxft.runs import Run
 
     try:
-        return build_config(str(resolved.run / "config.yaml")).data.system_prompt
+        return Run(resolved.run).config().data.system_prompt
     except Exception:
         return None
 
@@ -63,26 +64,6 @@ def run_stop_ids(engine) -> list[int]:
     """The end-of-turn ids the run trained with (its recorded chat template), beside EOS."""
     setup = getattr(engine, "chat_setup", None)
     return list(setup.stop_ids) if setup is not None else []
-
-
-def format_prompt(tokenizer, prompt: str, raw: bool = False, system: str | None = None,
-                  history: list[dict] | None = None) -> list[int]:
-    if raw or not getattr(tokenizer, "chat_template", None):
-        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        return list(ids)
-    return format_messages(tokenizer, [*(history or []), {"role": "user", "content": prompt}], system)
-
-
-def format_messages(tokenizer, messages: list[dict], system: str | None = None) -> list[int]:
-    """Token ids of a conversation in the model's chat template, ready for the assistant's turn;
-    `system` goes first unless the conversation starts with its own system message. Without a
-    chat template, the last message's text as a raw prompt (as format_prompt does)."""
-    if not getattr(tokenizer, "chat_template", None):
-        return list(tokenizer(messages[-1]["content"], add_special_tokens=True)["input_ids"])
-    if system and not (messages and messages[0].get("role") == "system"):
-        messages = [{"role": "system", "content": system}, *messages]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 class TokenPrinter:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from mlxft.adapters import linear_factors, peft_config
 from mlxft.errors import ModelError
 
 CONFIG = "adapter_config.json"
@@ -49,31 +49,6 @@ def _num_hidden_layers(model_path: Path) -> int:
     return value
 
 
-def _peft_modules(peft_dir: Path) -> tuple[dict, dict]:
-    """(PEFT config, {module path: {"A", "B"[, "m"], "scale"}}) with float32 arrays."""
-    from mlxft.adapters import read_adapter_config, read_adapter_tensors
-    from mlxft.backends.mlx_adapters import _group, _pattern_value
-
-    cfg = read_adapter_config(peft_dir)
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ModelError(f"{peft_dir}: adapter type {cfg.get('peft_type')} has no mlx-lm layout (only LoRA/DoRA)")
-    if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
-        raise ModelError(f"{peft_dir}: trained biases or modules_to_save have no place in mlx-lm's adapter layout")
-    groups = _group(read_adapter_tensors(peft_dir), peft_dir)
-    if not groups:
-        raise ModelError(f"{peft_dir}: adapter holds no LoRA weights")
-    for module, parts in groups.items():
-        a, b = parts["A"].astype(np.float32), parts["B"].astype(np.float32)
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise ModelError(f"{peft_dir}: '{module}' is not a linear LoRA (A {a.shape}, B {b.shape})")
-        r = a.shape[0]
-        alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", r)))
-        parts.update(A=a, B=b, scale=alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r)
-        if "m" in parts:
-            parts["m"] = parts["m"].astype(np.float32).reshape(-1)
-    return cfg, groups
-
-
 def write_mlx_lm_adapter(peft_dir: Path, out: Path, model_path: Path, model_ref: str | None = None) -> dict:
     """Write the PEFT adapter at `peft_dir` (for the base at `model_path`) as an mlx-lm adapter
     folder at `out`, atomically. Returns a summary."""
@@ -82,7 +57,7 @@ def write_mlx_lm_adapter(peft_dir: Path, out: Path, model_path: Path, model_ref:
     from mlxft.atomic import atomic_dir
 
     peft_dir, out = Path(peft_dir), Path(out)
-    cfg, groups = _peft_modules(peft_dir)
+    cfg, groups = linear_factors(peft_dir, "mlx-lm's adapter layout")
     dora = bool(cfg.get("use_dora")) or any("m" in p for p in groups.values())
     if dora and not all("m" in p for p in groups.values()):
         raise ModelError(f"{peft_dir}: a DoRA adapter lacks the magnitude vector of some layers")
@@ -170,7 +145,7 @@ def to_peft(path: Path) -> tuple[dict, dict]:
         raise ModelError(f"{path / WEIGHTS}: holds no adapter weights")
     dora = config.get("fine_tune_type") == "dora"
     scale = float(params["scale"])
-    tensors, targets, layers, ranks = {}, set(), set(), set()
+    tensors, ranks = {}, set()
     for module, parts in sorted(modules.items()):
         if "lora_a" not in parts or "lora_b" not in parts:
             raise ModelError(f"{path / WEIGHTS}: '{module}' lacks lora_a or lora_b")
@@ -185,23 +160,11 @@ def to_peft(path: Path) -> tuple[dict, dict]:
         if dora:
             tensors[f"base_model.model.{module}.lora_magnitude_vector"] = np.ascontiguousarray(parts["m"])
         ranks.add(a.shape[1])
-        targets.add(module.rsplit(".", 1)[-1])
-        match = _BLOCK.match(module)
-        if match:
-            layers.add(int(match["index"]))
     if len(ranks) != 1:
         raise ModelError(f"{path / WEIGHTS}: layers have different ranks {sorted(ranks)}")
     rank = ranks.pop()
-    alpha = scale * rank
-    peft = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": config.get("model"),
-        "r": rank, "lora_alpha": int(round(alpha)) if abs(alpha - round(alpha)) < 1e-9 else alpha,
-        "lora_dropout": float(params.get("dropout", 0.0)), "bias": "none",
-        "target_modules": sorted(targets), "layers_to_transform": sorted(layers) or None,
-        "use_dora": dora, "use_rslora": False, "fan_in_fan_out": False,
-        "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
-        "init_lora_weights": True, "inference_mode": True,
-    }
+    peft = peft_config(config.get("model"), {m: rank for m in modules}, {m: scale * rank for m in modules},
+                       dropout=float(params.get("dropout", 0.0)), use_dora=dora)
     return peft, tensors
 
 

@@ -4,29 +4,21 @@ create the run directory, train, record results and plot the curves."""
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import time
 from pathlib import Path
 
 from mlxft import ui
-from mlxft.config import Config, build_config, to_yaml
-from mlxft.data import Dataset, Sample, load_dataset, split_dataset
-from mlxft.errors import ConfigError, MlxftError
+from mlxft.config import Config, to_yaml
+from mlxft.data import Dataset, Sample
+from mlxft.errors import MlxftError
 from mlxft.runs import Run, create_run, is_run_dir
 
 
 def load_data(cfg: Config, tokenizer, skip_bad_lines: bool = False) -> tuple[Dataset, Dataset]:
-    if not cfg.data.train:
-        raise ConfigError("data.train: no training data", "pass --data FILE.jsonl or set data.train in the recipe")
-    kw = dict(max_seq_len=cfg.train.max_seq_len, mask_prompt=cfg.train.mask_prompt,
-              system_prompt=cfg.data.system_prompt, skip_bad_lines=skip_bad_lines,
-              columns=cfg.data.columns, limit=cfg.data.limit)
-    train = load_dataset(cfg.data.train, tokenizer, split=cfg.data.split, **kw)
-    if cfg.data.valid:
-        valid = load_dataset(cfg.data.valid, tokenizer, **kw)
-    else:
-        train, valid = split_dataset(train, cfg.data.valid_split, cfg.seed)
+    from mlxft.training_data import training_sets
+
+    train, valid = training_sets(cfg, tokenizer, skip_bad_lines=skip_bad_lines)
     for ds in (train, valid):
         if ds.truncated:
             ui.warn(f"{ds.path}: {ds.truncated} samples longer than train.max_seq_len={cfg.train.max_seq_len} "
@@ -37,15 +29,6 @@ def load_data(cfg: Config, tokenizer, skip_bad_lines: bool = False) -> tuple[Dat
 
     report_at_train_start(train, valid, tokenizer, cfg.train.max_seq_len)
     return train, valid
-
-
-def _optional(module: str):
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name == module:
-            return None
-        raise
 
 
 def _share_replay(world, samples: list[Sample] | None) -> list[Sample]:
@@ -110,11 +93,14 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
             f"{trainable:,} trainable of {total:,} parameters")
     if chosen:
         ui.info(f"defaults: {chosen}")
-    retention = _optional("mlxft.retention") if (cfg.retention.enabled or cfg.data.replay) else None
+    if cfg.retention.enabled or cfg.data.replay:
+        from mlxft import retention
+    else:
+        retention = None
     # Retention baselines and replay answers are generated once, by rank 0, into the run directory.
     if retention is not None and not resume and world.is_root:
         clock = time.perf_counter()
-        retention.before_training(cfg, run, backend)
+        retention.before_training(cfg, run, backend, len(train_set))
         timings["baseline_and_replay_s"] = round(time.perf_counter() - clock, 2)
     if retention is not None and cfg.data.replay > 0 and retention.own_chat_format(backend):
         replay = retention.replay_samples(cfg, run, backend.tokenizer, len(train_set)) if world.is_root else None
@@ -178,8 +164,7 @@ def resume_config(run_dir: Path) -> Config:
     meta = Run(Path(run_dir)).meta()
     if meta.get("status") == "done":
         raise MlxftError(f"--resume {run_dir}: the run already finished")
-    cfg = build_config(str(Path(run_dir) / "config.yaml"))
-    return cfg
+    return Run(Path(run_dir)).config()
 
 
 def resume_source(world, run_dir: Path, keep: Path | None) -> tuple[Config, Path]:
@@ -203,4 +188,4 @@ def resume_source(world, run_dir: Path, keep: Path | None) -> tuple[Config, Path
     if blob.startswith(b"\0"):
         raise MlxftError(f"--resume {run_dir}: rank 0 could not resume ({blob[1:].decode()})")
     bytes_to_dir(blob, keep)
-    return build_config(str(keep / "config.yaml")), keep / "checkpoint"
+    return Run(keep).config(), keep / "checkpoint"

@@ -127,8 +127,8 @@ def _model_identity(cfg, run, backend) -> dict:
 
 @contextlib.contextmanager
 def _eval_mode(backend):
-    """Run in inference mode and put the model back as it was (the torch backend's generate()
-    leaves it in eval mode, which would switch off dropout and gradient checkpointing)."""
+    """Generate in eval mode (no dropout), then put the model back in the mode it was in: a
+    training backend must leave this block still training."""
     model = getattr(backend, "model", None)
     was = getattr(model, "training", None)
     if was is not None and hasattr(model, "eval"):
@@ -144,7 +144,7 @@ def _eval_mode(backend):
 
 
 def probe_prompt_ids(tokenizer, probe: dict, system: str | None) -> list[int]:
-    from mlxft.inference import format_prompt
+    from mlxft.templates import format_prompt
 
     return format_prompt(tokenizer, probe["prompt"], raw=probe.get("kind") == "text", system=system)
 
@@ -233,10 +233,10 @@ def compare(baseline: dict, scored: list[tuple[float, int, int]]) -> dict:
 # ---------------------------------------------------------------------------- pipeline hooks
 
 
-def before_training(cfg, run, backend) -> None:
+def before_training(cfg, run, backend, n_train: int = 0) -> None:
     """Record the base model's probe answers (RUN/retention_baseline.json) and, with data.replay,
-    its answers to the replay prompts (RUN/replay.jsonl). The backend must still behave as the
-    base model (a fresh adapter)."""
+    its answers to the replay prompts (RUN/replay.jsonl), as many as replay_samples will mix into
+    `n_train` training samples. The backend must still behave as the base model (a fresh adapter)."""
     from mlxft import ui
 
     ident = _model_identity(cfg, run, backend)
@@ -256,8 +256,7 @@ def before_training(cfg, run, backend) -> None:
         ui.info("replay: off for this base model (no chat template of its own, so its chat answers are not "
                 "worth replaying); retention uses the probe texts to continue")
     elif cfg.data.replay > 0:
-        n_lines = _count_records(cfg.data.train)
-        need = min(len(load_probes(REPLAY_PROMPTS)), replay_count(cfg.data.replay, n_lines))
+        need = min(len(load_probes(REPLAY_PROMPTS)), replay_count(cfg.data.replay, n_train))
         started = time.perf_counter()
         with ui.console.status(f"Recording the base model's answers to {need} replay prompts"):
             records = replay_records(cfg, run, backend, need)
@@ -265,14 +264,6 @@ def before_training(cfg, run, backend) -> None:
             fh.writelines(json.dumps(r) + "\n" for r in records)
         ui.info(f"replay: {len(records)} of {need} answers of the base model usable "
                 f"({time.perf_counter() - started:.1f}s) -> {run.path / REPLAY_FILE}")
-
-
-def _count_records(path) -> int:
-    try:
-        with open(path, "rb") as fh:
-            return sum(1 for line in fh if line.strip())
-    except (OSError, TypeError):
-        return 0
 
 
 def replay_count(share: float, n_train: int) -> int:

@@ -51,6 +51,14 @@ class Run:
     def checkpoint(self) -> Path:
         return self.path / "checkpoint"
 
+    def config(self):
+        """The run's resolved recipe (RUN/config.yaml) as a Config."""
+        from mlxft.config import build_config
+
+        if not self.config_file.is_file():
+            raise ModelError(f"{self.path}: not a run directory (no config.yaml)")
+        return build_config(str(self.config_file))
+
     def adapter(self, which: str = "best") -> Path:
         """The best-by-validation adapter when there is one, else the last."""
         if which == "best" and (self.best_adapter / "adapter_config.json").is_file():

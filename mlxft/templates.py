@@ -1,4 +1,8 @@
-"""The chat template a run trains with, recorded in the run and carried into every export.
+"""The chat template a run trains with, recorded in the run and carried into every export; and
+the rules that go with it, kept here once: whether the tokenizer adds BOS (adds_bos), which
+tokens end an assistant turn (stop_tokens), where generation stops (stop_ids), which tokens may
+end a trained answer (answer_end_ids), and a prompt or conversation as token ids ready for
+generation (format_prompt, format_messages).
 
 A base model's own chat template is used when it has one. When it has none, mlxft uses its
 family's known template where the vocabulary shows the family (the family's turn markers are
@@ -22,7 +26,9 @@ check in mlxft/export/selfcheck.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -146,10 +152,26 @@ def vocabulary_family(tokenizer) -> str | None:
     return None
 
 
+_ADDS_BOS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts a text with BOS: the one rule for training data, the chat
+    templates and the export checks. Asked of its encoding rather than of `add_bos_token`, which
+    some tokenizers (Gemma's in transformers 5) report as False while their post-processor adds
+    BOS. Cached per tokenizer (data preparation asks once per sample)."""
     bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer.encode("a", add_special_tokens=True)[:1] == [bos] \
+    if bos is None:
+        return False
+    try:
+        return _ADDS_BOS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    answer = tokenizer.encode("a", add_special_tokens=True)[:1] == [bos] \
         and tokenizer.encode("a", add_special_tokens=False)[:1] != [bos]
+    with contextlib.suppress(TypeError):
+        _ADDS_BOS[tokenizer] = answer
+    return answer
 
 
 def stop_tokens(tokenizer, template: str) -> tuple[list[str], list[int]]:
@@ -169,6 +191,50 @@ def stop_tokens(tokenizer, template: str) -> tuple[list[str], list[int]]:
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return tokenizer.convert_ids_to_tokens(ids), ids
+
+
+def eos_ids(*values) -> set[int]:
+    """Every end-of-sequence id named by `values` (each an id, a list of ids, or None), as the
+    tokenizer, config.json and generation_config.json spell them."""
+    ids: set[int] = set()
+    for value in values:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
+
+
+def _json_field(path: Path, key: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def stop_ids(tokenizer, model_folder: Path | None = None, setup: "ChatSetup | None" = None, extra=()) -> set[int]:
+    """Where generation stops, the one rule every backend uses: the caller's `extra` ids, the
+    end-of-turn ids of the chat format in use (`setup.stop_ids`), and every EOS id that the
+    tokenizer, the model folder's config.json and its generation_config.json name."""
+    folder = Path(model_folder) if model_folder is not None else None
+    return (set(extra or ()) | set(setup.stop_ids if setup is not None else ())
+            | eos_ids(tokenizer.eos_token_id,
+                      _json_field(folder / "config.json", "eos_token_id") if folder else None,
+                      _json_field(folder / "generation_config.json", "eos_token_id") if folder else None))
+
+
+def answer_end_ids(tokenizer) -> set[int]:
+    """Tokens that may end a trained answer (for the data check's "never learns to stop"): EOS,
+    the other special tokens except BOS and PAD, and the chat template's end-of-turn token, which
+    some tokenizers do not list as special (Gemma's <end_of_turn>)."""
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    ids -= {tokenizer.bos_token_id, tokenizer.pad_token_id} - {tokenizer.eos_token_id}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        ids.update(stop_tokens(tokenizer, template)[1])
+    return ids
 
 
 def render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -268,3 +334,26 @@ def default_system(tokenizer, template: str) -> str | None:
     if bare.startswith(prefix) and bare.endswith(suffix) and len(bare) > len(prefix) + len(suffix):
         return bare[len(prefix):len(bare) - len(suffix)]
     return None
+
+
+# ---------------------------------------------------------------------------- prompts for generation
+
+
+def format_prompt(tokenizer, prompt: str, raw: bool = False, system: str | None = None,
+                  history: list[dict] | None = None) -> list[int]:
+    if raw or not getattr(tokenizer, "chat_template", None):
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return list(ids)
+    return format_messages(tokenizer, [*(history or []), {"role": "user", "content": prompt}], system)
+
+
+def format_messages(tokenizer, messages: list[dict], system: str | None = None) -> list[int]:
+    """Token ids of a conversation in the model's chat template, ready for the assistant's turn;
+    `system` goes first unless the conversation starts with its own system message. Without a
+    chat template, the last message's text as a raw prompt (as format_prompt does)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return list(tokenizer(messages[-1]["content"], add_special_tokens=True)["input_ids"])
+    if system and not (messages and messages[0].get("role") == "system"):
+        messages = [{"role": "system", "content": system}, *messages]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -1,53 +1,36 @@
-"""The training loop shared by every backend: data order, schedule, accumulation, validation,
-best/last adapters, early stopping, metrics, checkpoints, exact resume and clean interruption.
-
-A checkpoint (RUN/checkpoint/) holds the adapter, the backend's optimizer and RNG state, and
-trainer.json: the step, the data cursor (epoch, batch index), the best validation loss, the
-chosen adapter's figures and the early-stopping counter.
-
-Which adapter is kept (RUN/adapter-best, what generate, fuse and export use): at every
-validation the current adapter is scored on validation loss and, when a retention tracker is
-given, on retention (teacher-forced scores of the base model's own probe answers, no
-generation). Adapters whose retention is at least retention.floor rank above those below it;
-among them the lowest validation loss wins, and below the floor the highest retention. Training
-stops after train.early_stop_patience validations without improvement (see min_improvement), or
-as soon as retention is below the floor at a validation that did not improve.
-
-Data order is a pure function of (seed, epoch), so a resumed run sees
-exactly the batches the uninterrupted run would have seen.
+"""The training loop shared by every backend: schedule, accumulation, validation, metrics and
+clean interruption. Its parts live beside it: the batch order and the dealing of batches to
+ranks in mlxft/data.py (BatchOrder, shard), the checkpoint and RNG state in mlxft/checkpoint.py,
+which adapter is kept and when to stop in mlxft/selection.py. The config must already be
+resolved (mlxft.defaults.resolve, which the pipeline calls): the trainer rewrites nothing.
 
 Distributed (data parallel): every rank holds the whole tokenized dataset and walks the same
 global batch order; each micro-batch of train.batch_size samples is dealt round-robin to the
 ranks, the loss is normalised by the global target count and the backend sums gradients over
 ranks, so train.batch_size, the step count and the learning-rate schedule mean what they mean
-in a single process. Rank 0 alone writes the run directory; a checkpoint also holds every other
-rank's optimizer and RNG state (checkpoint/ranks/N/), gathered to rank 0 before anything is
-written, so a rank that dies mid-save leaves the previous checkpoint whole.
+in a single process. Rank 0 alone writes the run directory.
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import math
-import random
 import signal
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
-from mlxft.atomic import atomic_dir, write_errors
+from mlxft import checkpoint
+from mlxft.atomic import write_errors
 from mlxft.backends.base import Backend
 from mlxft.config import Config
-from mlxft.data import Batch, Dataset, collate, length_grouped_batches, pack
-from mlxft.distributed import PeerLost, bytes_to_dir, dir_to_bytes, resume_command
-from mlxft.errors import Interrupted, MlxftError
+from mlxft.data import Batch, BatchOrder, Dataset, shard
+from mlxft.distributed import PeerLost, resume_command
+from mlxft.errors import ConfigError, Interrupted, MlxftError
 from mlxft.progress import TrainProgress
 from mlxft.runs import MetricsWriter, Run
 from mlxft.schedule import learning_rate, warmup_steps
+from mlxft.selection import Selection
 
 
 @dataclass
@@ -67,13 +50,6 @@ class TrainState:
     chosen_retention: dict | None = None
     initial_val: dict | None = None     # validation figures of the untrained adapter (step 0)
     stop_reason: str | None = None
-
-
-def min_improvement(best: float) -> float:
-    """How much validation loss must fall to count as still improving for early stopping: 1% of
-    it, and at least 1e-3 nats/token (a set learned to ~0.001 otherwise creeps down by 1e-5 per
-    validation for hundreds of steps while retention sinks)."""
-    return max(1e-3, 0.01 * best)
 
 
 def batches_per_epoch(n_samples: int, batch_size: int) -> int:
@@ -102,54 +78,36 @@ class Trainer:
         self.resume_from = Path(resume_from) if resume_from else run.checkpoint
         self.saved_step: int | None = None
         self._last_val: float | None = None
-        from mlxft.defaults import resolve
-
-        resolve(cfg, len(train_set), backend.hidden_size())  # a no-op when the caller resolved them
+        unresolved = [k for k in ("learning_rate", "eval_every") if getattr(cfg.train, k) is None]
+        if unresolved:
+            raise ConfigError(f"train.{unresolved[0]}: not set", "resolve the config first (mlxft.defaults.resolve)")
         self.retention, self.on_step = retention, on_step
+        self.selection = Selection(cfg.train.early_stop_patience, cfg.retention.floor)
+        self.order = BatchOrder(train_set.samples, cfg.train.batch_size, cfg.seed)
         self.total = total_steps(cfg, len(train_set))
         self.warmup = warmup_steps(cfg.train.warmup, self.total)
         self.state = TrainState()
         self.pad_id = backend.tokenizer.pad_token_id
-        self._epoch_batches: tuple[int, list[list[int]]] | None = None
         self._stop_signal = 0
         # Where the loop's time goes besides the steps (seconds this process spent).
         self.timings = {"validation_s": 0.0, "retention_s": 0.0, "checkpoint_s": 0.0}
 
-    # ------------------------------------------------------------------ data order
-
-    def _batches_for(self, epoch: int) -> list[list[int]]:
-        if self._epoch_batches is None or self._epoch_batches[0] != epoch:
-            order = length_grouped_batches(self.train_set.samples, self.cfg.train.batch_size, self.cfg.seed, epoch)
-            self._epoch_batches = (epoch, order)
-        return self._epoch_batches[1]
-
-    def _next_micro_indices(self) -> list[int]:
-        s = self.state
-        batches = self._batches_for(s.epoch)
-        if s.batch_index >= len(batches):
-            s.epoch += 1
-            s.batch_index = 0
-            batches = self._batches_for(s.epoch)
-        idx = batches[s.batch_index]
-        s.batch_index += 1
-        return idx
+    # ------------------------------------------------------------------ data
 
     def _next_step_batches(self) -> tuple[list[Batch], int, int]:
         """This rank's micro-batches for the next optimizer step, with the target and token
         counts of the whole (global) step."""
-        rank, size = self.world.rank, self.world.size
+        s, t = self.state, self.cfg.train
         local, n_targets, n_tokens = [], 0, 0
-        for _ in range(self.cfg.train.grad_accumulation):
-            samples = [self.train_set.samples[i] for i in self._next_micro_indices()]
-            n_targets += sum(s.n_targets for s in samples)
-            n_tokens += sum(len(s) for s in samples)
-            shard = samples[rank::size]
-            if not shard:
-                continue
-            if self.cfg.train.packing:
-                local.append(pack(shard, self.pad_id, self.cfg.train.max_seq_len))
-            else:
-                local.append(collate(shard, self.pad_id))
+        for _ in range(t.grad_accumulation):
+            indices, s.epoch, s.batch_index = self.order.next(s.epoch, s.batch_index)
+            samples = [self.train_set.samples[i] for i in indices]
+            n_targets += sum(x.n_targets for x in samples)
+            n_tokens += sum(len(x) for x in samples)
+            batch = shard(samples, self.world.rank, self.world.size, self.pad_id,
+                          t.max_seq_len if t.packing else None)
+            if batch is not None:
+                local.append(batch)
         return local, n_targets, n_tokens
 
     # ------------------------------------------------------------------ evaluation
@@ -175,39 +133,12 @@ class Trainer:
             raise MlxftError(f"step {self.state.step}: the adapter weights are not finite, so the checkpoint was "
                              f"not overwritten (last good: {last}, in {self.run.checkpoint})",
                              "lower train.learning_rate or lora.alpha, or set train.skip_nonfinite: true")
-        rank_states = None
-        if self.world.distributed:
-            # Gather first: if a rank is gone this raises before a byte is written.
-            with tempfile.TemporaryDirectory(prefix="mlxft-state-") as d:
-                self.backend.save_state(Path(d))
-                rank_states = self.world.all_gather_bytes(dir_to_bytes(Path(d)))
-        if not self.writes:
-            return
-        with write_errors("checkpoint", self.run.checkpoint), atomic_dir(self.run.checkpoint) as tmp:
-            self.backend.save_adapter(tmp / "adapter")
-            if rank_states is None:
-                self.backend.save_state(tmp)
-            else:
-                bytes_to_dir(rank_states[0], tmp)
-                for r, blob in enumerate(rank_states[1:], start=1):
-                    bytes_to_dir(blob, tmp / "ranks" / str(r))
-            extra = {"python_rng": repr(random.getstate()), "numpy_rng": _np_rng_state(),
-                     "world_size": self.world.size}
-            (tmp / "trainer.json").write_text(json.dumps({"state": asdict(self.state), **extra}, indent=2))
-        self.saved_step = self.state.step
+        checkpoint.save(self.run.checkpoint, self.backend, self.world, asdict(self.state), writes=self.writes)
+        if self.writes:
+            self.saved_step = self.state.step
 
     def restore_checkpoint(self) -> None:
-        ckpt = self.resume_from
-        try:
-            data = json.loads((ckpt / "trainer.json").read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise MlxftError(f"{ckpt}: no usable checkpoint to resume from ({exc})") from None
-        self.state = TrainState(**data["state"])
-        _restore_rng(data)
-        own = ckpt / "ranks" / str(self.world.rank)
-        # A rank the checkpoint has no state for (the world grew) starts from rank 0's optimizer
-        # state, which every rank shares; only its dropout stream differs from an unbroken run.
-        self.backend.load_state(own if self.world.rank and own.is_dir() else ckpt)
+        self.state = TrainState(**checkpoint.restore(self.resume_from, self.backend, self.world))
         self.saved_step = self.state.step
         if self.writes:
             # Keep only the records up to the checkpoint, so the resumed curve continues it exactly.
@@ -355,8 +286,6 @@ class Trainer:
     def _validate(self, step: int, metrics, progress) -> bool:
         """Validation (and retention) at `step`: keep the adapter if it ranks best, and say
         whether training should stop."""
-        t, s = self.cfg.train, self.state
-        floor = self.cfg.retention.floor
         started = time.perf_counter()
         val = self.evaluate()
         self.timings["validation_s"] += time.perf_counter() - started
@@ -367,54 +296,10 @@ class Trainer:
         self._last_val = val["loss"]
         if metrics:
             metrics.write({"type": "valid", "step": step, **val, **({"retention": score} if score is not None else {})})
-        improved = s.best_val is None or val["loss"] < s.best_val - min_improvement(s.best_val)
-        if improved:
-            s.best_val, s.best_step = val["loss"], step
-            s.evals_since_best = 0
-        else:
-            s.evals_since_best += 1
-        if self._ranks_above_chosen(val["loss"], score, floor):
-            s.chosen_step, s.chosen_val, s.chosen_retention = step, val["loss"], ret
-            s.chosen_accuracy = val.get("accuracy")
-            if self.writes:
-                with write_errors("best adapter", self.run.best_adapter):
-                    self.backend.save_adapter(self.run.best_adapter)
-        if step >= self.total:
-            return False
-        below_floor = score is not None and score < floor
-        if t.early_stop_patience and s.evals_since_best >= t.early_stop_patience:
-            s.stop_reason = (f"validation loss has not improved for {t.early_stop_patience} evaluations "
-                             f"(best {s.best_val:.4f} at step {s.best_step})")
-        elif below_floor and not improved:
-            s.stop_reason = (f"retention {score:.3f} fell below retention.floor={floor:g} and validation loss "
-                             f"stopped improving")
-        if s.stop_reason:
-            progress.message(f"early stop at step {step}: {s.stop_reason}")
-        return s.stop_reason is not None
-
-    def _ranks_above_chosen(self, val: float, score: float | None, floor: float) -> bool:
-        s = self.state
-        if s.chosen_step is None:
-            return True
-        chosen_score = (s.chosen_retention or {}).get("score")
-        meets = score is None or score >= floor
-        chosen_meets = chosen_score is None or chosen_score >= floor
-        if meets != chosen_meets:
-            return meets
-        if meets:
-            return val < s.chosen_val
-        return score > chosen_score
-
-
-def _np_rng_state() -> list:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return [name, keys.tolist(), pos, has_gauss, cached]
-
-
-def _restore_rng(saved: dict) -> None:
-    """Put back the Python and NumPy RNG states save_checkpoint wrote (absent in older checkpoints)."""
-    if "python_rng" in saved:
-        random.setstate(ast.literal_eval(saved["python_rng"]))
-    if "numpy_rng" in saved:
-        name, keys, pos, has_gauss, cached = saved["numpy_rng"]
-        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        verdict = self.selection.observe(self.state, step, val, ret, last_step=step >= self.total)
+        if verdict.keep and self.writes:
+            with write_errors("best adapter", self.run.best_adapter):
+                self.backend.save_adapter(self.run.best_adapter)
+        if verdict.stop_reason:
+            progress.message(f"early stop at step {step}: {verdict.stop_reason}")
+        return verdict.stop_reason is not None

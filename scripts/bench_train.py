@@ -151,7 +151,7 @@ def run_trainer(args, model_path: Path, work: Path) -> dict:
     from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
                               TrainingArguments)
 
-    from mlxft.backends.torch_backend import cpu_bf16_pays
+    from mlxft.backends.torch_device import cpu_bf16_pays
 
     cuda = torch.cuda.is_available()
     bf16 = torch.cuda.is_bf16_supported() if cuda else cpu_bf16_pays()[0]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlxft.backends.common import adapted_layer_count, eos_ids, eval_mode, resolve_lora_targets, split_like
+from mlxft.backends.common import adapted_layer_count, eval_mode, resolve_lora_targets, split_like
+from mlxft.templates import eos_ids
 from mlxft.errors import ModelError
 
 

@@ -38,9 +38,12 @@ class _Backend:
 
 def _trainer(tmp_path) -> Trainer:
     from mlxft.config import Config
+    from mlxft.defaults import resolve
 
     train = Dataset(samples=[Sample(ids=[1, 2, 3], targets=[False, True, True])], fmt="chat", path="x")
-    return Trainer(Config(), Run(tmp_path / "run"), _Backend(), train, train)
+    cfg = Config()
+    resolve(cfg, len(train), None)
+    return Trainer(cfg, Run(tmp_path / "run"), _Backend(), train, train)
 
 
 def test_restore_checkpoint_puts_back_python_and_numpy_rng(tmp_path):

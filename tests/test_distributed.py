@@ -26,7 +26,7 @@ from mlxft.distributed import World, backend_for_launcher, bytes_to_dir, dir_to_
 from mlxft.errors import ConfigError, MlxftError
 from mlxft.launch import launcher_command, strip_launch_options
 from mlxft.rank_agreement import check_agreement
-from tests.test_train_torch import ROWS
+from tests.helpers.data import ROWS
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.test_eval import write_jsonl
+from tests.helpers.data import write_jsonl
 
 
 def _cfg(model, train, valid, *sets):

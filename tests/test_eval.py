@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlxft.cli import cli
+from tests.helpers.data import write_jsonl
 
 CHATS = [
     [{"role": "user", "content": "What colour is the sky?"}, {"role": "assistant", "content": "Blue, mostly."}],
@@ -18,11 +19,6 @@ CHATS = [
      {"role": "assistant", "content": "A pear."}],
     [{"role": "user", "content": "Count to three."}, {"role": "assistant", "content": "One, two, three."}],
 ]
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 def train_tiny(model_dir, out, data, valid, *sets):

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlxft.cli import cli
-from tests.test_export_gguf import make_adapter, make_run
+from tests.helpers.export import make_adapter, make_run
 
 VALID = [{"messages": [{"role": "user", "content": f"Add {a} and {b}. WE'RE sure:\n\n   indented  line {a}"},
                        {"role": "assistant", "content": f"{a} + {b} = {a + b}; 1234567 1234567."}]}

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_export_gguf import VARIED, llama_cpp_logits, llama_cpp_model
+from tests.helpers.export import VARIED, llama_cpp_logits, llama_cpp_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def gguf_bytes(tmp_path_factory, default_model_dir):
-    from tests.test_gguf_import import write_tiny_gguf
+    from tests.helpers.gguf import write_tiny_gguf
 
     path = write_tiny_gguf(tmp_path_factory.mktemp("g") / "tiny.gguf", n_tokens=600)
     return path.read_bytes()
@@ -50,6 +50,7 @@ def _faults_setup(tiny_model_dir, tmp_path):
     from mlxft.backends.torch_backend import TorchBackend
     from mlxft.config import build_config
     from mlxft.data import load_dataset, split_dataset
+    from mlxft.defaults import resolve
     from mlxft.runs import create_run
 
     data = tmp_path / "d.jsonl"
@@ -59,6 +60,7 @@ def _faults_setup(tiny_model_dir, tmp_path):
     backend = TorchBackend(cfg)
     backend.load(tiny_model_dir)
     train_set, valid_set = split_dataset(load_dataset(data, backend.tokenizer, 64), 0.2, 0)
+    resolve(cfg, len(train_set), backend.hidden_size())
     run = create_run(tmp_path / "run", model="tiny", model_path=str(tiny_model_dir))
     return cfg, backend, train_set, valid_set, run
 

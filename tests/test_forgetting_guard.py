@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.test_eval import write_jsonl
+from tests.helpers.data import write_jsonl
 
 
 def _train(model, tmp_path, data, *sets, valid=None):
@@ -144,7 +144,7 @@ def test_auto_dtype_follows_the_measurement(monkeypatch, f32, bf16, expected):
     import torch
 
     import mlxft.devicebench
-    from mlxft.backends.torch_backend import pick_dtype
+    from mlxft.backends.torch_device import pick_dtype
 
     monkeypatch.setattr(mlxft.devicebench, "peak_gflops",
                         lambda backend, dtype, device="cpu": {"float32": f32, "bfloat16": bf16}[dtype])

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.test_export_gguf import PROMPT, hf_logits, make_adapter, make_run, tokenizer
+from tests.helpers.export import PROMPT, hf_logits, make_adapter, make_run, tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,9 @@ def test_fuse_needs_a_run(base, tmp_path):
 def test_bf16_base_fused_in_float32_and_cast_once(base, tmp_path):
     from safetensors.torch import load_file as load_torch, save_file
 
-    from mlxft.export.safetensors_io import SafetensorsFolder, bf16_to_f32
-    from mlxft.fuse import Adapter, fuse_model
+    from mlxft.safetensors_io import SafetensorsFolder, bf16_to_f32
+    from mlxft.adapters import Adapter
+    from mlxft.fuse import fuse_model
 
     bf = tmp_path / "bf16"
     bf.mkdir()
@@ -87,7 +88,7 @@ def test_mlx_quantized_base_dequantized_and_requantize_loads_in_mlx_lm(base, tmp
     pytest.importorskip("mlx_lm")
     from mlx_lm import load
 
-    from mlxft.export.safetensors_io import SafetensorsFolder, mlx_dequantize
+    from mlxft.safetensors_io import SafetensorsFolder, mlx_dequantize
     from mlxft.fuse import fuse_model
 
     w = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)

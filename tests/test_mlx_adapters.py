@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlxft.data import collate
-from tests.test_mlx_helpers import config, samples
+from tests.helpers.mlx import config, samples
 
 pytestmark = pytest.mark.mlx
 mx = pytest.importorskip("mlx.core")

@@ -13,7 +13,7 @@ import pytest
 
 from mlxft.data import collate, pack
 from mlxft.errors import ModelError
-from tests.test_mlx_helpers import config, samples
+from tests.helpers.mlx import config, samples
 
 pytestmark = pytest.mark.mlx
 mx = pytest.importorskip("mlx.core")

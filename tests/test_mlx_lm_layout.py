@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlxft.data import collate
-from tests.test_mlx_helpers import config, samples, write_chat
+from tests.helpers.mlx import config, samples, write_chat
 
 pytestmark = pytest.mark.mlx
 mx = pytest.importorskip("mlx.core")

@@ -101,7 +101,7 @@ def _variant(src, tmp_path, edit):
 ])
 def test_unmappable_rope_is_refused_in_one_line(family_dirs, tmp_path, family, edit, words):
     from mlxft.backends.mlx_backend import MLXBackend
-    from tests.test_mlx_helpers import config
+    from tests.helpers.mlx import config
 
     be = MLXBackend(config())
     with pytest.raises(ModelError) as exc:
@@ -115,7 +115,7 @@ def test_longrope_training_past_the_short_factors_is_refused(family_dirs):
     """mlx-lm applies one factor set at every length; past original_max_position_embeddings
     transformers switches to the long factors, so training there would not be the same model."""
     from mlxft.backends.mlx_backend import MLXBackend
-    from tests.test_mlx_helpers import config
+    from tests.helpers.mlx import config
 
     with pytest.raises(ModelError) as exc:
         MLXBackend(config(max_seq_len=256)).load(family_dirs["phi3-longrope"])
@@ -147,7 +147,7 @@ def test_train_refuses_unmappable_rope_before_training(family_dirs, tmp_path):
     from click.testing import CliRunner
 
     from mlxft.cli import cli
-    from tests.test_mlx_helpers import write_chat
+    from tests.helpers.mlx import write_chat
 
     model = _variant(family_dirs["llama"], tmp_path, lambda c: c["rope_parameters"].update(rope_type="proportional"))
     data = write_chat(tmp_path / "chat.jsonl")

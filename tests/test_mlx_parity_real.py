@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from mlxft.data import collate
 from mlxft.parity import BOUND, check_model
-from tests.test_mlx_helpers import config, samples
+from tests.helpers.mlx import config, samples
 
 pytestmark = [pytest.mark.slow, pytest.mark.mlx]
 mx = pytest.importorskip("mlx.core")

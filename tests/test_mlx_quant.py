@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.test_hub import tiny_llama_files
+from tests.helpers.hub import tiny_llama_files
 
 pytestmark = pytest.mark.mlx
 
@@ -80,7 +80,7 @@ def test_mlx_4bit_model_loads_in_torch(tmp_path):
 
     # the dense folder is an ordinary transformers model with the quantized model's outputs: both
     # compute the same (dequantized) weights in float32, so they agree to float32 rounding
-    from tests.logit_stats import f32_bound
+    from tests.helpers.logit_stats import f32_bound
 
     tokens = [[0, 5, 9, 3, 17, 42, 8]]
     with torch.no_grad():

@@ -8,7 +8,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from tests.test_mlx_helpers import write_chat
+from tests.helpers.mlx import write_chat
 
 pytestmark = pytest.mark.mlx
 mx = pytest.importorskip("mlx.core")
@@ -114,7 +114,7 @@ def test_qlora_and_dora_train_and_save(quantized_dir, tmp_path, lora_type):
 
     from mlxft.backends.mlx_backend import MLXBackend
     from mlxft.data import collate
-    from tests.test_mlx_helpers import config, samples
+    from tests.helpers.mlx import config, samples
 
     cfg = config(lora_type)
     cfg.train.dtype = "auto"

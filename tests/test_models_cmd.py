@@ -44,7 +44,7 @@ def test_quantization_and_backends():
 
 def test_imported_gguf_listed_and_removed(tmp_path):
     from mlxft.sources.gguf import import_gguf
-    from tests.test_gguf_import import write_tiny_gguf
+    from tests.helpers.gguf import write_tiny_gguf
 
     folder = import_gguf(write_tiny_gguf(tmp_path / "listme.gguf", seed=7,
                                          layer0_types={"attn_q": "Q8_0", "attn_k": "Q8_0"}))
@@ -67,8 +67,9 @@ def test_mlx_support_is_the_mlx_backends_own_list():
     """`mlx: yes` exactly for the architectures and quantizations the MLX backend trains, not for
     every model type mlx-lm has a module for (gpt2, gemma2, mamba have one; the backend refuses them)."""
     pytest.importorskip("mlx_lm")
-    from mlxft.backends.mlx_backend import SUPPORTED_TYPES, unsupported_reason
-    from mlxft.sources.capabilities import _mlx_models_dir, backend_support
+    from mlxft.mlx_support import SUPPORTED_TYPES, unsupported_reason
+    from mlxft.mlx_support import mlx_lm_models_dir as _mlx_models_dir
+    from mlxft.sources.capabilities import backend_support
 
     for model_type in SUPPORTED_TYPES:
         assert backend_support({"architectures": ["XForCausalLM"], "model_type": model_type})["mlx"], model_type

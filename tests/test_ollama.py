@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mlxft.errors import ModelError
-from tests.test_gguf_import import write_tiny_gguf
+from tests.helpers.gguf import write_tiny_gguf
 
 
 def make_store(root: Path, gguf: Path, name: str = "tiny", tag: str = "latest",

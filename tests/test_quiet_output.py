@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.test_gguf_import import write_tiny_gguf
+from tests.helpers.gguf import write_tiny_gguf
 
 
 def test_gguf_import_shows_no_tqdm_bar(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train_torch import ROWS
+from tests.helpers.data import ROWS
 
 pytest.importorskip("torch")
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.test_eval import write_jsonl
+from tests.helpers.data import write_jsonl
 
 FEW = ["retention.probes=6", "retention.max_new_tokens=8", "train.dtype=float32", "data.replay=0"]
 

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlxft.data import collate
-from tests.test_mlx_helpers import config, samples
+from tests.helpers.mlx import config, samples
 
 pytestmark = pytest.mark.mlx
 mx = pytest.importorskip("mlx.core")

@@ -8,13 +8,10 @@ import pytest
 from mlxft.config import build_config
 from mlxft.pipeline import train_run
 from mlxft.runs import Run
+from tests.helpers.data import ROWS
 
 pytest.importorskip("torch")
 pytest.importorskip("peft")
-
-ROWS = [{"messages": [{"role": "user", "content": f"What is code {i}?"},
-                      {"role": "assistant", "content": f"Code {i} is {'alpha bravo charlie'.split()[i % 3]}."}]}
-        for i in range(24)]
 
 
 @pytest.fixture(scope="module")

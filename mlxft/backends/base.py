@@ -36,9 +36,14 @@ class Backend(abc.ABC):
     trust_remote_code: bool = False
     # The chat format in use (mlxft.templates.ChatSetup): its end-of-turn ids stop generation too.
     chat_setup = None
+    # The model folder loaded (its config.json and generation_config.json name EOS ids).
+    model_path: Path | None = None
 
-    def chat_stop_ids(self) -> set[int]:
-        return set(self.chat_setup.stop_ids) if self.chat_setup is not None else set()
+    def stop_ids(self, extra=()) -> set[int]:
+        """Where generation stops: mlxft.templates.stop_ids, for this model and chat format."""
+        from mlxft.templates import stop_ids
+
+        return stop_ids(self.tokenizer, self.model_path, self.chat_setup, extra)
 
     def __init__(self, cfg: Config, world: World | None = None):
         self.cfg = cfg
@@ -46,10 +51,45 @@ class Backend(abc.ABC):
         # Data parallel: train_step sums gradients over the world's ranks before clipping.
         self.world = world or World()
 
-    @abc.abstractmethod
     def load(self, model_path: Path, adapter: Path | None = None, train: bool = True) -> None:
         """Load the base model and tokenizer; attach a new adapter from cfg.lora when `train` and
-        no `adapter` is given, else load `adapter` (trainable when `train`)."""
+        no `adapter` is given, else load `adapter` (trainable when `train`).
+
+        The sequence every backend follows; each step is the backend's own: seed the framework's
+        RNG, read the frozen base model and its tokenizer, put the adapter on it (or new LoRA
+        layers to train), and for training make the optimizer and give each rank its own seed
+        (its own dropout masks) before the model goes into training or eval mode."""
+        from mlxft.backends.common import rank_seed
+
+        self.seed(self.cfg.seed)
+        self._load_base(Path(model_path))
+        self._attach(adapter, train)
+        if train:
+            self._prepare_training()
+            if self.world.rank:
+                self.seed(rank_seed(self.cfg.seed, self.world.rank))
+        self._finish_load(train)
+
+    @abc.abstractmethod
+    def seed(self, value: int) -> None:
+        """Seed the framework's RNG (LoRA initialisation, dropout)."""
+
+    @abc.abstractmethod
+    def _load_base(self, model_path: Path) -> None:
+        """Read the base model (frozen) and its tokenizer; set model_path, tokenizer and model."""
+
+    @abc.abstractmethod
+    def _attach(self, adapter: Path | None, train: bool) -> None:
+        """Put `adapter` on the base (trainable when `train`), or new LoRA layers from cfg.lora
+        when training without one; nothing for inference without one."""
+
+    @abc.abstractmethod
+    def _prepare_training(self) -> None:
+        """Gradient checkpointing when asked, and the optimizer over the trainable weights."""
+
+    @abc.abstractmethod
+    def _finish_load(self, train: bool) -> None:
+        """The model into training or eval mode, and the framework's own bookkeeping."""
 
     @abc.abstractmethod
     def train_step(self, batches: list[Batch], lr: float, n_total: int | None = None) -> StepResult:
@@ -140,8 +180,17 @@ class Backend(abc.ABC):
         return None, None
 
     def hidden_size(self) -> int | None:
-        """The model's width (for the learning rate mlxft picks when the recipe leaves it open)."""
-        return None
+        """The model's width (for the learning rate mlxft picks when the recipe leaves it open),
+        from the loaded folder's config.json (its text_config for a multimodal config)."""
+        import json
+
+        try:
+            config = json.loads((Path(self.model_path) / "config.json").read_text(encoding="utf-8"))
+        except (TypeError, OSError, ValueError):
+            return None
+        config = config.get("text_config") or config
+        value = config.get("hidden_size")
+        return value if isinstance(value, int) else None
 
     def trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts."""

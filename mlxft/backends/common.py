@@ -1,6 +1,7 @@
-"""Framework-neutral logic both backends share: which modules get LoRA, which token ids end a
-generation, eval mode for the length of a call, cutting a flat collective buffer back into
-arrays, and the seed each rank trains with. Works on torch modules/tensors and MLX ones alike."""
+"""Framework-neutral logic both backends share: which modules get LoRA, eval mode for the length of
+a call, cutting a flat collective buffer back into arrays, the seed each rank trains with and the
+gradient-clipping threshold. Works on torch modules/tensors and MLX ones alike. (Which token ids
+end a generation is mlxft.templates.stop_ids.)"""
 
 from __future__ import annotations
 
@@ -33,18 +34,6 @@ def short_name(path: str) -> str:
     return path.rsplit(".", 1)[-1]
 
 
-def eos_ids(*values) -> set[int]:
-    """Every end-of-sequence id named by `values` (each an id, a list of ids, or None), as the
-    tokenizer, config.json and generation_config.json spell them."""
-    ids: set[int] = set()
-    for value in values:
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(v for v in value if isinstance(v, int))
-    return ids
-
-
 @contextlib.contextmanager
 def eval_mode(model):
     """The model in eval mode (no dropout) for the block, back in training mode afterwards if it
@@ -73,3 +62,8 @@ def rank_seed(seed: int, rank: int) -> int:
     """The seed a rank trains with after loading: the run's seed on rank 0 (so a world of one is
     unchanged), shifted per rank elsewhere so each rank draws its own dropout masks."""
     return seed + rank
+
+
+def max_grad_norm(cfg) -> float:
+    """The clipping threshold both backends apply: train.max_grad_norm, or none (inf) when it is 0."""
+    return cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")

@@ -1,4 +1,5 @@
-"""PEFT <-> MLX adapter conversion for the MLX backend.
+"""PEFT <-> MLX adapter conversion for the MLX backend (the PEFT file itself is read by
+mlxft/adapters.py, which gives every module its rank and scale).
 
 mlx-lm's LoRALinear / DoRALinear keep `lora_a` (in, r), `lora_b` (r, out) and a `scale`, and
 DoRA's magnitude `m` (out,). PEFT keeps `lora_A.weight` (r, in), `lora_B.weight` (out, r) and
@@ -10,18 +11,12 @@ classes share with transformers, e.g.
 
 from __future__ import annotations
 
-import math
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from mlxft.adapters import read_adapter_config, read_adapter_tensors, write_adapter
+from mlxft.adapters import PREFIX, linear_factors, peft_config, write_adapter
 from mlxft.errors import ModelError
-
-PREFIX = "base_model.model."
-SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B",
-            ".lora_magnitude_vector": "m", ".lora_magnitude_vector.weight": "m"}
 
 
 def lora_modules(model) -> dict:
@@ -53,68 +48,26 @@ def to_peft(model, base_model: str, dropout: float = 0.0) -> tuple[dict, dict]:
     mods = lora_modules(model)
     if not mods:
         raise ModelError("the model has no LoRA layers to save")
-    tensors, ranks, alphas, layers, targets = {}, {}, {}, set(), set()
+    tensors, ranks, alphas = {}, {}, {}
     use_dora = False
     for path, m in mods.items():
         a = np.array(m.lora_a.astype(mx.float32))
         b = np.array(m.lora_b.astype(mx.float32))
-        r = a.shape[1]
         tensors[f"{PREFIX}{path}.lora_A.weight"] = np.ascontiguousarray(a.T)
         tensors[f"{PREFIX}{path}.lora_B.weight"] = np.ascontiguousarray(b.T)
         if isinstance(m, DoRALinear):
             use_dora = True
             tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = np.array(m.m.astype(mx.float32))
-        ranks[path] = r
-        alpha = float(m.scale) * r
-        alphas[path] = int(round(alpha)) if abs(alpha - round(alpha)) < 1e-6 else alpha
-        targets.add(path.rsplit(".", 1)[-1])
-        nums = [int(p) for p in path.split(".") if p.isdigit()]
-        if nums:
-            layers.add(nums[0])
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
-    n_layers = len(getattr(model, "layers", []))
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "bias": "none",
-        "target_modules": sorted(targets),
-        "layers_to_transform": sorted(layers) if layers and len(layers) < n_layers else None,
-        "use_dora": use_dora, "use_rslora": False, "fan_in_fan_out": False,
-        "rank_pattern": {p: v for p, v in ranks.items() if v != r},
-        "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha},
-        "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
-    }
+        ranks[path] = a.shape[1]
+        alphas[path] = float(m.scale) * a.shape[1]
+    config = peft_config(base_model, ranks, alphas, dropout=dropout, use_dora=use_dora,
+                         n_layers=len(getattr(model, "layers", [])))
     return config, tensors
 
 
 def save_peft(model, path: Path, base_model: str, dropout: float = 0.0) -> None:
     config, tensors = to_peft(model, base_model, dropout)
     write_adapter(Path(path), config, tensors)
-
-
-def _group(tensors: dict, path: Path) -> dict[str, dict]:
-    groups: dict[str, dict] = {}
-    for key, value in tensors.items():
-        for suffix, kind in SUFFIXES.items():
-            if key.endswith(suffix):
-                module = key[: -len(suffix)]
-                module = module[len(PREFIX):] if module.startswith(PREFIX) else module
-                groups.setdefault(module, {})[kind] = value
-                break
-        else:
-            raise ModelError(f"{path}: adapter tensor '{key}' is not a LoRA/DoRA weight (not supported)")
-    for module, parts in groups.items():
-        if "A" not in parts or "B" not in parts:
-            raise ModelError(f"{path}: adapter for '{module}' lacks lora_A or lora_B")
-    return groups
-
-
-def _pattern_value(pattern: dict, module: str, default):
-    """PEFT's rank/alpha patterns: a key matches a module path that equals it or ends with it."""
-    for key, value in (pattern or {}).items():
-        if module == key or module.endswith("." + key):
-            return value
-    return default
 
 
 def apply_peft(model, path: Path, dropout: float | None = None) -> dict:
@@ -126,18 +79,8 @@ def apply_peft(model, path: Path, dropout: float | None = None) -> dict:
     from mlx_lm.tuner.lora import LoRALinear
 
     path = Path(path)
-    cfg = read_adapter_config(path)
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ModelError(f"{path}: adapter type {cfg.get('peft_type')} is not supported (only LoRA/DoRA)")
-    if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
-        raise ModelError(f"{path}: adapters with trained biases or modules_to_save are not supported by the MLX backend")
-    if cfg.get("fan_in_fan_out"):
-        raise ModelError(f"{path}: fan_in_fan_out adapters are not supported by the MLX backend")
-    groups = _group(read_adapter_tensors(path), path)
-    if not groups:
-        raise ModelError(f"{path}: adapter holds no LoRA weights")
+    cfg, groups = linear_factors(path, "the MLX backend")
     use_dora = bool(cfg.get("use_dora"))
-    rslora = bool(cfg.get("use_rslora"))
     drop = float(cfg.get("lora_dropout", 0.0) if dropout is None else dropout)
     modules = dict(model.named_modules())
     for module, parts in sorted(groups.items()):
@@ -146,18 +89,16 @@ def apply_peft(model, path: Path, dropout: float | None = None) -> dict:
             raise ModelError(f"{path}: adapter targets '{module}', which this model does not have")
         if not isinstance(base, (nn.Linear, nn.QuantizedLinear)):
             raise ModelError(f"{path}: adapter targets '{module}' ({type(base).__name__}); only linear layers are supported")
-        a, b = parts["A"].astype(np.float32), parts["B"].astype(np.float32)
+        a, b = parts["A"], parts["B"]
         r = a.shape[0]
-        alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", r)))
-        scale = alpha / math.sqrt(r) if rslora else alpha / r
         layer_cls = DoRALinear if (use_dora or "m" in parts) else LoRALinear
-        layer = layer_cls.from_base(base, r=r, dropout=drop, scale=scale)
+        layer = layer_cls.from_base(base, r=r, dropout=drop, scale=parts["scale"])
         if a.shape[1] != layer.lora_a.shape[0] or b.shape != (layer.lora_b.shape[1], r):
             raise ModelError(f"{path}: adapter shapes for '{module}' (A {a.shape}, B {b.shape}) do not fit this model")
         layer.lora_a = mx.array(np.ascontiguousarray(a.T))
         layer.lora_b = mx.array(np.ascontiguousarray(b.T))
         if "m" in parts:
-            layer.m = mx.array(parts["m"].astype(np.float32))
+            layer.m = mx.array(parts["m"])
         set_module(model, module, layer)
     return cfg
 

@@ -10,6 +10,9 @@ recomputed in backward. Packed batches get an additive block-causal mask from th
 (RoPE is relative, so positions need not restart inside a block-diagonal mask). QLoRA: an
 MLX affine-quantized base (`mlx-community/*-4bit`) stays frozen and quantized under the LoRA
 layers. Adapters are read and written in the PEFT layout (see mlx_adapters.py).
+
+This file holds loading and the compiled training step; scoring, generation and adapter switching
+are in mlx_inference.py, the device side in mlx_device.py, array helpers in mlx_arrays.py.
 """
 
 from __future__ import annotations
@@ -21,50 +24,25 @@ from pathlib import Path
 
 import numpy as np
 
-from mlxft.backends.base import Backend, EvalResult, StepResult
-from mlxft.backends.common import (adapted_layer_count, eos_ids, eval_mode, rank_seed, resolve_lora_targets,
-                                   short_name, split_like)
+from mlxft.backends.base import Backend, StepResult
+from mlxft.backends.common import (adapted_layer_count, eval_mode, max_grad_norm, resolve_lora_targets,
+                                   short_name)
+from mlxft.backends.mlx_arrays import (MaskHook, assign_tree, flat_f32, packed_allowed, round_up, tree_map_zeros,
+                                       unflatten_like)
+from mlxft.backends.mlx_device import MLXDeviceInfo
 from mlxft.backends.mlx_gemma import use_weight_dtype_embed_scale
+from mlxft.backends.mlx_inference import MLXInference
 from mlxft.config import Config
 from mlxft.data import Batch
 from mlxft.errors import ModelError
-from mlxft.mlx_lm_config import UnmappableRope, mlx_lm_fields
+from mlxft.mlx_lm_config import mlx_lm_fields
+from mlxft.mlx_support import unsupported_reason
 from mlxft.tokenizer import load_tokenizer
 
 LOSS_CHUNK = 1024     # target positions per LM-head chunk
 TARGET_BUCKET = 32    # target count rounded up to this, so compiled shapes repeat
 SEQ_BUCKET = 8        # sequence length rounded up to this (pad tokens are never attended)
-# Model types whose mlx-lm classes use the HF module names (PEFT keys map 1:1) and build their
-# attention mask through the cache hook that packed batches use.
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
-SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 STATE_FILE = "mlx_optimizer.safetensors"
-
-
-def unsupported_reason(config: dict, remap: dict[str, str]) -> str | None:
-    """Why the MLX backend cannot train the model of this config.json, or None when it can.
-    `remap`: mlx-lm's model-type aliases (mlx_lm.utils.MODEL_REMAPPING). Imports no mlx."""
-    model_type = config.get("model_type", "?")
-    if remap.get(model_type, model_type) not in SUPPORTED_TYPES:
-        return (f"architecture '{model_type}' is not supported by the MLX backend "
-                f"(supported: {', '.join(SUPPORTED_TYPES)}); try --backend torch")
-    try:
-        mlx_lm_fields(config)
-    except UnmappableRope as exc:
-        return str(exc)
-    quant = config.get("quantization")
-    if isinstance(quant, dict):
-        layers = [quant] + [v for v in quant.values() if isinstance(v, dict)]
-        for q in layers:
-            mode, bits = q.get("mode", quant.get("mode", "affine")), q.get("bits", quant.get("bits"))
-            if mode != "affine" or bits not in SUPPORTED_BITS:
-                return (f"MLX quantization mode '{mode}' with {bits} bits is not supported "
-                        f"for training (affine {'/'.join(map(str, SUPPORTED_BITS))}-bit only)")
-    elif isinstance(config.get("quantization_config"), dict):
-        method = config["quantization_config"].get("quant_method", "unknown")
-        return (f"quantization '{method}' is not supported by the MLX backend "
-                "(use a dense model or an MLX affine-quantized one)")
-    return None
 
 
 def check_model(path: Path) -> dict:
@@ -73,83 +51,13 @@ def check_model(path: Path) -> dict:
         config = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}: no readable config.json ({exc})") from None
-    from mlx_lm.utils import MODEL_REMAPPING
-
-    reason = unsupported_reason(config, MODEL_REMAPPING)
+    reason = unsupported_reason(config)
     if reason:
         raise ModelError(f"{path}: {reason}")
     return config
 
 
-class _MaskHook:
-    """Stands in for a layer's KV cache during a packed forward: caches nothing, supplies the mask."""
-
-    offset = 0
-
-    def __init__(self, allowed, dtype):
-        self.allowed, self.dtype = allowed, dtype
-
-    def make_mask(self, n, return_array=False, window_size=None):
-        import mlx.core as mx
-
-        allowed = self.allowed
-        if window_size:
-            i = mx.arange(n)
-            allowed = allowed & ((i[:, None] - i[None, :]) < window_size)
-        return mx.where(allowed, mx.array(0, self.dtype), mx.array(mx.finfo(self.dtype).min, self.dtype))
-
-    def update_and_fetch(self, keys, values):
-        return keys, values
-
-
-def packed_allowed(seg):
-    """(B, 1, T, T) bool: causal within a sample, blocked across samples; padding sees itself."""
-    import mlx.core as mx
-
-    t = seg.shape[1]
-    i = mx.arange(t)
-    causal = i[:, None] >= i[None, :]
-    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)
-    pad_self = (seg[:, :, None] == 0) & (i[:, None] == i[None, :])
-    return ((same & causal) | pad_self)[:, None]
-
-
-def tree_map_zeros(tree):
-    import mlx.core as mx
-    from mlx.utils import tree_map
-
-    return tree_map(mx.zeros_like, tree)
-
-
-def _flat_f32(arrays):
-    import mlx.core as mx
-
-    return mx.concatenate([a.reshape(-1).astype(mx.float32) for a in arrays])
-
-
-def _unflatten_like(flat, leaves):
-    """The tree of (name, array) `leaves` rebuilt from `flat`, in their shapes and dtypes."""
-    from mlx.utils import tree_unflatten
-
-    parts = split_like(flat, [like for _, like in leaves])
-    return tree_unflatten([(name, part.astype(like.dtype)) for (name, like), part in zip(leaves, parts)])
-
-
-def _round_up(n: int, k: int) -> int:
-    return max(k, -(-n // k) * k)
-
-
-def _assign(dst, src):
-    """Copy tree `src` into tree `dst` in place (compiled steps hold on to dst's containers)."""
-    items = dst.items() if isinstance(dst, dict) else enumerate(dst)
-    for k, v in list(items):
-        if isinstance(v, (dict, list)):
-            _assign(v, src[k])
-        else:
-            dst[k] = src[k]
-
-
-class MLXBackend(Backend):
+class MLXBackend(MLXInference, MLXDeviceInfo, Backend):
     name = "mlx"
 
     def __init__(self, cfg: Config, world=None):
@@ -167,21 +75,18 @@ class MLXBackend(Backend):
 
     # ------------------------------------------------------------------ loading
 
-    def load(self, model_path: Path, adapter: Path | None = None, train: bool = True) -> None:
+    def seed(self, value: int) -> None:
+        self.mx.random.seed(value)
+
+    def _load_base(self, model_path: Path) -> None:
         mx = self.mx
-        model_path = Path(model_path)
         config = check_model(model_path)
         self._setup_device()
         from mlx_lm.utils import load_model
 
-        rope = mlx_lm_fields(config)  # transformers-5 RoPE fields, as mlx-lm's classes read them
-        if train and rope.exact_up_to is not None and self.cfg.train.max_seq_len > rope.exact_up_to:
-            raise ModelError(f"{model_path}: mlx-lm computes this model's longrope RoPE as transformers does only "
-                             f"up to {rope.exact_up_to} positions; set train.max_seq_len <= {rope.exact_up_to} "
-                             "or use --backend torch")
-        mx.random.seed(self.cfg.seed)
+        self.rope = mlx_lm_fields(config)  # transformers-5 RoPE fields, as mlx-lm's classes read them
         try:
-            model, _ = load_model(model_path, model_config=rope.overrides)
+            model, _ = load_model(model_path, model_config=self.rope.overrides)
         except Exception as exc:
             raise ModelError(f"{model_path}: cannot load with mlx-lm ({type(exc).__name__}: "
                              f"{' '.join(str(exc).split())[:200]})") from None
@@ -194,57 +99,44 @@ class MLXBackend(Backend):
         self.dtype = self._compute_dtype(model)
         use_weight_dtype_embed_scale(model)  # Gemma 3: the embedding scale transformers and llama.cpp use
         model.freeze()
+        self.model = model
+
+    def _attach(self, adapter: Path | None, train: bool) -> None:
+        rope = self.rope
+        if train and rope.exact_up_to is not None and self.cfg.train.max_seq_len > rope.exact_up_to:
+            raise ModelError(f"{self.model_path}: mlx-lm computes this model's longrope RoPE as transformers does "
+                             f"only up to {rope.exact_up_to} positions; set train.max_seq_len <= {rope.exact_up_to} "
+                             "or use --backend torch")
         if adapter is not None:
             from mlxft.backends.mlx_adapters import apply_peft
 
-            apply_peft(model, Path(adapter), dropout=self.cfg.lora.dropout if train else 0.0)
+            apply_peft(self.model, Path(adapter), dropout=self.cfg.lora.dropout if train else 0.0)
             if not train:
-                model.freeze()
+                self.model.freeze()
         elif train:
-            self._attach_lora(model)
-        self.model = model
+            self._attach_lora(self.model)
         self._check_head()
         self._fns = {}
-        if train:
-            import mlx.optimizers as optim
 
-            block = type(model.layers[0])
-            if self.cfg.train.grad_checkpoint and not getattr(block, "_mlxft_checkpointed", False):
-                from mlx_lm.tuner.trainer import grad_checkpoint
+    def _prepare_training(self) -> None:
+        import mlx.optimizers as optim
 
-                grad_checkpoint(model.layers[0])  # patches the block class, once per process
-                block._mlxft_checkpointed = True
-            self.optimizer = optim.AdamW(learning_rate=self.cfg.train.learning_rate or 0.0, betas=[0.9, 0.999],
-                                         eps=1e-8, weight_decay=self.cfg.train.weight_decay, bias_correction=True)
-            self.optimizer.init(model.trainable_parameters())
-            if self.world.rank:
-                mx.random.seed(rank_seed(self.cfg.seed, self.world.rank))  # own dropout masks per rank
-            model.train()
-        else:
-            model.eval()
-        mx.eval(model.parameters())
+        block = type(self.model.layers[0])
+        if self.cfg.train.grad_checkpoint and not getattr(block, "_mlxft_checkpointed", False):
+            from mlx_lm.tuner.trainer import grad_checkpoint
+
+            grad_checkpoint(self.model.layers[0])  # patches the block class, once per process
+            block._mlxft_checkpointed = True
+        self.optimizer = optim.AdamW(learning_rate=self.cfg.train.learning_rate or 0.0, betas=[0.9, 0.999],
+                                     eps=1e-8, weight_decay=self.cfg.train.weight_decay, bias_correction=True)
+        self.optimizer.init(self.model.trainable_parameters())
+
+    def _finish_load(self, train: bool) -> None:
+        mx = self.mx
+        self.model.train(train)
+        mx.eval(self.model.parameters())
         if hasattr(mx, "reset_peak_memory"):
             mx.reset_peak_memory()
-
-    def _metal(self) -> bool:
-        try:
-            return bool(self.mx.metal.is_available())
-        except Exception:
-            return False
-
-    def _setup_device(self) -> None:
-        """On Metal: wire the recommended working set as mlx-lm does; size the cache limit."""
-        mx = self.mx
-        try:
-            if self._metal():
-                from mlx_lm.utils import maybe_set_recommended_wired_limit
-
-                maybe_set_recommended_wired_limit()
-                size = mx.device_info().get("max_recommended_working_set_size")
-                if size:
-                    self._cache_limit = int(size) // 4
-        except Exception:  # never fatal: the limit is an optimisation
-            pass
 
     def _compute_dtype(self, model):
         from collections import Counter
@@ -294,7 +186,7 @@ class MLXBackend(Backend):
         """(ids, seg, idx, labels, weights) with shapes rounded up to buckets."""
         mx = self.mx
         b, t = batch.input_ids.shape
-        tp = _round_up(t, SEQ_BUCKET)
+        tp = round_up(t, SEQ_BUCKET)
         pad = self.tokenizer.pad_token_id or 0
         ids = np.full((b, tp), pad, dtype=np.int32)
         ids[:, :t] = batch.input_ids
@@ -305,7 +197,7 @@ class MLXBackend(Backend):
             seg = mx.array(s)
         rows, cols = np.nonzero(batch.loss_mask[:, 1:])
         n = len(rows)
-        m = _round_up(n, TARGET_BUCKET)
+        m = round_up(n, TARGET_BUCKET)
         idx = np.zeros(m, dtype=np.int32)
         labels = np.zeros(m, dtype=np.int32)
         weights = np.zeros(m, dtype=np.float32)
@@ -321,7 +213,7 @@ class MLXBackend(Backend):
         """Final hidden states (B*T, D)."""
         cache = None
         if seg is not None:
-            hook = _MaskHook(packed_allowed(seg), self.dtype)
+            hook = MaskHook(packed_allowed(seg), self.dtype)
             cache = [hook] * len(self.model.layers)
         h = self.model.model(ids, cache)
         return h.reshape(-1, h.shape[-1])
@@ -360,7 +252,7 @@ class MLXBackend(Backend):
         from mlx.utils import tree_map
 
         model, opt = self.model, self.optimizer
-        max_norm = self.cfg.train.max_grad_norm if self.cfg.train.max_grad_norm > 0 else float("inf")
+        max_norm = max_grad_norm(self.cfg)
 
         def loss_fn(_model, ids, seg, idx, labels, weights, scale):
             return self._loss_sum(ids, seg, idx, labels, weights, need_grad=True) * scale
@@ -386,7 +278,7 @@ class MLXBackend(Backend):
                 opt.update(model, grads)
                 keep = lambda new, old: mx.where(ok, new, old)  # noqa: E731
                 model.update(tree_map(keep, model.trainable_parameters(), old_params))
-                _assign(opt.state, tree_map(keep, opt.state, old_state))
+                assign_tree(opt.state, tree_map(keep, opt.state, old_state))
                 return norm
 
             fns.update(micro=micro, update=update)
@@ -439,8 +331,8 @@ class MLXBackend(Backend):
         if grads is None:
             grads = tree_map_zeros(self.model.trainable_parameters())
         leaves = tree_flatten(grads)
-        flat = self.world.all_sum_array(_flat_f32([*(g for _, g in leaves), loss_total]))
-        return _unflatten_like(flat, leaves), flat[-1]
+        flat = self.world.all_sum_array(flat_f32([*(g for _, g in leaves), loss_total]))
+        return unflatten_like(flat, leaves), flat[-1]
 
     def trainable_finite(self) -> bool:
         from mlx.utils import tree_flatten
@@ -455,47 +347,11 @@ class MLXBackend(Backend):
         from mlx.utils import tree_flatten
 
         leaves = tree_flatten(self.model.trainable_parameters())
-        flat = self.world.broadcast_array(_flat_f32([p for _, p in leaves]))
-        self.model.update(_unflatten_like(flat, leaves))
+        flat = self.world.broadcast_array(flat_f32([p for _, p in leaves]))
+        self.model.update(unflatten_like(flat, leaves))
         self.mx.eval(self.model.parameters())
         self._fns = {}
 
-    def eval_batch(self, batch: Batch) -> EvalResult:
-        mx = self.mx
-        fns = self._build()
-        with eval_mode(self.model):
-            ids, seg, idx, labels, weights = self._arrays(batch)
-            loss, correct = fns["evaluate"](ids, seg, idx, labels, weights)
-            mx.eval(loss, correct)
-        return EvalResult(loss_sum=float(loss.item()), n_targets=batch.n_targets, n_correct=int(correct.item()))
-
-    def logits(self, ids: list[int]):
-        mx = self.mx
-        training = self.model.training
-        self.model.eval()
-        out = np.array(self.model(mx.array([ids], dtype=mx.int32))[0].astype(mx.float32))
-        if training:
-            self.model.train()
-        return out
-
-    def sequence_logprobs(self, batch: Batch) -> list[float]:
-        mx = self.mx
-        with eval_mode(self.model):
-            ids = mx.array(batch.input_ids.astype(np.int32))
-            logits = self.model(ids)[:, :-1].astype(mx.float32)
-            logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            picked = mx.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-            out = (picked * mx.array(batch.loss_mask[:, 1:].astype(np.float32))).sum(-1)
-            out = np.array(out)
-        return [float(x) for x in out]
-
-    def _maybe_clear_cache(self) -> None:
-        mx = self.mx
-        try:
-            if mx.get_cache_memory() > self._cache_limit:
-                mx.clear_cache()
-        except AttributeError:
-            pass
 
     # ------------------------------------------------------------------ files
 
@@ -529,71 +385,11 @@ class MLXBackend(Backend):
             [k for k in ("__rng_seed__",) if k not in saved]
         if missing:
             raise ModelError(f"{file}: optimizer state does not match this adapter (missing {missing[0]})")
-        _assign(self.optimizer.state, tree_map_with_path(lambda p, _: saved[p], self.optimizer.state))
+        assign_tree(self.optimizer.state, tree_map_with_path(lambda p, _: saved[p], self.optimizer.state))
         mx.random.seed(int(saved["__rng_seed__"].item()))
         self._fns = {}
-
-    # ------------------------------------------------------------------ generation
-
-    def generate(self, prompt_ids, max_tokens, temperature=0.0, top_p=1.0, on_token=None, stop_ids=None):
-        mx = self.mx
-        from mlx_lm.generate import generate_step
-        from mlx_lm.sample_utils import make_sampler
-
-        stop = set(stop_ids or ()) | self.chat_stop_ids() | self._eos_ids()
-        sampler = make_sampler(temp=temperature, top_p=top_p if temperature > 0 else 0.0)
-        out: list[int] = []
-        with eval_mode(self.model):
-            if max_tokens > 0:
-                for tok, _ in generate_step(mx.array(list(prompt_ids), dtype=mx.int32), self.model,
-                                            max_tokens=max_tokens, sampler=sampler):
-                    tok = int(tok)
-                    if tok in stop:
-                        break
-                    out.append(tok)
-                    if on_token is not None:
-                        on_token(tok)
-        return out
-
-    def use_adapter(self, adapter):
-        from mlxft.backends.mlx_adapters import switch_adapter
-
-        switch_adapter(self.model, adapter, self.__dict__.setdefault("_adapter_layers", {}))
-        self._fns = {}
-
-    def _eos_ids(self) -> set[int]:
-        try:
-            generation = json.loads((self.model_path / "generation_config.json").read_text()).get("eos_token_id")
-        except (OSError, ValueError):
-            generation = None
-        return eos_ids(self.tokenizer.eos_token_id, self.config.get("eos_token_id"), generation)
-
     # ------------------------------------------------------------------ reporting
 
-    def device_name(self) -> str:
-        mx = self.mx
-        try:
-            if mx.metal.is_available():
-                return f"metal ({mx.device_info().get('device_name', 'Apple GPU')})"
-            if hasattr(mx, "cuda") and mx.cuda.is_available():
-                return "cuda (mlx)"
-        except Exception:
-            pass
-        return "cpu (mlx)"
-
-    def dtype_name(self) -> str:
-        return str(self.dtype).replace("mlx.core.", "") if self.dtype is not None else "float32"
-
-    def peak_memory(self):
-        try:
-            peak = int(self.mx.get_peak_memory())
-        except AttributeError:
-            return None
-        return peak or None
-
-    def hidden_size(self) -> int | None:
-        config = self.config.get("text_config") or self.config
-        return config.get("hidden_size")
 
     def trainable_parameters(self):
         from mlx.utils import tree_flatten

@@ -56,11 +56,7 @@ def make_backend(name: str, cfg: Config, world=None):
 
         return TorchBackend(cfg, world=world)
     if name == "mlx":
-        try:
-            from mlxft.backends.mlx_backend import MLXBackend
-        except ImportError as exc:
-            if "mlxft.backends.mlx_backend" in str(exc):
-                raise MlxftError("--backend mlx: the MLX backend is not part of this build") from None
-            raise
+        from mlxft.backends.mlx_backend import MLXBackend
+
         return MLXBackend(cfg, world)
     raise MlxftError(f"unknown backend '{name}'")

@@ -1,7 +1,8 @@
 """PyTorch backend: transformers model + PEFT LoRA/DoRA, on CUDA when present, else CPU.
 
 Speed and memory (measured on a 2-core AVX512-BF16 CPU with SmolLM2-135M; docs/benchmarks.md):
-- frozen base weights stored in bf16 where the CPU or GPU computes bf16 natively; LoRA weights
+- frozen base weights stored in bf16 on a GPU that computes bf16, and on a CPU where a bf16 matmul
+  is measured faster than f32 (cpu_bf16_pays: a CPU flag alone decides nothing); LoRA weights
   (the only trainable ones, so the only ones with gradients and AdamW state) stay f32 masters;
 - the forward and backward run under bf16 autocast with PEFT's input up-cast switched off, so the
   LoRA path computes in bf16 too instead of copying every activation to f32 (~15% faster, ~300
@@ -12,6 +13,9 @@ Speed and memory (measured on a 2-core AVX512-BF16 CPU with SmolLM2-135M; docs/b
   checkpointed, so f32 logits exist for one chunk at a time (vocabularies are 49k to 150k+);
 - packed batches get a block-diagonal causal mask and per-sample positions (no cross-talk);
 - gradient checkpointing as an option (recomputes each block's forward: less memory, ~30% slower).
+
+This file holds loading and the training step; scoring, generation and adapter switching are in
+torch_inference.py, the device and dtype policy and the reported figures in torch_device.py.
 """
 
 from __future__ import annotations
@@ -21,66 +25,19 @@ import math
 import os
 from pathlib import Path
 
-from mlxft.backends.base import Backend, EvalResult, StepResult
-from mlxft.backends.common import (adapted_layer_count, eos_ids, eval_mode, rank_seed, resolve_lora_targets,
-                                   short_name, split_like)
+from mlxft.backends.base import Backend, StepResult
+from mlxft.backends.common import (adapted_layer_count, max_grad_norm, resolve_lora_targets, short_name,
+                                   split_like)
+from mlxft.backends.torch_device import (EAGER_ATTENTION_MAX_LEN, LOSS_CHUNK, TorchDeviceInfo, pick_device,
+                                         pick_dtype, torch_loadable)
+from mlxft.backends.torch_inference import TorchInference
 from mlxft.config import Config
 from mlxft.data import Batch
 from mlxft.errors import ModelError
 from mlxft.tokenizer import load_tokenizer
 
-LOSS_CHUNK = 512  # target positions per lm_head chunk: 512 x 49k f32 logits = 100 MB at a time
-EAGER_ATTENTION_MAX_LEN = 160  # CPU: eager attention up to this padded length, SDPA above
-GENERATE_BATCH = 16  # prompts generated side by side in generate_batch
 
-
-# bf16 must beat f32 by this much at the matmul before it pays on a CPU: autocast's casts and
-# the ops that stay f32 eat the rest. Measured whole-run ratios (bf16 over f32 speed) against the
-# matmul ratio: Intel Xeon with AMX 8.1x matmul; AMD EPYC 2.1x matmul -> 1.6x run; Intel Xeon
-# without AMX 0.96x matmul -> 0.76x run (docs/benchmarks.md).
-BF16_MIN_SPEEDUP = 1.3
-
-
-def cpu_bf16_pays() -> tuple[bool, str]:
-    """Whether bf16 is measured faster than f32 on this CPU (matmul GFLOPS, cached per machine by
-    mlxft.devicebench), and the figures that say so. A CPU flag alone decides nothing: CPUs with
-    avx512_bf16 but no AMX compute bf16 no faster than f32."""
-    from mlxft.devicebench import peak_gflops
-
-    f32, bf16 = peak_gflops("torch", "float32", "cpu"), peak_gflops("torch", "bfloat16", "cpu")
-    if not f32 or not bf16:
-        return False, "bf16 speed could not be measured"
-    ratio = bf16 / f32
-    return ratio >= BF16_MIN_SPEEDUP, f"bf16 matmul {ratio:.1f}x f32 on this CPU"
-
-
-def pick_device() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
-
-
-def pick_dtype(requested: str, device: str):
-    import torch
-
-    if requested != "auto":
-        return getattr(torch, requested)
-    if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_bf16_pays()[0] else torch.float32
-
-
-def torch_loadable(model_path: Path) -> Path:
-    try:
-        from mlxft.sources.mlx_quant import torch_loadable_path
-    except ImportError:
-        return model_path
-    return torch_loadable_path(model_path)
-
-
-class TorchBackend(Backend):
+class TorchBackend(TorchInference, TorchDeviceInfo, Backend):
     name = "torch"
 
     def __init__(self, cfg: Config, device: str | None = None, world=None):
@@ -100,15 +57,17 @@ class TorchBackend(Backend):
 
     # ------------------------------------------------------------------ loading
 
-    def load(self, model_path: Path, adapter: Path | None = None, train: bool = True) -> None:
-        torch = self.torch
+    def seed(self, value: int) -> None:
+        self.torch.manual_seed(value)
+
+    def _load_base(self, model_path: Path) -> None:
         from transformers import AutoModelForCausalLM
 
         from mlxft.ui import quiet_libraries
 
         quiet_libraries()
-        torch.manual_seed(self.cfg.seed)
-        model_path = torch_loadable(Path(model_path))
+        model_path = torch_loadable(model_path)
+        self.model_path = model_path
         self.tokenizer = load_tokenizer(model_path, self.trust_remote_code)
         try:
             base = AutoModelForCausalLM.from_pretrained(
@@ -120,38 +79,39 @@ class TorchBackend(Backend):
         base.config.use_cache = False
         for p in base.parameters():
             p.requires_grad_(False)
+        self.model = base
+
+    def _attach(self, adapter: Path | None, train: bool) -> None:
         if adapter is None and not train:
-            self.model = base.eval()
             return
         from peft import PeftModel, get_peft_model
 
-        if adapter is not None and not train and self.dtype == torch.float32:
+        base = self.model
+        if adapter is not None and not train and self.dtype == self.torch.float32:
             # Inference: fold the adapter into the f32 weights once instead of running the LoRA
             # side path in every projection at every token (lower-precision weights would round
             # a small adapter away, so those keep it separate).
-            self.model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().eval()
+            self.model = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
             return
         if adapter is not None:
             self.model = PeftModel.from_pretrained(base, str(adapter), is_trainable=train)
         else:
             self.model = get_peft_model(base, self._lora_config(base))
-        if self.cfg.train.grad_checkpoint and train:
-            self.model.base_model.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.to(self.device)
         self._attn_default = getattr(base.config, "_attn_implementation", None)
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self._tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
-        if train:
-            if self.world.rank:
-                torch.manual_seed(rank_seed(self.cfg.seed, self.world.rank))  # own dropout masks per rank
-            self.model.train()
-            params = self._trainable()
-            self.optimizer = torch.optim.AdamW(params, lr=self.cfg.train.learning_rate or 0.0, betas=(0.9, 0.999),
-                                               eps=1e-8, weight_decay=self.cfg.train.weight_decay)
-        else:
-            self.model.eval()
+
+    def _prepare_training(self) -> None:
+        if self.cfg.train.grad_checkpoint:
+            self.model.base_model.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.optimizer = self.torch.optim.AdamW(self._trainable(), lr=self.cfg.train.learning_rate or 0.0,
+                                                betas=(0.9, 0.999), eps=1e-8, weight_decay=self.cfg.train.weight_decay)
+
+    def _finish_load(self, train: bool) -> None:
+        self.model.train(train)
 
     def _lora_config(self, base):
         from peft import LoraConfig
@@ -296,7 +256,7 @@ class TorchBackend(Backend):
         params = self._trainable()
         if self.world.distributed:
             loss_total = self._sum_over_ranks(params, loss_total)
-        max_norm = self.cfg.train.max_grad_norm if self.cfg.train.max_grad_norm > 0 else float("inf")
+        max_norm = max_grad_norm(self.cfg)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
         if finite:
@@ -337,59 +297,6 @@ class TorchBackend(Backend):
             for p, part in zip(params, split_like(flat, params)):
                 p.copy_(part)
 
-    @contextlib.contextmanager
-    def _inference(self):
-        """No dropout and no gradients; the model goes back to training mode afterwards."""
-        with eval_mode(self.model), self.torch.no_grad():
-            yield
-
-    def eval_batch(self, batch: Batch) -> EvalResult:
-        torch = self.torch
-        head, cap = self._head()
-        with self._inference(), self._compute():
-            hidden, labels = self._hidden(batch)
-            loss_sum, correct = 0.0, 0
-            for i in range(0, hidden.shape[0], LOSS_CHUNK):
-                logits = self._chunk_logits(hidden[i:i + LOSS_CHUNK], head, cap)
-                y = labels[i:i + LOSS_CHUNK]
-                loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-                correct += int((logits.argmax(-1) == y).sum())
-        return EvalResult(loss_sum=loss_sum, n_targets=int(labels.numel()), n_correct=correct)
-
-    def logits(self, ids: list[int]):
-        torch = self.torch
-        x = torch.tensor([ids], device=self.device)
-        self._pick_attention(len(ids))
-        with self._inference(), self._compute():
-            return self._causal_lm()(input_ids=x, use_cache=False).logits[0].float().cpu().numpy()
-
-    def row_scores(self, batch: Batch) -> list[EvalResult]:
-        torch = self.torch
-        head, cap = self._head()
-        with self._inference(), self._compute():
-            hidden, labels = self._hidden(batch)
-            rows = torch.from_numpy(batch.loss_mask[:, 1:]).bool().nonzero()[:, 0].to(self.device)
-            n_rows = batch.input_ids.shape[0]
-            loss = torch.zeros(n_rows, dtype=torch.float64, device=self.device)
-            correct = torch.zeros(n_rows, dtype=torch.int64, device=self.device)
-            for i in range(0, hidden.shape[0], LOSS_CHUNK):
-                logits = self._chunk_logits(hidden[i:i + LOSS_CHUNK], head, cap)
-                y, r = labels[i:i + LOSS_CHUNK], rows[i:i + LOSS_CHUNK]
-                ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
-                loss.index_add_(0, r, ce.double())
-                correct.index_add_(0, r, (logits.argmax(-1) == y).long())
-        counts = batch.loss_mask[:, 1:].sum(-1)
-        return [EvalResult(loss_sum=float(loss[i]), n_targets=int(counts[i]), n_correct=int(correct[i]))
-                for i in range(n_rows)]
-
-    def sequence_logprobs(self, batch: Batch) -> list[float]:
-        torch = self.torch
-        ids, attn, mask, _ = self._tensors(batch)
-        self._pick_attention(ids.shape[1])
-        with self._inference(), self._compute():
-            logits = self._causal_lm()(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
-            logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
-            return [float(x) for x in (logp * mask).sum(-1)]
 
     # ------------------------------------------------------------------ files
 
@@ -413,150 +320,8 @@ class TorchBackend(Backend):
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and self.device == "cuda":
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-
-    # ------------------------------------------------------------------ generation
-
-    def _stop_ids(self, extra) -> set[int]:
-        """`extra` plus every EOS id the tokenizer and the model's generation config name."""
-        return set(extra or ()) | self.chat_stop_ids() | eos_ids(self.tokenizer.eos_token_id,
-                                          getattr(self._causal_lm().generation_config, "eos_token_id", None))
-
-    def generate(self, prompt_ids, max_tokens, temperature=0.0, top_p=1.0, on_token=None, stop_ids=None):
-        torch = self.torch
-        from transformers.generation.streamers import BaseStreamer
-
-        stop = self._stop_ids(stop_ids)
-
-        class Stream(BaseStreamer):
-            first = True
-
-            def put(self, value):
-                if self.first:  # generate() first echoes the prompt
-                    self.first = False
-                    return
-                if on_token is not None:
-                    for tok in value.reshape(-1).tolist():
-                        if tok not in stop:
-                            on_token(tok)
-
-            def end(self):
-                pass
-
-        ids = torch.tensor([prompt_ids], device=self.device)
-        kwargs = dict(max_new_tokens=max_tokens, eos_token_id=sorted(stop), pad_token_id=self.tokenizer.pad_token_id,
-                      use_cache=True, streamer=Stream())
-        if temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        with self._inference():
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-        new = out[0, len(prompt_ids):].tolist()
-        while new and new[-1] in stop:
-            new.pop()
-        return new
-
-    def generate_batch(self, prompts, max_tokens, temperature=0.0, top_p=1.0, stop_ids=None):
-        """Prompts side by side, left-padded (generate() derives positions from the mask), in
-        groups of similar length so padding stays small."""
-        torch = self.torch
-        stop = self._stop_ids(stop_ids)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(stop, default=0)
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        results: list[list[int]] = [[] for _ in prompts]
-        if max_tokens <= 0:
-            return results
-        kwargs = dict(max_new_tokens=max_tokens, eos_token_id=sorted(stop), pad_token_id=pad, use_cache=True)
-        if temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        for start in range(0, len(order), GENERATE_BATCH):
-            group = order[start:start + GENERATE_BATCH]
-            width = max(len(prompts[i]) for i in group)
-            ids = torch.full((len(group), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(group), width), dtype=torch.long)
-            for row, i in enumerate(group):
-                n = len(prompts[i])
-                ids[row, width - n:] = torch.tensor(prompts[i], dtype=torch.long)
-                mask[row, width - n:] = 1
-            with self._inference():
-                out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
-            for row, i in enumerate(group):
-                new = out[row, width:].tolist()
-                cut = next((k for k, tok in enumerate(new) if tok in stop), len(new))
-                results[i] = new[:cut]
-        return results
-
-    def use_adapter(self, adapter):
-        import hashlib
-
-        from peft import PeftModel
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        if adapter is None:
-            if isinstance(self.model, PeftModel):
-                self.model.base_model.disable_adapter_layers()
-            return
-        name = "a" + hashlib.sha1(str(Path(adapter).resolve()).encode()).hexdigest()[:12]
-        if not isinstance(self.model, PeftModel):
-            self.model = PeftModel.from_pretrained(self.model, str(adapter), adapter_name=name)
-        elif name not in self.model.peft_config:
-            self.model.load_adapter(str(adapter), adapter_name=name)
-        self.model.base_model.enable_adapter_layers()
-        self.model.set_adapter(name)
-        self.model.eval()
-        self._tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
-
     # ------------------------------------------------------------------ reporting
 
-    def device_name(self) -> str:
-        if self.device == "cuda":
-            return f"cuda ({self.torch.cuda.get_device_name(0)})"
-        return "cpu"
-
-    def dtype_name(self) -> str:
-        return str(self.dtype).replace("torch.", "")
-
-    def peak_memory(self):
-        if self.device == "cuda":
-            return int(self.torch.cuda.max_memory_allocated())
-        return None
-
-    def model_flops(self) -> tuple[float | None, float | None]:
-        per_token = self.flops_per_token()
-        if per_token is None:
-            return None, None
-        from mlxft.devicebench import peak_gflops
-
-        gflops = peak_gflops("torch", self.dtype_name(), self.device)
-        return per_token, gflops * 1e9 if gflops else None
-
-    def flops_per_token(self) -> float | None:
-        """Model FLOPs per trained token (see mlxft.progress): 2 x the blocks' linear weights
-        forward, plus 2 x those from the earliest adapted block up for activation gradients."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        blocks = getattr(getattr(self._causal_lm(), "model", None), "layers", None)
-        if blocks is None:
-            return None
-        per_block, first = [], None
-        for i, block in enumerate(blocks):
-            n = 0
-            for name, m in block.named_modules():
-                if isinstance(m, self.torch.nn.Linear) and not isinstance(m, BaseTunerLayer) and "lora_" not in name:
-                    n += m.in_features * m.out_features
-                if first is None and isinstance(m, BaseTunerLayer):
-                    first = i
-            per_block.append(n)
-        if first is None:
-            return None
-        return 2.0 * sum(per_block) + 2.0 * sum(per_block[first:])
-
-    def hidden_size(self) -> int | None:
-        config = self._causal_lm().config
-        config = getattr(config, "text_config", None) or config
-        return getattr(config, "hidden_size", None)
 
     def trainable_parameters(self):
         trainable = sum(p.numel() for p in self._trainable())

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import click
 
+from mlxft.commands.options import adapter_option, backend_option, trust_remote_code_option
+
 HELP_LINE = "Type a message and press Enter. /reset clears the conversation, /exit (or Ctrl-D) quits."
 
 
@@ -79,16 +81,17 @@ def _use_llama_cpp(model_or_run, engine_choice) -> bool:
               help="Most tokens per answer.")
 @click.option("--temperature", "-t", default=0.0, show_default=True, type=click.FloatRange(0, 10), help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1))
-@click.option("--backend", "-b", type=click.Choice(["auto", "torch", "mlx"]), default="auto", show_default=True)
-@click.option("--adapter", type=click.Choice(["best", "last"]), default="best", show_default=True,
-              help="Which adapter of a run to use.")
+@backend_option()
+@adapter_option()
 @click.option("--engine", type=click.Choice(["auto", "llama.cpp", "backend"]), default="auto", show_default=True,
               help="For a .gguf file: llama.cpp when installed (auto), or import it for --backend.")
 @click.option("--ctx", "n_ctx", default=2048, show_default=True, type=click.IntRange(64, 1_000_000),
               help="Context length; the oldest turns are dropped when the conversation outgrows it.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for sampling (--temperature > 0): the same seed gives the same answer.")
-def chat(model_or_run, system, max_tokens, temperature, top_p, backend, adapter, engine, n_ctx, seed):
+@trust_remote_code_option()
+def chat(model_or_run, system, max_tokens, temperature, top_p, backend, adapter, engine, n_ctx, seed,
+         trust_remote_code):
     """Chat with MODEL_OR_RUN in the terminal (default: the built-in SmolLM2-135M-Instruct).
 
     A run directory means its base model plus its best adapter; a .gguf file runs through
@@ -113,7 +116,7 @@ def chat(model_or_run, system, max_tokens, temperature, top_p, backend, adapter,
         from mlxft.inference import load_for_inference, run_system_prompt
 
         with ui.console.status("Loading model"):
-            loaded, resolved = load_for_inference(model_or_run, backend, adapter, seed=seed)
+            loaded, resolved = load_for_inference(model_or_run, backend, adapter, trust_remote_code, seed=seed)
         if system is None:
             system = run_system_prompt(resolved)
         context = n_ctx

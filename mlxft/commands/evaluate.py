@@ -1,25 +1,29 @@
-"""`mlxft eval`: loss, perplexity and token accuracy on a JSONL set; base vs tuned for a run."""
+"""`mlxft eval`: loss, perplexity and token accuracy on a data set; base vs tuned for a run."""
 
 from __future__ import annotations
 
 import click
 
+from mlxft.commands.options import (DATA_FORMATS, adapter_option, backend_option, json_option,
+                                   skip_bad_lines_option, trust_remote_code_option)
+
 
 @click.command("eval")
 @click.argument("model_or_run", required=False)
 @click.option("--data", "-d", type=click.Path(),
-              help="JSONL to score (default for a run: its validation file, or the share of its training file "
+              help=f"Data to score: {DATA_FORMATS} (default for a run: its validation file, or the share of its training file "
                    "it held out).")
-@click.option("--backend", "-b", type=click.Choice(["auto", "torch", "mlx"]), default="auto", show_default=True)
-@click.option("--adapter", type=click.Choice(["best", "last"]), default="best", show_default=True,
-              help="Which adapter of a run to use.")
+@backend_option()
+@adapter_option()
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--max-seq-len", type=click.IntRange(8, 1_000_000),
               help="Truncate samples to this many tokens (default: the run's train.max_seq_len, else 512).")
-@click.option("--skip-bad-lines", is_flag=True, help="Skip malformed data lines.")
-@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def eval_command(model_or_run, data, backend, adapter, batch_size, max_seq_len, skip_bad_lines, as_json):
-    """Score MODEL_OR_RUN on a JSONL set: loss, perplexity and token accuracy.
+@skip_bad_lines_option()
+@trust_remote_code_option()
+@json_option("Print the figures as JSON.")
+def eval_command(model_or_run, data, backend, adapter, batch_size, max_seq_len, skip_bad_lines, trust_remote_code,
+                 as_json):
+    """Score MODEL_OR_RUN on a data set: loss, perplexity and token accuracy.
 
     The data is read and masked as for training (chat, completions or text; loss on assistant
     turns / completions). With a run directory the base model and the tuned model (base plus
@@ -35,7 +39,7 @@ def eval_command(model_or_run, data, backend, adapter, batch_size, max_seq_len, 
     from mlxft.evaluate import evaluate
 
     result = evaluate(model_or_run, data, backend=backend, adapter=adapter, batch_size=batch_size,
-                      max_seq_len=max_seq_len, skip_bad_lines=skip_bad_lines)
+                      max_seq_len=max_seq_len, skip_bad_lines=skip_bad_lines, trust_remote_code=trust_remote_code)
     if as_json:
         ui.emit_json(result)
         return

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import click
 
+from mlxft.commands.options import adapter_option, json_option, output_option, trust_remote_code_option
+
 QUANT_HELP = ("f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (written by mlxft); q4_k_m, q5_k_m, q6_k "
               "(llama.cpp's quantizer, needs llama-cpp-python); auto (the smallest of q4_k_m, q5_k_m, q6_k, "
               "q8_0 within a measured KL tolerance on the run's validation text).")
@@ -13,20 +15,20 @@ QUANT_HELP = ("f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (written by mlxft); 
 
 @click.command()
 @click.argument("model_or_run", required=False)
-@click.option("--output", "-o", required=True, type=click.Path(),
-              help="The .gguf file to write (a folder with --adapter-format mlx-lm).")
+@output_option(required=True, help="The .gguf file to write (a folder with --adapter-format mlx-lm).")
 @click.option("--quant", "-q", default=None, help=f"Tensor type [default: f16]: {QUANT_HELP}")
 @click.option("--adapter-only", is_flag=True, help="Write only the run's LoRA adapter (llama.cpp --lora, Ollama ADAPTER).")
 @click.option("--adapter-format", type=click.Choice(["gguf", "mlx-lm"]), default=None,
               help="Write only the run's adapter: gguf (= --adapter-only), or mlx-lm (a folder that "
                    "mlx_lm.load(model, adapter_path=DIR), mlx_lm.generate and mlx_lm.server load).")
 @click.option("--modelfile", is_flag=True, help="Also write an Ollama Modelfile beside the GGUF.")
-@click.option("--adapter", type=click.Choice(["best", "last"]), default="best", show_default=True,
-              help="Which adapter of a run to use.")
+@adapter_option()
 @click.option("--strict", is_flag=True, help="Exit with code 1 when the self-check finds a difference.")
 @click.option("--no-check", is_flag=True, help="Skip the self-check (llama.cpp against the trained model).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (with every self-check figure).")
-def export(model_or_run, output, quant, adapter_only, adapter_format, modelfile, adapter, strict, no_check, as_json):
+@trust_remote_code_option()
+@json_option("Print the result as JSON (with every self-check figure).")
+def export(model_or_run, output, quant, adapter_only, adapter_format, modelfile, adapter, strict, no_check,
+           trust_remote_code, as_json):
     """Export MODEL_OR_RUN (default: the built-in SmolLM2-135M-Instruct) to a GGUF file.
 
     A run directory is exported as its base with the adapter merged in (float32, tensor by
@@ -93,7 +95,7 @@ def export(model_or_run, output, quant, adapter_only, adapter_format, modelfile,
             from mlxft.export.selfcheck import llama_cpp_installed
 
             if quant == "auto" or (not no_check and llama_cpp_installed()):
-                engine = _trained_model(model_or_run, adapter, job.chat, status)
+                engine = _trained_model(model_or_run, adapter, job.chat, status, trust_remote_code)
             if quant == "auto":
                 result = _auto(job, out, engine, resolved, on_tensor, status)
             else:
@@ -110,22 +112,22 @@ def export(model_or_run, output, quant, adapter_only, adapter_format, modelfile,
                          "like the trained model", "see the self-check line above, or run with --json")
 
 
-def _trained_model(model_or_run, adapter, chat, status):
+def _trained_model(model_or_run, adapter, chat, status, trust_remote_code=False):
     """The trained model through mlxft's backend, with the template the export carries."""
     from mlxft.inference import load_for_inference
     from mlxft.templates import install
 
     status.update("Loading the trained model for the self-check")
-    engine, _ = load_for_inference(model_or_run, "auto", adapter)
+    engine, _ = load_for_inference(model_or_run, "auto", adapter, trust_remote_code)
     install(engine.tokenizer, chat)
     return engine
 
 
 def _validation_ids(engine, job, resolved) -> list[list[int]]:
-    from mlxft.export.selfcheck import MAX_TOKENS_PER_TEXT, conversations, probe_records, validation_records
+    from mlxft.export.selfcheck import MAX_TOKENS_PER_TEXT, conversations, probe_records
     from mlxft.templates import render
 
-    prompts = conversations(validation_records(resolved.run), job.chat.system_prompt)
+    prompts = conversations(_validation_records(resolved, engine), job.chat.system_prompt)
     prompts = prompts or conversations(probe_records(), job.chat.system_prompt)
     texts = [render(engine.tokenizer, job.chat.template,
                     p.messages + ([{"role": "assistant", "content": p.answer}] if p.answer else []),
@@ -175,14 +177,23 @@ def _modelfile(out, resolved, job, system, adapter_only) -> dict:
     return info
 
 
+def _validation_records(resolved, engine) -> list[dict]:
+    """The run's validation records, the same samples its training held out (none for a plain model)."""
+    if resolved.run is None:
+        return []
+    from mlxft.training_data import validation_records
+
+    return validation_records(resolved.run, engine.tokenizer)
+
+
 def _selfcheck(out, engine, job, resolved, result) -> dict:
-    from mlxft.export.selfcheck import llama_cpp_installed, run_selfcheck, validation_records
+    from mlxft.export.selfcheck import llama_cpp_installed, run_selfcheck
 
     modelfile_check = result.get("modelfile_check")
     if not llama_cpp_installed():
         check = {"skipped": "llama.cpp is not installed (pip install llama-cpp-python)", "ok": None}
     else:
-        check = run_selfcheck(out, engine, job.chat, result["quant"], validation_records(resolved.run))
+        check = run_selfcheck(out, engine, job.chat, result["quant"], _validation_records(resolved, engine))
     if modelfile_check is not None:
         check["modelfile"] = modelfile_check
         if modelfile_check.get("ok") is False:

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import click
 
+from mlxft.commands.options import adapter_option, json_option, output_option
+
 
 @click.command()
 @click.argument("model_or_run")
-@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="The folder to write.")
-@click.option("--quantize", "quantize_bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default=None,
+@output_option(required=True, type=click.Path(file_okay=False), help="The folder to write.")
+@click.option("--quant", "-q", "--quantize", "quantize_bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default=None,
               help="Re-quantize the fused weights (MLX affine format, group 64), for mlx-lm.")
-@click.option("--adapter", type=click.Choice(["best", "last"]), default="best", show_default=True,
-              help="Which adapter of the run to merge.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@adapter_option("Which adapter of the run to merge: the best by validation, or the last saved.")
+@json_option()
 def fuse(model_or_run, output, quantize_bits, adapter, as_json):
     """Merge the adapter of run MODEL_OR_RUN into its base model and write an HF-format folder
     (safetensors, config, tokenizer, chat template) that transformers and mlx-lm load.
 
     The merge is done in float32 and cast once to the base's dtype. A quantized base is
     dequantized first (merging into quantized weights can erase a small adapter); pass
-    --quantize to quantize the fused result again.
+    --quant BITS (also spelled --quantize) to quantize the fused result again.
     """
     from pathlib import Path
 

@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from mlxft.commands.options import adapter_option, backend_option, json_option, trust_remote_code_option
+
 
 @click.command()
 @click.argument("model_or_run", required=False)
@@ -20,13 +22,13 @@ import click
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--system", "-s", help="System prompt (default: the run's, if it set one).")
 @click.option("--raw", is_flag=True, help="Send the prompt as-is, without the chat template.")
-@click.option("--backend", "-b", type=click.Choice(["auto", "torch", "mlx"]), default="auto", show_default=True)
-@click.option("--adapter", type=click.Choice(["best", "last"]), default="best", show_default=True,
+@backend_option()
+@adapter_option(
               help="Which adapter of a run to use.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for sampling (--temperature > 0): the same seed gives the same answer.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow Python code shipped inside the model repo to run.")
-@click.option("--json", "as_json", is_flag=True, help="Print {prompt, text, tokens} as JSON instead of streaming.")
+@trust_remote_code_option()
+@json_option("Print {prompt, text, tokens} as JSON instead of streaming.")
 def generate(model_or_run, prompt, prompts_file, max_tokens, temperature, top_p, system, raw, backend, adapter,
              seed, trust_remote_code, as_json):
     """Generate text from MODEL_OR_RUN (default: the built-in SmolLM2-135M-Instruct).
@@ -76,7 +78,7 @@ def read_prompts(path: str) -> list[str]:
     from mlxft.errors import DataError
 
     try:
-        lines = open(path, encoding="utf-8").read().splitlines()
+        lines = open(path, encoding="utf-8-sig").read().splitlines()  # a byte-order mark is not a prompt
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(path, None, f"cannot read prompts ({exc})") from None
     prompts = []

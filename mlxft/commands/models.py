@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import click
 
+from mlxft.commands.options import json_option
+
 
 @click.group(invoke_without_command=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+@json_option("Print the list as JSON.")
 @click.pass_context
 def models(ctx, as_json):
     """List models in the Hugging Face cache and GGUF imports, offline.

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import click
 
+from mlxft.commands.options import json_option
+
 
 @click.command()
 @click.argument("repo")
-@click.option("--revision", "-r", metavar="REV", help="Branch, tag or commit to pin (default: main). "
+@click.option("--revision", metavar="REV", help="Branch, tag or commit to pin (default: main). "
               "Also accepted as REPO@REV.")
 @click.option("--force", is_flag=True, help="Download every file again, even if cached.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@json_option()
 def pull(repo, revision, force, as_json):
     """Download REPO (ORG/NAME) from the Hugging Face Hub for fine-tuning.
 

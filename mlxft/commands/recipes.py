@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from mlxft.commands.options import json_option
+
 
 @click.group()
 def recipes():
@@ -11,7 +13,7 @@ def recipes():
 
 
 @recipes.command("list")
-@click.option("--json", "as_json", is_flag=True)
+@json_option()
 def list_cmd(as_json):
     """List recipe names with their one-line description."""
     from mlxft import ui

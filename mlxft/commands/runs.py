@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import click
 
+from mlxft.commands.options import json_option
+
 
 class _RunsGroup(click.Group):
     """`mlxft runs [FOLDER]` lists; `mlxft runs show RUN` shows one run."""
@@ -87,7 +89,7 @@ def runs():
 
 @runs.command("list")
 @click.argument("folder", required=False, default="runs", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@json_option("Print the rows as JSON.")
 def list_runs(folder, as_json):
     """List the run directories under FOLDER (default: ./runs): model, data, steps, final and
     best validation loss, retention."""
@@ -126,7 +128,7 @@ def list_runs(folder, as_json):
 
 @runs.command("show")
 @click.argument("run_dir", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print config, results and loss points as JSON.")
+@json_option("Print config, results and loss points as JSON.")
 @click.option("--png/--no-png", default=True, show_default=True, help="Write RUN/loss.png.")
 def show(run_dir, as_json, png):
     """Show RUN_DIR: its config, results, retention, and loss curves drawn in the terminal;

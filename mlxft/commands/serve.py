@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import click
 
+from mlxft.commands.options import adapter_option, backend_option, trust_remote_code_option
+
 
 def _loopback(host: str) -> bool:
     import ipaddress
@@ -39,13 +41,12 @@ def _check_port_free(host: str, port: int) -> None:
 @click.argument("models", nargs=-1, metavar="[MODEL_OR_RUN]...")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (loopback: only this machine can connect).")
-@click.option("--port", "-p", default=8080, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--api-key", envvar="MLXFT_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on every request (also $MLXFT_API_KEY).")
-@click.option("--backend", "-b", type=click.Choice(["auto", "torch", "mlx"]), default="auto", show_default=True)
-@click.option("--adapter", type=click.Choice(["best", "last"]), default="best", show_default=True,
-              help="Which adapter of each run to serve.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow Python code shipped inside the model repo to run.")
+@backend_option()
+@adapter_option("Which adapter of each run to serve: the best by validation, or the last saved.")
+@trust_remote_code_option()
 def serve(models, host, port, api_key, backend, adapter, trust_remote_code):
     """Serve MODEL_OR_RUN (default: the built-in SmolLM2-135M-Instruct) over the OpenAI API:
     /v1/models, /v1/chat/completions and /v1/completions, streamed or not.

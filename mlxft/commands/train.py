@@ -6,20 +6,23 @@ from pathlib import Path
 
 import click
 
+from mlxft.commands.options import (DATA_FORMATS, backend_option, json_option, output_option, set_option,
+                                   skip_bad_lines_option, trust_remote_code_option)
+
 
 @click.command()
 @click.argument("recipe", required=False)
 @click.option("--model", "-m", help="Base model: Hub repo id, local folder, .gguf file, ollama:NAME, or run dir.")
-@click.option("--data", "-d", type=click.Path(), help="Training JSONL (overrides data.train).")
-@click.option("--valid", type=click.Path(), help="Validation JSONL (overrides data.valid).")
-@click.option("--backend", "-b", type=click.Choice(["auto", "torch", "mlx"]), help="Training backend.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. train.steps=100.")
+@click.option("--data", "-d", type=click.Path(), help=f"Training data: {DATA_FORMATS} (overrides data.train).")
+@click.option("--valid", type=click.Path(), help="Validation data, same formats (overrides data.valid).")
+@backend_option(default=None, help="Training backend (default: the recipe's, else auto).")
+@set_option()
 @click.option("--steps", type=int, help="Optimizer steps (overrides train.steps).")
-@click.option("--out", "-o", type=click.Path(), help="Run directory (default: runs/RECIPE).")
+@output_option("out", help="Run directory (default: runs/RECIPE).")
 @click.option("--resume", type=click.Path(), help="Continue an interrupted run from its last checkpoint.")
-@click.option("--skip-bad-lines", is_flag=True, help="Skip malformed data lines (counted and reported).")
-@click.option("--trust-remote-code", is_flag=True, help="Allow Python code shipped inside the model repo to run.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result summary as JSON on stdout.")
+@skip_bad_lines_option()
+@trust_remote_code_option()
+@json_option("Print the result summary as JSON on stdout.")
 @click.option("--nproc", type=click.IntRange(min=1), help="Data-parallel ranks per host, started with torchrun "
               "(torch) or mlx.launch (mlx).")
 @click.option("--hosts", help="MLX: comma-separated hosts (IPs for the ring backend) to train across, via mlx.launch.")

@@ -235,7 +235,8 @@ def export_adapter(model_dir: Path, adapter: Path, out: Path) -> dict:
     import gguf
 
     from mlxft.atomic import atomic_path
-    from mlxft.fuse import Adapter, check_disk_space, read_config
+    from mlxft.adapters import Adapter
+    from mlxft.fuse import check_disk_space, read_config
 
     config = read_config(model_dir)
     arch = archs.arch_for(config, str(Path(model_dir) / "config.json"))

@@ -74,32 +74,6 @@ def conversations(records: list[dict], system: str | None) -> list[Prompt]:
     return out
 
 
-def validation_records(run_dir: Path | None) -> list[dict]:
-    """The run's validation records: data.valid, or the share of data.train training held out
-    (the same seeded split). Empty for a plain model or when the files are gone."""
-    if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
-        return []
-    from mlxft.config import build_config
-    from mlxft.data import Dataset, Sample, read_jsonl, split_dataset
-    from mlxft.errors import MlxftError
-
-    try:
-        cfg = build_config(str(Path(run_dir) / "config.yaml"))
-        if cfg.data.valid:
-            return [r for _, r in read_jsonl(cfg.data.valid, skip_bad_lines=True)[0]]
-        if not cfg.data.train:
-            return []
-        records = [r for _, r in read_jsonl(cfg.data.train, skip_bad_lines=True)[0]]
-    except (MlxftError, OSError):
-        return []
-    if len(records) < 2:
-        return []
-    # the same shuffle split_dataset applies to the tokenized samples, on stand-ins for the records
-    stand_ins = Dataset([Sample(ids=[i], targets=[True]) for i in range(len(records))], "chat", "")
-    _, valid = split_dataset(stand_ins, cfg.data.valid_split, cfg.seed)
-    return [records[s.ids[0]] for s in valid.samples]
-
-
 def probe_records() -> list[dict]:
     path = Path(__file__).resolve().parent.parent / "probes" / "general.jsonl"
     return [{"prompt": r["prompt"]} for r in map(json.loads, path.read_text().splitlines())

@@ -3,7 +3,9 @@
 Sources: JSON Lines (.jsonl, or .json holding one JSON array), CSV (.csv), TSV (.tsv), Parquet
 (.parquet), and Hugging Face datasets (`hf:NAME` from the local cache, or a folder written by
 `Dataset.save_to_disk`). The record shape (chat, tools, sharegpt, alpaca, completions, text) is
-detected per file from the first usable row; see mlxft/formats/records.py. A bad row fails with
+detected per file from the first usable row; see mlxft/formats/records.py. A `data.columns`
+mapping applies to the sources that need it, judged on their first row: a source whose first
+row has none of the mapped columns and is already in a known shape is read as that shape. A bad row fails with
 one line naming the file, the line (or row) and the reason, unless skip_bad_lines is set.
 """
 
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from mlxft.errors import DataError
-from mlxft.formats.records import CANONICAL, RowError, detect_shape, rename_columns, to_canonical
+from mlxft.formats.records import CANONICAL, RowError, detect_shape, needs_mapping, rename_columns, to_canonical
 
 
 @dataclass
@@ -90,13 +92,16 @@ def _canonicalize(raw: Iterable[tuple[int, object]], path: str, container: str, 
     rows: list[tuple[int, dict]] = []
     skipped: list[str] = []
     shape: str | None = None
+    mapping: dict[str, str] | None = None  # data.columns, once this source is known to need it
     for loc, record in raw:
         if limit is not None and len(rows) >= limit:
             break
         try:
             if isinstance(record, RowError):
                 raise record
-            record = rename_columns(record, columns) if isinstance(record, dict) else record
+            if columns and not rows and mapping is None and isinstance(record, dict):
+                mapping = columns if needs_mapping(record, columns) else {}
+            record = rename_columns(record, mapping) if isinstance(record, dict) else record
             row_shape = detect_shape(record)
             if shape is None:
                 shape = row_shape

@@ -1,6 +1,7 @@
 """JSON Lines files (one record per line), and .json files holding one array of records
 (the way Alpaca and ShareGPT exports are often shipped). Yields (line number, record), or a
-RowError in place of a record that cannot be parsed."""
+RowError in place of a record that cannot be parsed. A UTF-8 byte-order mark (Windows editors
+write one) is skipped; CRLF line ends are whitespace to JSON."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from mlxft.errors import DataError
 from mlxft.formats.records import RowError
 
 MAX_LINE_BYTES = 8 * 1024 * 1024
+BOM = b"\xef\xbb\xbf"
 
 
 def read_json_rows(path: Path) -> Iterator[tuple[int, object]]:
@@ -20,9 +22,9 @@ def read_json_rows(path: Path) -> Iterator[tuple[int, object]]:
     except OSError as exc:
         raise DataError(path, None, f"cannot read ({exc.strerror})") from None
     with fh:
-        head = fh.read(4096).lstrip()
-        fh.seek(0)
-        if path.suffix.lower() == ".json" and head.startswith(b"["):
+        head = fh.read(4096)
+        fh.seek(len(BOM) if head.startswith(BOM) else 0)
+        if path.suffix.lower() == ".json" and head.removeprefix(BOM).lstrip().startswith(b"["):
             yield from _json_array(path, fh.read())
             return
         for line_no, raw in enumerate(fh, start=1):

@@ -12,7 +12,8 @@ Shapes recognised per record:
     completions {"prompt", "completion"}
     text        {"text"}
 `data.columns` renames source fields to these names first ({"prompt": "question", ...}); only
-the mapped fields are read then (map `system` too to keep it).
+the mapped fields are read then (map `system` too to keep it). A source already in one of the
+shapes above, naming none of the mapped columns, is read as it is (see needs_mapping).
 """
 
 from __future__ import annotations
@@ -48,6 +49,19 @@ def rename_columns(record: dict, columns: dict[str, str] | None) -> dict:
             raise RowError(f"no column '{source}' (data.columns.{target}); columns here: "
                            f"{', '.join(map(str, record)) or 'none'}")
     return out
+
+
+def needs_mapping(record: dict, columns: dict[str, str]) -> bool:
+    """Whether data.columns applies to a source whose first row is `record`: it does unless the
+    row names none of the mapped source columns and is already in a known shape (a validation
+    JSONL in chat format beside a mapped CSV)."""
+    if any(source in record for source in columns.values()):
+        return True
+    try:
+        detect_shape(record)
+    except RowError:
+        return True  # the mapping's own error names the missing column
+    return False
 
 
 def detect_shape(record) -> str:

@@ -54,11 +54,8 @@ def resolve_model(spec: str | None, *, adapter: str = "best", allow_download: bo
 
         return ResolvedModel(path=import_gguf(path), spec=str(spec), source="gguf")
     if spec.startswith("ollama:"):
-        try:
-            from mlxft.sources.ollama import ollama_gguf_name, resolve_ollama
-        except ImportError:
-            raise ModelError("ollama: model references are not supported in this build") from None
         from mlxft.sources.gguf import import_gguf
+        from mlxft.sources.ollama import ollama_gguf_name, resolve_ollama
 
         blob = resolve_ollama(spec)
         return ResolvedModel(path=import_gguf(blob, name=ollama_gguf_name(spec)), spec=spec, source="ollama")
@@ -69,10 +66,8 @@ def resolve_model(spec: str | None, *, adapter: str = "best", allow_download: bo
         return ResolvedModel(path=import_gguf(pypi_gguf_path(spec), name=package_name(spec)), spec=spec,
                              source="pypi")
     if "/" in spec and not path.exists() and not spec.startswith((".", "/", "~")):
-        try:
-            from mlxft.sources.hub import resolve_hub_model
-        except ImportError:
-            raise ModelError(f"'{spec}': Hub models are not supported in this build") from None
+        from mlxft.sources.hub import resolve_hub_model
+
         local, revision = resolve_hub_model(spec, allow_download=allow_download)
         return ResolvedModel(path=local, spec=spec, revision=revision, source="hub")
     raise ModelError(f"'{spec}': no such model folder, GGUF file, run directory or Hub repo id")

@@ -2,19 +2,17 @@
 backend can train it (PyTorch through transformers, MLX through mlx-lm), without loading weights.
 
 The torch check imports transformers' auto-mapping tables (a few seconds, no torch); the MLX
-check asks the MLX backend's own rules (mlx_backend.unsupported_reason: its architectures and
-quantizations) and looks for mlx-lm's model module file, so mlx itself is never imported here.
+check asks the MLX backend's own rules (mlxft/mlx_support.py: its architectures, quantizations
+and mlx-lm's model-type remapping).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 from pathlib import Path
 
-# mlx-lm loads these model types through another module (mlx_lm.utils.MODEL_REMAPPING).
-_MLX_REMAP = {"mistral": "llama", "falcon_mamba": "mamba", "phi-msft": "phixtral", "xverse": "llama"}
+from mlxft.mlx_support import mlx_can_train
 
 
 @functools.lru_cache(maxsize=1)
@@ -39,25 +37,6 @@ def is_causal_lm(config: dict) -> bool:
 def torch_can_train(config: dict) -> bool:
     by_type, _ = _causal_tables()
     return config.get("model_type") in by_type
-
-
-@functools.lru_cache(maxsize=1)
-def _mlx_models_dir() -> Path | None:
-    spec = importlib.util.find_spec("mlx_lm")  # a top-level find_spec does not run mlx_lm's __init__
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0]) / "models"
-
-
-def mlx_can_train(config: dict) -> bool:
-    """mlx-lm is installed with a module for this model type and the MLX backend accepts it."""
-    from mlxft.backends.mlx_backend import unsupported_reason
-
-    models = _mlx_models_dir()
-    model_type = config.get("model_type") or ""
-    model_type = _MLX_REMAP.get(model_type, model_type).replace("-", "_")
-    return bool(models and model_type and (models / f"{model_type}.py").is_file()) and \
-        unsupported_reason(config, _MLX_REMAP) is None
 
 
 def backend_support(config: dict) -> dict[str, bool]:

@@ -7,7 +7,7 @@ config.json says so under "quantization": {"group_size": 64, "bits": 4, <per-lay
 
 `torch_loadable_path(path)` returns `path` unchanged for ordinary models, and otherwise a folder
 under MLXFT_HOME/dequantized/ holding the same model with dense weights (in the scales' dtype),
-made once and reused. Pure torch: mlx is not needed to read these files.
+made once and reused. mlx is not needed to read these files (mlxft/mlx_affine.py decodes them).
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ from pathlib import Path
 from mlxft.atomic import atomic_dir
 from mlxft.errors import ModelError
 from mlxft.paths import home
+from mlxft.mlx_support import SUPPORTED_BITS
 from mlxft.sources.capabilities import read_config
-
-SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 
 
 def is_mlx_quantized(path: Path) -> bool:
@@ -39,33 +38,17 @@ def _layer_params(quant: dict, name: str) -> tuple[int, int, str]:
     return int(quant["bits"]), int(quant.get("group_size", 64)), str(quant.get("mode", "affine"))
 
 
-def unpack(packed, bits: int, n_in: int):
-    """uint32 words (out, n_in*bits/32) -> integer codes (out, n_in) as int64, using mlx's packing:
-    a little-endian bit stream per row (for 2/4/8 bits, value j of a word is bits*j upward)."""
-    import torch
-
-    rows = packed.shape[0]
-    if 32 % bits == 0:
-        words = packed.to(torch.int64) & 0xFFFFFFFF
-        per = 32 // bits
-        shifts = torch.arange(per, dtype=torch.int64) * bits
-        codes = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-        return codes.reshape(rows, -1)[:, :n_in]
-    raw = packed.contiguous().view(torch.uint8).to(torch.int64).reshape(rows, -1)
-    bitstream = (raw.unsqueeze(-1) >> torch.arange(8)) & 1  # (rows, bytes, 8), LSB first
-    bitstream = bitstream.reshape(rows, -1)[:, : n_in * bits].reshape(rows, n_in, bits)
-    return (bitstream << torch.arange(bits)).sum(-1)
-
-
 def dequantize(packed, scales, biases, bits: int, group_size: int):
-    """Dense weight (out, in) in the dtype of `scales`, as mx.dequantize(mode='affine') gives."""
+    """Dense weight (out, in) in the dtype of `scales`, as mx.dequantize(mode='affine') gives
+    (computed in float32 by mlxft.mlx_affine, then cast once)."""
+    import numpy as np
     import torch
 
-    n_in = scales.shape[-1] * group_size
-    codes = unpack(packed, bits, n_in).to(torch.float32)
-    w = codes.reshape(codes.shape[0], -1, group_size) * scales.to(torch.float32).unsqueeze(-1) \
-        + biases.to(torch.float32).unsqueeze(-1)
-    return w.reshape(codes.shape[0], n_in).to(scales.dtype)
+    from mlxft.mlx_affine import dequantize as affine_dequantize
+
+    words = packed.contiguous().view(torch.int32).numpy().view(np.uint32)
+    w = affine_dequantize(words, scales.float().numpy(), biases.float().numpy(), bits, group_size)
+    return torch.from_numpy(w).to(scales.dtype)
 
 
 def _weight_files(path: Path) -> list[Path]:

@@ -1,4 +1,4 @@
-"""Shared pieces for the MLX backend tests (no tests here): configs, small batches, chat data."""
+"""Shared pieces for the MLX backend tests: configs, small batches, chat data."""
 
 from __future__ import annotations
 

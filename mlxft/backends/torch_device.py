@@ -1,0 +1,102 @@
+"""The PyTorch backend's device policy and figures: which device and dtype (bf16 on a CPU only
+where a bf16 matmul is measured faster than f32), the folder transformers can load (MLX-quantized
+weights dequantized first), and what the backend reports: device, dtype, peak memory and the
+FLOPs per token for the MFU figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+LOSS_CHUNK = 512  # target positions per lm_head chunk: 512 x 49k f32 logits = 100 MB at a time
+EAGER_ATTENTION_MAX_LEN = 160  # CPU: eager attention up to this padded length, SDPA above
+# bf16 must beat f32 by this much at the matmul before it pays on a CPU: autocast's casts and
+# the ops that stay f32 eat the rest. Measured whole-run ratios (bf16 over f32 speed) against the
+# matmul ratio: Intel Xeon with AMX 8.1x matmul; AMD EPYC 2.1x matmul -> 1.6x run; Intel Xeon
+# without AMX 0.96x matmul -> 0.76x run (docs/benchmarks.md).
+BF16_MIN_SPEEDUP = 1.3
+
+
+def cpu_bf16_pays() -> tuple[bool, str]:
+    """Whether bf16 is measured faster than f32 on this CPU (matmul GFLOPS, cached per machine by
+    mlxft.devicebench), and the figures that say so. A CPU flag alone decides nothing: CPUs with
+    avx512_bf16 but no AMX compute bf16 no faster than f32."""
+    from mlxft.devicebench import peak_gflops
+
+    f32, bf16 = peak_gflops("torch", "float32", "cpu"), peak_gflops("torch", "bfloat16", "cpu")
+    if not f32 or not bf16:
+        return False, "bf16 speed could not be measured"
+    ratio = bf16 / f32
+    return ratio >= BF16_MIN_SPEEDUP, f"bf16 matmul {ratio:.1f}x f32 on this CPU"
+
+
+def pick_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def pick_dtype(requested: str, device: str):
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_bf16_pays()[0] else torch.float32
+
+
+def torch_loadable(model_path: Path) -> Path:
+    try:
+        from mlxft.sources.mlx_quant import torch_loadable_path
+    except ImportError:
+        return model_path
+    return torch_loadable_path(model_path)
+
+
+class TorchDeviceInfo:
+    """TorchBackend's reporting methods (a mixin: it reads the backend's model and device)."""
+
+    def device_name(self) -> str:
+        if self.device == "cuda":
+            return f"cuda ({self.torch.cuda.get_device_name(0)})"
+        return "cpu"
+
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    def peak_memory(self):
+        if self.device == "cuda":
+            return int(self.torch.cuda.max_memory_allocated())
+        return None
+
+    def model_flops(self) -> tuple[float | None, float | None]:
+        per_token = self.flops_per_token()
+        if per_token is None:
+            return None, None
+        from mlxft.devicebench import peak_gflops
+
+        gflops = peak_gflops("torch", self.dtype_name(), self.device)
+        return per_token, gflops * 1e9 if gflops else None
+
+    def flops_per_token(self) -> float | None:
+        """Model FLOPs per trained token (see mlxft.progress): 2 x the blocks' linear weights
+        forward, plus 2 x those from the earliest adapted block up for activation gradients."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        blocks = getattr(getattr(self._causal_lm(), "model", None), "layers", None)
+        if blocks is None:
+            return None
+        per_block, first = [], None
+        for i, block in enumerate(blocks):
+            n = 0
+            for name, m in block.named_modules():
+                if isinstance(m, self.torch.nn.Linear) and not isinstance(m, BaseTunerLayer) and "lora_" not in name:
+                    n += m.in_features * m.out_features
+                if first is None and isinstance(m, BaseTunerLayer):
+                    first = i
+            per_block.append(n)
+        if first is None:
+            return None
+        return 2.0 * sum(per_block) + 2.0 * sum(per_block[first:])

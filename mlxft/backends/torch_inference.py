@@ -1,0 +1,160 @@
+"""The PyTorch backend without gradients: scoring (eval_batch, row_scores, sequence_logprobs,
+logits), generation (one prompt streamed, or prompts side by side) and switching adapters on an
+inference model."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from mlxft.backends.base import EvalResult
+from mlxft.backends.common import eval_mode
+from mlxft.backends.torch_device import LOSS_CHUNK
+from mlxft.data import Batch
+
+GENERATE_BATCH = 16  # prompts generated side by side in generate_batch
+
+
+class TorchInference:
+    """TorchBackend's inference methods (a mixin over the backend's model, head and batches)."""
+
+    @contextlib.contextmanager
+    def _inference(self):
+        """No dropout and no gradients; the model goes back to training mode afterwards."""
+        with eval_mode(self.model), self.torch.no_grad():
+            yield
+
+    def eval_batch(self, batch: Batch) -> EvalResult:
+        torch = self.torch
+        head, cap = self._head()
+        with self._inference(), self._compute():
+            hidden, labels = self._hidden(batch)
+            loss_sum, correct = 0.0, 0
+            for i in range(0, hidden.shape[0], LOSS_CHUNK):
+                logits = self._chunk_logits(hidden[i:i + LOSS_CHUNK], head, cap)
+                y = labels[i:i + LOSS_CHUNK]
+                loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+                correct += int((logits.argmax(-1) == y).sum())
+        return EvalResult(loss_sum=loss_sum, n_targets=int(labels.numel()), n_correct=correct)
+
+    def logits(self, ids: list[int]):
+        torch = self.torch
+        x = torch.tensor([ids], device=self.device)
+        self._pick_attention(len(ids))
+        with self._inference(), self._compute():
+            return self._causal_lm()(input_ids=x, use_cache=False).logits[0].float().cpu().numpy()
+
+    def row_scores(self, batch: Batch) -> list[EvalResult]:
+        torch = self.torch
+        head, cap = self._head()
+        with self._inference(), self._compute():
+            hidden, labels = self._hidden(batch)
+            rows = torch.from_numpy(batch.loss_mask[:, 1:]).bool().nonzero()[:, 0].to(self.device)
+            n_rows = batch.input_ids.shape[0]
+            loss = torch.zeros(n_rows, dtype=torch.float64, device=self.device)
+            correct = torch.zeros(n_rows, dtype=torch.int64, device=self.device)
+            for i in range(0, hidden.shape[0], LOSS_CHUNK):
+                logits = self._chunk_logits(hidden[i:i + LOSS_CHUNK], head, cap)
+                y, r = labels[i:i + LOSS_CHUNK], rows[i:i + LOSS_CHUNK]
+                ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+                loss.index_add_(0, r, ce.double())
+                correct.index_add_(0, r, (logits.argmax(-1) == y).long())
+        counts = batch.loss_mask[:, 1:].sum(-1)
+        return [EvalResult(loss_sum=float(loss[i]), n_targets=int(counts[i]), n_correct=int(correct[i]))
+                for i in range(n_rows)]
+
+    def sequence_logprobs(self, batch: Batch) -> list[float]:
+        torch = self.torch
+        ids, attn, mask, _ = self._tensors(batch)
+        self._pick_attention(ids.shape[1])
+        with self._inference(), self._compute():
+            logits = self._causal_lm()(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
+            logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+            return [float(x) for x in (logp * mask).sum(-1)]
+
+    def generate(self, prompt_ids, max_tokens, temperature=0.0, top_p=1.0, on_token=None, stop_ids=None):
+        torch = self.torch
+        from transformers.generation.streamers import BaseStreamer
+
+        stop = self.stop_ids(stop_ids)
+
+        class Stream(BaseStreamer):
+            first = True
+
+            def put(self, value):
+                if self.first:  # generate() first echoes the prompt
+                    self.first = False
+                    return
+                if on_token is not None:
+                    for tok in value.reshape(-1).tolist():
+                        if tok not in stop:
+                            on_token(tok)
+
+            def end(self):
+                pass
+
+        ids = torch.tensor([prompt_ids], device=self.device)
+        kwargs = dict(max_new_tokens=max_tokens, eos_token_id=sorted(stop), pad_token_id=self.tokenizer.pad_token_id,
+                      use_cache=True, streamer=Stream())
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        with self._inference():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        new = out[0, len(prompt_ids):].tolist()
+        while new and new[-1] in stop:
+            new.pop()
+        return new
+
+    def generate_batch(self, prompts, max_tokens, temperature=0.0, top_p=1.0, stop_ids=None):
+        """Prompts side by side, left-padded (generate() derives positions from the mask), in
+        groups of similar length so padding stays small."""
+        torch = self.torch
+        stop = self.stop_ids(stop_ids)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(stop, default=0)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        results: list[list[int]] = [[] for _ in prompts]
+        if max_tokens <= 0:
+            return results
+        kwargs = dict(max_new_tokens=max_tokens, eos_token_id=sorted(stop), pad_token_id=pad, use_cache=True)
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        for start in range(0, len(order), GENERATE_BATCH):
+            group = order[start:start + GENERATE_BATCH]
+            width = max(len(prompts[i]) for i in group)
+            ids = torch.full((len(group), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(group), width), dtype=torch.long)
+            for row, i in enumerate(group):
+                n = len(prompts[i])
+                ids[row, width - n:] = torch.tensor(prompts[i], dtype=torch.long)
+                mask[row, width - n:] = 1
+            with self._inference():
+                out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+            for row, i in enumerate(group):
+                new = out[row, width:].tolist()
+                cut = next((k for k, tok in enumerate(new) if tok in stop), len(new))
+                results[i] = new[:cut]
+        return results
+
+    def use_adapter(self, adapter):
+        import hashlib
+
+        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if adapter is None:
+            if isinstance(self.model, PeftModel):
+                self.model.base_model.disable_adapter_layers()
+            return
+        name = "a" + hashlib.sha1(str(Path(adapter).resolve()).encode()).hexdigest()[:12]
+        if not isinstance(self.model, PeftModel):
+            self.model = PeftModel.from_pretrained(self.model, str(adapter), adapter_name=name)
+        elif name not in self.model.peft_config:
+            self.model.load_adapter(str(adapter), adapter_name=name)
+        self.model.base_model.enable_adapter_layers()
+        self.model.set_adapter(name)
+        self.model.eval()
+        self._tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
