@@ -100,8 +100,11 @@ def main() -> None:
     middle = max(0, len(by_length) // 2 - args.batch_size // 2)
     samples = by_length[middle:middle + args.batch_size]  # a length-grouped batch of median length
     batch = collate(samples, backend.tokenizer.pad_token_id)
-    for _ in range(args.warmup):
+    warmup = []
+    for _ in range(args.warmup):  # the first step compiles under --compile
+        t = time.perf_counter()
         backend.train_step([batch], 1e-4)
+        warmup.append(time.perf_counter() - t)
     vocab = backend._causal_lm().config.vocab_size
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         t = time.perf_counter()
@@ -124,6 +127,7 @@ def main() -> None:
           f"compile={args.compile}, fused LoRA={not args.no_fuse}")
     print(f"step wall {wall:.3f} s (profiler on; load average {load[0]:.1f}: absolute times are not comparable "
           f"across minutes, shares are)")
+    print(f"warm-up steps (unprofiled) {', '.join(f'{w:.2f}' for w in warmup)} s")
     print("| part | s | share |\n|---|---:|---:|")
     for cat in ("frozen matmul", "lora matmul", "attention", "lm head + loss", "elementwise", "optimizer", "overhead"):
         print(f"| {cat} | {split.get(cat, 0.0):.3f} | {split.get(cat, 0.0) / total:.0%} |")
