@@ -1,5 +1,5 @@
 """The PyTorch step's fast paths (mlxft/backends/torch_fast.py) on a tiny model: the fused LoRA
-forward and the compiled decoder give the plain step's loss and LoRA gradients, and a change of
+forward and the compiled blocks give the plain step's loss and LoRA gradients, and a change of
 batch shape does not compile again."""
 
 import json
@@ -105,13 +105,13 @@ def test_fused_forward_falls_back_where_it_is_not_the_same_computation(tiny_mode
 
 
 def test_compiled_step_equals_plain_step_and_does_not_recompile_per_shape(tiny_model_dir, data_file):
-    """One compilation serves every batch shape (dynamic shapes), and gives the plain step's loss
-    and LoRA gradients; a training step runs through it without compiling again."""
+    """One compilation serves every block and batch shape (dynamic shapes), and gives the plain
+    step's loss and LoRA gradients; a training step runs through it without compiling again."""
     from torch._dynamo.utils import counters
 
     plain = backend_for(tiny_model_dir, data_file)
     fast = backend_for(tiny_model_dir, data_file, **{"train.compile": "true"})
-    assert fast._decoder is not None
+    assert fast._compiled_blocks == 2
     torch._dynamo.reset()
     counters.clear()
     first, second = batches(plain, data_file, sizes=(4, 3))
@@ -132,3 +132,18 @@ def padded(batch, length):
     return type(batch)(*(None if a is None else np.pad(a, ((0, 0), (0, extra)))
                          for a in (batch.input_ids, batch.attention_mask, batch.loss_mask,
                                    batch.position_ids, batch.segment_ids)))
+
+
+def test_no_gradient_flows_below_the_lowest_adapted_block(tiny_model_dir, data_file):
+    """With LoRA on the last block only, nothing below it is part of the backward graph."""
+    b = backend_for(tiny_model_dir, data_file, **{"lora.layers": 1})
+    blocks = b._causal_lm().model.layers
+    seen = {}
+    hooks = [blk.register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(
+        i, (out[0] if isinstance(out, tuple) else out).requires_grad)) for i, blk in enumerate(blocks)]
+    try:
+        loss_and_grads(b, batches(b, data_file)[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == {0: False, 1: True}

@@ -1,4 +1,4 @@
-"""The PyTorch training step's fast paths: fused LoRA projections and the compiled decoder.
+"""The PyTorch training step's fast paths: fused LoRA projections and compiled transformer blocks.
 
 Fused LoRA (always on where it applies). PEFT's LoRA Linear computes
 `result = base(x); result = result + lora_B(lora_A(dropout(x))) * scaling`: besides the three
@@ -13,10 +13,11 @@ ordered `(x @ A.T) @ B.T` (2*T*r*(in+out) FLOPs, never the dense `A.T @ B.T`, wh
 (not DoRA or another variant), dropout 0 (PEFT's dropout is then an identity), not merged, no
 extra forward arguments. Every other case runs PEFT's own forward.
 
-Compiled decoder (`train.compile`, off by default; docs/benchmarks.md has the measurement that
-decided it). `torch.compile` of the transformer blocks' forward (and, through AOTAutograd, their
-backward) with dynamic shapes from the first compilation: one graph serves every batch size and
-length, so a run compiles once (tests/test_torch_fast.py counts the graphs). Padding lengths
+Compiled blocks (`train.compile`, off by default; docs/benchmarks.md has the measurement that
+decided it). `torch.compile` of each transformer block's forward (and, through AOTAutograd, its
+backward) with dynamic shapes from the first compilation: one graph serves every block, batch
+size and length, so a run compiles once (tests/test_torch_fast.py counts the graphs). The
+mask, rotary tables and loss stay eager. Padding lengths
 into buckets would also bound the graphs, but costs the padded positions' compute at every step
 and, with a compilation costing minutes on a small CPU, several buckets cost more than one
 dynamic graph. Dynamo still specialises a dimension of size 1, so a batch of one sample adds one
@@ -75,8 +76,11 @@ def install_fused_lora(tuner_layers) -> int:
     return n
 
 
-def compiled(module):
-    """`module`'s forward compiled by torch.compile (inductor) with dynamic batch and length."""
-    import torch
-
-    return torch.compile(module, dynamic=True)
+def compile_blocks(blocks) -> int:
+    """Compile each transformer block in place (`nn.Module.compile`, inductor, dynamic shapes).
+    Dynamo treats a module's parameters as inputs (inline_inbuilt_nn_modules, on by default since
+    torch 2.5), so blocks of one shape share one compiled graph: compiling costs one block, not
+    all of them (as torchtune compiles per layer). Returns the number of blocks."""
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
