@@ -149,7 +149,8 @@ def main() -> None:
             cmd = cmd + ["--out", str(out)]
         wall, rss, done = timed(cmd, env)
         out_text = done.stdout.strip()
-        summary = json.loads(out_text if out_text.startswith("{") else out_text.splitlines()[-1])
+        # The last JSON line (Trainer also prints a Python dict of its own metrics to stdout).
+        summary = json.loads([line for line in out_text.splitlines() if line.startswith('{"')][-1])
         ret = (summary.get("retention") or {}).get("score") if isinstance(summary.get("retention"), dict) else None
         results[key] = {"label": label, "wall_s": round(wall, 1), "peak_rss_mib": round(rss / 2 ** 20),
                         "tokens": summary.get("tokens"), "steps": summary.get("steps"), "retention": ret,
