@@ -57,6 +57,15 @@ def timed(cmd: list[str], env: dict) -> tuple[float, int, subprocess.CompletedPr
     return wall, rss, done
 
 
+def child_summary(out_text: str) -> dict:
+    """A child's JSON summary: its whole stdout (mlxft's --json), else its last JSON line (Trainer
+    prints a Python dict of its own metrics before it)."""
+    try:
+        return json.loads(out_text)
+    except ValueError:
+        return json.loads([line for line in out_text.splitlines() if line.startswith('{"')][-1])
+
+
 def trainer_child(args) -> None:
     """One Trainer + PEFT run; prints its trained-token count as JSON."""
     import torch
@@ -149,8 +158,7 @@ def main() -> None:
             cmd = cmd + ["--out", str(out)]
         wall, rss, done = timed(cmd, env)
         out_text = done.stdout.strip()
-        # The last JSON line (Trainer also prints a Python dict of its own metrics to stdout).
-        summary = json.loads([line for line in out_text.splitlines() if line.startswith('{"')][-1])
+        summary = child_summary(out_text)
         ret = (summary.get("retention") or {}).get("score") if isinstance(summary.get("retention"), dict) else None
         results[key] = {"label": label, "wall_s": round(wall, 1), "peak_rss_mib": round(rss / 2 ** 20),
                         "tokens": summary.get("tokens"), "steps": summary.get("steps"), "retention": ret,
