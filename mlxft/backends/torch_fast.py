@@ -17,11 +17,10 @@ Compiled blocks (`train.compile`, off by default; docs/benchmarks.md has the mea
 decided it). `torch.compile` of each transformer block's forward (and, through AOTAutograd, its
 backward) with dynamic shapes from the first compilation: one graph serves every block, batch
 size and length, so a run compiles once (tests/test_torch_fast.py counts the graphs). The
-mask, rotary tables and loss stay eager. Padding lengths
-into buckets would also bound the graphs, but costs the padded positions' compute at every step
-and, with a compilation costing minutes on a small CPU, several buckets cost more than one
-dynamic graph. Dynamo still specialises a dimension of size 1, so a batch of one sample adds one
-graph.
+mask, rotary tables and loss stay eager. Padding lengths into buckets would also bound the
+graphs, but costs the padded positions' compute at every step and, with a compilation costing
+minutes on a small CPU, several buckets cost more than one dynamic graph. Dynamo still
+specialises a dimension of size 1, so a batch of one sample adds one graph.
 """
 
 from __future__ import annotations
