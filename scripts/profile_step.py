@@ -105,6 +105,13 @@ def main() -> None:
         t = time.perf_counter()
         backend.train_step([batch], 1e-4)
         warmup.append(time.perf_counter() - t)
+    from mlxft.devicebench import _torch_gflops
+
+    ceiling = _torch_gflops(backend.dtype_name())  # measured now, at this thread count and load
+    t = time.perf_counter()
+    backend.train_step([batch], 1e-4)
+    plain_step = time.perf_counter() - t
+    per_token = backend.flops_per_token()
     vocab = backend._causal_lm().config.vocab_size
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         t = time.perf_counter()
@@ -128,6 +135,9 @@ def main() -> None:
     print(f"step wall {wall:.3f} s (profiler on; load average {load[0]:.1f}: absolute times are not comparable "
           f"across minutes, shares are)")
     print(f"warm-up steps (unprofiled) {', '.join(f'{w:.2f}' for w in warmup)} s")
+    print(f"MFU of one unprofiled step: {batch.n_tokens / plain_step:.1f} tokens/s x {per_token:.3g} FLOPs/token / "
+          f"ceiling {ceiling:.1f} GFLOPS ({backend.dtype_name()} matmul, measured just before) = "
+          f"{batch.n_tokens / plain_step * per_token / ceiling / 1e9:.0%}")
     print("| part | s | share |\n|---|---:|---:|")
     for cat in ("frozen matmul", "lora matmul", "attention", "lm head + loss", "elementwise", "optimizer", "overhead"):
         print(f"| {cat} | {split.get(cat, 0.0):.3f} | {split.get(cat, 0.0) / total:.0%} |")
