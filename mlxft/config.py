@@ -50,6 +50,7 @@ class TrainConfig:
     grad_checkpoint: bool = False
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     packing: bool = False
+    compile: bool = False  # PyTorch: torch.compile the transformer blocks (docs/benchmarks.md: measured, off by default)
     eval_every: int | None = None  # None: about twice per epoch
     log_every: int = 1
     save_every: int = 50

@@ -6,8 +6,9 @@ MFU (model FLOPs utilisation) = tokens/s x FLOPs per token / the device's measur
 in). FLOPs per token is a documented approximation, computed by the backend
 (`Backend.model_flops`, `TorchBackend.flops_per_token`): 2 x the weights of the transformer blocks' linear layers for
 the forward pass, plus 2 x those of the blocks from the earliest adapted one up for the activation
-gradients of the backward pass (frozen weights need no weight gradients). Left out: the output
-head (mlxft applies it only at target positions), attention scores, LoRA's own small matmuls,
+gradients of the backward pass (frozen weights need no weight gradients), plus 6 x the LoRA weights
+(forward, activation gradient, weight gradient). Left out: the output head (mlxft applies it
+only at target positions), attention scores,
 recomputation under gradient checkpointing (model FLOPs, not hardware FLOPs), and padding (tokens/s
 counts real tokens only). A backend that gives no FLOPs figure simply shows no MFU.
 """

@@ -57,6 +57,15 @@ def timed(cmd: list[str], env: dict) -> tuple[float, int, subprocess.CompletedPr
     return wall, rss, done
 
 
+def child_summary(out_text: str) -> dict:
+    """A child's JSON summary: its whole stdout (mlxft's --json), else its last JSON line (Trainer
+    prints a Python dict of its own metrics before it)."""
+    try:
+        return json.loads(out_text)
+    except ValueError:
+        return json.loads([line for line in out_text.splitlines() if line.startswith('{"')][-1])
+
+
 def trainer_child(args) -> None:
     """One Trainer + PEFT run; prints its trained-token count as JSON."""
     import torch
@@ -149,22 +158,26 @@ def main() -> None:
             cmd = cmd + ["--out", str(out)]
         wall, rss, done = timed(cmd, env)
         out_text = done.stdout.strip()
-        summary = json.loads(out_text if out_text.startswith("{") else out_text.splitlines()[-1])
+        summary = child_summary(out_text)
         ret = (summary.get("retention") or {}).get("score") if isinstance(summary.get("retention"), dict) else None
         results[key] = {"label": label, "wall_s": round(wall, 1), "peak_rss_mib": round(rss / 2 ** 20),
                         "tokens": summary.get("tokens"), "steps": summary.get("steps"), "retention": ret,
                         "timings": summary.get("timings")}
-        print(f"  {label}: {wall:.1f} s, peak RSS {rss / 2 ** 20:.0f} MiB, tokens {summary.get('tokens')}"
+        results[key]["load_after"] = round(os.getloadavg()[0], 2)
+        print(f"  {label}: {wall:.1f} s, peak RSS {rss / 2 ** 20:.0f} MiB, tokens {summary.get('tokens')}, "
+              f"load average after {os.getloadavg()[0]:.2f}"
               + (f", retention {ret:.3f}" if ret is not None else ""), flush=True)
-    print("\n| contender | wall s | peak RSS MiB | tokens trained | retention |\n|---|---|---|---|---|")
+    print("\n| contender | wall s | peak RSS MiB | tokens trained | tokens/s (whole process) | retention |"
+          "\n|---|---|---|---|---|---|")
     for r in results.values():
         ret = f"{r['retention']:.3f}" if r["retention"] is not None else "-"
-        print(f"| {r['label']} | {r['wall_s']} | {r['peak_rss_mib']} | {r['tokens']} | {ret} |")
+        tok_s = f"{r['tokens'] / r['wall_s']:.1f}" if r["tokens"] else "-"
+        print(f"| {r['label']} | {r['wall_s']} | {r['peak_rss_mib']} | {r['tokens']} | {tok_s} | {ret} |")
     peers = [results[k] for k in ("trainer-f32", "trainer-bf16") if k in results]
     if peers:
         best = min(peers, key=lambda r: r["wall_s"])
         print(f"\npeer at its best: {best['label']}")
-        for key in ("default", "warm"):
+        for key in ("default", "warm", "plain"):
             if key in results:
                 r = results[key]
                 print(f"{r['label']}: {best['wall_s'] / r['wall_s']:.2f}x faster, "

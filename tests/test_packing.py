@@ -122,8 +122,12 @@ def test_mfu_estimate(setup):
     h, i, n = lm.config.hidden_size, lm.config.intermediate_size, lm.config.num_hidden_layers
     kv = lm.config.num_key_value_heads * (h // lm.config.num_attention_heads)
     per_block = 2 * h * h + 2 * h * kv + 3 * h * i
-    assert backend.flops_per_token() == 4 * n * per_block  # all blocks adapted: forward 2N + backward 2N
+    r = backend.cfg.lora.rank  # LoRA on q, k, v, o, gate, up, down: r x (in + out) weights each
+    lora_per_block = r * ((h + h) + (h + kv) * 2 + (h + h) + (h + i) * 2 + (i + h))
+    # all blocks adapted: forward 2N + backward to activations 2N, and 6 x the LoRA weights
+    expected = 4 * n * per_block + 6 * n * lora_per_block
+    assert backend.flops_per_token() == expected
     per_token, device_flops = backend.model_flops()  # what the trainer hands the progress display
-    assert per_token == 4 * n * per_block and device_flops > 0
+    assert per_token == expected and device_flops > 0
     assert progress.mfu(100.0, 4e8, 1e11) == pytest.approx(0.4)
     assert progress.mfu(100.0, None, 1e11) is None

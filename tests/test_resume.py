@@ -65,12 +65,13 @@ def wait_for_steps(run: Path, n: int, proc, timeout=300):
     raise AssertionError("timed out waiting for training steps")
 
 
-def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, data_file, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("lora.dropout=0",)], ids=["dropout", "fused-lora"])
+def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, data_file, tmp_path, extra):
     full = tmp_path / "full"
-    subprocess.run(train_cmd(tiny_model_dir, data_file, full), check=True, env=env(), capture_output=True)
+    subprocess.run(train_cmd(tiny_model_dir, data_file, full, extra=extra), check=True, env=env(), capture_output=True)
     kill_at = random.Random().randint(2, 11)
     broken = tmp_path / "broken"
-    proc = subprocess.Popen(train_cmd(tiny_model_dir, data_file, broken), env=env(),
+    proc = subprocess.Popen(train_cmd(tiny_model_dir, data_file, broken, extra=extra), env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_steps(broken, kill_at, proc)
     proc.send_signal(signal.SIGKILL)

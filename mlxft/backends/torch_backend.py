@@ -30,6 +30,7 @@ from mlxft.backends.common import (adapted_layer_count, max_grad_norm, resolve_l
                                    split_like)
 from mlxft.backends.torch_device import (EAGER_ATTENTION_MAX_LEN, LOSS_CHUNK, TorchDeviceInfo, pick_device,
                                          pick_dtype, torch_loadable)
+from mlxft.backends.torch_fast import compile_blocks, install_fused_lora
 from mlxft.backends.torch_inference import TorchInference
 from mlxft.config import Config
 from mlxft.data import Batch
@@ -54,6 +55,7 @@ class TorchBackend(TorchInference, TorchDeviceInfo, Backend):
         self.optimizer = None
         self._attn_default = None
         self._tuner_layers = []
+        self._compiled_blocks = 0  # under train.compile
 
     # ------------------------------------------------------------------ loading
 
@@ -102,11 +104,15 @@ class TorchBackend(TorchInference, TorchDeviceInfo, Backend):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self._tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        if train:
+            install_fused_lora(self._tuner_layers)
 
     def _prepare_training(self) -> None:
         if self.cfg.train.grad_checkpoint:
             self.model.base_model.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.cfg.train.compile:
+            self._compiled_blocks = compile_blocks(self._causal_lm().model.layers)
         self.optimizer = self.torch.optim.AdamW(self._trainable(), lr=self.cfg.train.learning_rate or 0.0,
                                                 betas=(0.9, 0.999), eps=1e-8, weight_decay=self.cfg.train.weight_decay)
 

@@ -81,22 +81,27 @@ class TorchDeviceInfo:
         return per_token, gflops * 1e9 if gflops else None
 
     def flops_per_token(self) -> float | None:
-        """Model FLOPs per trained token (see mlxft.progress): 2 x the blocks' linear weights
-        forward, plus 2 x those from the earliest adapted block up for activation gradients."""
+        """Model FLOPs per trained token (see mlxft.progress): 2 x the blocks' frozen linear weights
+        forward, plus 2 x those from the earliest adapted block up for activation gradients, plus
+        6 x the LoRA weights (forward, activation gradient and weight gradient)."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         blocks = getattr(getattr(self._causal_lm(), "model", None), "layers", None)
         if blocks is None:
             return None
-        per_block, first = [], None
+        per_block, first, lora = [], None, 0
         for i, block in enumerate(blocks):
             n = 0
             for name, m in block.named_modules():
-                if isinstance(m, self.torch.nn.Linear) and not isinstance(m, BaseTunerLayer) and "lora_" not in name:
+                if not isinstance(m, self.torch.nn.Linear) or isinstance(m, BaseTunerLayer):
+                    pass
+                elif "lora_" in name:
+                    lora += m.in_features * m.out_features
+                else:
                     n += m.in_features * m.out_features
                 if first is None and isinstance(m, BaseTunerLayer):
                     first = i
             per_block.append(n)
         if first is None:
             return None
-        return 2.0 * sum(per_block) + 2.0 * sum(per_block[first:])
+        return 2.0 * sum(per_block) + 2.0 * sum(per_block[first:]) + 6.0 * lora

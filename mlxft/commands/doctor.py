@@ -96,3 +96,6 @@ def doctor(as_json, bench, check_spec):
     out(f"launch   {launchers} (data-parallel training; README 'More than one machine')")
     for row in info.get("bench", []):
         out(f"bench    {row['backend']:<6} {row['dtype']:<9} {row['gflops']:.1f} GFLOPS ({row['shape']})")
+    if info.get("bench"):
+        out("bench    the MFU ceiling: training's mfu = tokens/s x FLOPs per token / the figure for its dtype "
+            "(docs/benchmarks.md)")

@@ -1,0 +1,149 @@
+"""The PyTorch step's fast paths (mlxft/backends/torch_fast.py) on a tiny model: the fused LoRA
+forward and the compiled blocks give the plain step's loss and LoRA gradients, and a change of
+batch shape does not compile again."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mlxft.config import build_config
+from tests.helpers.data import ROWS
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+# Float32 tolerances. Both paths compute the same sums in a different order (addmm's fused
+# scale-and-add; inductor's fused kernels and reduction order), so each product and reduction may
+# differ by a few units of float32 rounding, eps = 1.2e-7 relative. Through 2 blocks (~10 ops
+# deep, each at most doubling a relative error in the worst case of a cancelling sum: ~1e3 eps)
+# that stays below 1e-4 relative; the loss (mean of ~100 cross-entropies of about ln(49152) = 11)
+# and the gradient vector (compared by norm of the difference over norm) are held to that.
+RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, default_model_dir):
+    from tests.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "m", default_model_dir, initializer_range=0.2)
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    p = tmp_path / "train.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return p
+
+
+def backend_for(model_dir, data_file, **sets):
+    from mlxft.backends.torch_backend import TorchBackend
+
+    base = ["train.batch_size=4", "train.dtype=float32", "lora.rank=8", "lora.alpha=16", "lora.dropout=0",
+            "retention.enabled=false"] + [f"{k}={v}" for k, v in sets.items()]
+    cfg = build_config(None, base, {"model": str(model_dir), "data": {"train": str(data_file)}})
+    b = TorchBackend(cfg)
+    b.load(model_dir)
+    # PEFT starts lora_B at zero, which leaves lora_A's gradient zero; give B values (same seed,
+    # so the same values in every backend built here) so both gradients are compared.
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in b.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return b
+
+
+def loss_and_grads(backend, batch):
+    """The step's loss (sum over targets / targets) and the LoRA gradients, without an update."""
+    backend.optimizer.zero_grad(set_to_none=True)
+    with backend._compute():
+        hidden, labels = backend._hidden(batch)
+        loss = backend._loss_sum(hidden, labels, need_grad=True) / batch.n_targets
+        loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in backend._trainable()])
+    return float(loss.detach()), grads
+
+
+def batches(backend, data_file, sizes=(4,)):
+    from mlxft.data import collate, load_dataset
+
+    ds = load_dataset(data_file, backend.tokenizer, 128)
+    out, i = [], 0
+    for n in sizes:
+        out.append(collate(ds.samples[i:i + n], backend.tokenizer.pad_token_id))
+        i += n
+    return out
+
+
+def assert_close(got, want):
+    (loss_a, grads_a), (loss_b, grads_b) = got, want
+    assert loss_a == pytest.approx(loss_b, rel=RTOL)
+    assert float(grads_b.norm()) > 0
+    assert float((grads_a - grads_b).norm() / grads_b.norm()) < RTOL
+
+
+def test_fused_lora_step_equals_peft_forward(tiny_model_dir, data_file):
+    b = backend_for(tiny_model_dir, data_file)
+    fused = [m for m in b._tuner_layers if "forward" in vars(m)]
+    assert len(fused) == len(b._tuner_layers) > 0
+    batch = batches(b, data_file)[0]
+    got = loss_and_grads(b, batch)
+    for m in fused:
+        del m.forward  # back to PEFT's own LoRA forward
+    want = loss_and_grads(b, batch)
+    assert_close(got, want)
+
+
+def test_fused_forward_falls_back_where_it_is_not_the_same_computation(tiny_model_dir, data_file):
+    from mlxft.backends.torch_fast import fusable
+
+    dropout = backend_for(tiny_model_dir, data_file, **{"lora.dropout": 0.1})
+    assert not any(fusable(m) for m in dropout._tuner_layers)
+    dora = backend_for(tiny_model_dir, data_file, **{"lora.type": "dora"})
+    assert not any(fusable(m) for m in dora._tuner_layers)
+
+
+def test_compiled_step_equals_plain_step_and_does_not_recompile_per_shape(tiny_model_dir, data_file):
+    """One compilation serves every block and batch shape (dynamic shapes), and gives the plain
+    step's loss and LoRA gradients; a training step runs through it without compiling again."""
+    from torch._dynamo.utils import counters
+
+    plain = backend_for(tiny_model_dir, data_file)
+    fast = backend_for(tiny_model_dir, data_file, **{"train.compile": "true"})
+    assert fast._compiled_blocks == 2
+    torch._dynamo.reset()
+    counters.clear()
+    first, second = batches(plain, data_file, sizes=(4, 3))
+    assert_close(loss_and_grads(fast, first), loss_and_grads(plain, first))
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0
+    shapes = {first.input_ids.shape}
+    for batch in (second, padded(first, 96), padded(second, 128)):  # new batch sizes and lengths
+        assert_close(loss_and_grads(fast, batch), loss_and_grads(plain, batch))
+        shapes.add(batch.input_ids.shape)
+    fast.train_step([padded(second, 160)], lr=1e-3)
+    assert len(shapes) == 4 and counters["stats"]["unique_graphs"] == graphs, (graphs, counters["stats"])
+
+
+def padded(batch, length):
+    """`batch` with padding columns up to `length` (not attended to, not scored)."""
+    extra = length - batch.input_ids.shape[1]
+    return type(batch)(*(None if a is None else np.pad(a, ((0, 0), (0, extra)))
+                         for a in (batch.input_ids, batch.attention_mask, batch.loss_mask,
+                                   batch.position_ids, batch.segment_ids)))
+
+
+def test_no_gradient_flows_below_the_lowest_adapted_block(tiny_model_dir, data_file):
+    """With LoRA on the last block only, nothing below it is part of the backward graph."""
+    b = backend_for(tiny_model_dir, data_file, **{"lora.layers": 1})
+    blocks = b._causal_lm().model.layers
+    seen = {}
+    hooks = [blk.register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(
+        i, (out[0] if isinstance(out, tuple) else out).requires_grad)) for i, blk in enumerate(blocks)]
+    try:
+        loss_and_grads(b, batches(b, data_file)[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == {0: False, 1: True}
