@@ -63,6 +63,7 @@ def test_adapter_loads_in_peft_with_identical_logits(tiny_model_dir, data_file, 
     from transformers import AutoModelForCausalLM
 
     from mlxft.inference import load_for_inference
+    from tests.helpers.logit_stats import f32_bound
 
     train_run(tiny_cfg(tiny_model_dir, data_file, steps=5), tmp_path / "run")
     engine, resolved = load_for_inference(str(tmp_path / "run"), backend="torch")
@@ -73,10 +74,15 @@ def test_adapter_loads_in_peft_with_identical_logits(tiny_model_dir, data_file, 
     plain = base(input_ids=ids).logits
     peft_model = PeftModel.from_pretrained(base, str(resolved.adapter)).eval()
     theirs = peft_model(input_ids=ids).logits
+    exact = peft_model.double()(input_ids=ids).logits
     # Inference folds the adapter into the f32 weights (W + scale * B @ A once, instead of the side
-    # path per call): equal to PEFT's unmerged forward up to float32 rounding of the sum.
-    assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(plain, theirs, atol=1e-4)  # the adapter really changes the model
+    # path per call): equal to PEFT's unmerged forward up to float32 rounding, whose size depends
+    # on the CPU's summation order and thread count. So the bound is PEFT's own float32 distance
+    # from a float64 evaluation, measured here, widened as f32_bound derives (tests/helpers).
+    bound = f32_bound(theirs.detach().numpy(), exact.detach().numpy(), base.config.intermediate_size)
+    assert (ours.double() - exact).abs().max().item() <= bound
+    # the adapter really changes the model, by far more than the rounding bound
+    assert (plain.double() - exact).abs().max().item() > 100 * bound
 
 
 def test_same_seed_same_curve(tiny_model_dir, data_file, tmp_path):
