@@ -203,15 +203,14 @@ def test_api_key_and_disconnect_stops_generation(runs):
     from mlxft.serve.engine import Engine
 
     engine = Engine([str(runs[0])], backend="mlx")
-    original = engine.backend.generate
+    decoder = engine.scheduler.decoder
+    original = decoder.step
 
-    def slow_generate(prompt_ids, max_tokens, on_token=None, **kw):
-        def paced(tok):
-            time.sleep(0.02)
-            on_token(tok)
-        return original(prompt_ids, max_tokens, on_token=paced, **kw)
+    def slow_step():
+        time.sleep(0.02)
+        return original()
 
-    engine.backend.generate = slow_generate
+    decoder.step = slow_step
     with _InProcess(engine, api_key="sesame") as url:
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()

@@ -37,6 +37,7 @@ SEQ_BUCKET = 8        # sequence length rounded up to this (pad tokens are never
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 STATE_FILE = "mlx_optimizer.safetensors"
+GENERATE_BATCH = 16   # rows decoded side by side in generate_batch (mlx-lm BatchGenerator)
 
 
 def unsupported_reason(config: dict, remap: dict[str, str]) -> str | None:
@@ -543,11 +544,32 @@ class MLXBackend(Backend):
                         on_token(tok)
         return out
 
+    def decoder(self, max_batch: int = GENERATE_BATCH, prompt_cache_bytes: int = 0, cache_key: str = ""):
+        """A continuous-batching decoder on this model: mlx-lm's BatchGenerator (mlxft.decode.mlx_decoder)."""
+        from mlxft.decode.mlx_decoder import MLXDecoder
+
+        return MLXDecoder(self.model, max_batch, prompt_cache_bytes, cache_key)
+
+    def generate_batch(self, prompts, max_tokens, temperature=0.0, top_p=1.0, stop_ids=None):
+        from mlxft.decode.base import generate_many
+
+        stop = self.generation_stop_ids(stop_ids)
+        decoder = self.decoder()
+        try:
+            with eval_mode(self.model):
+                return generate_many(decoder, prompts, max_tokens, temperature, top_p, stop, max_batch=GENERATE_BATCH)
+        finally:
+            decoder.close()
+
     def use_adapter(self, adapter):
         from mlxft.backends.mlx_adapters import switch_adapter
 
         switch_adapter(self.model, adapter, self.__dict__.setdefault("_adapter_layers", {}))
         self._fns = {}
+
+    def generation_stop_ids(self, extra=None) -> set[int]:
+        """`extra` plus the chat format's end-of-turn ids and every EOS id the model names."""
+        return set(extra or ()) | self.chat_stop_ids() | self._eos_ids()
 
     def _eos_ids(self) -> set[int]:
         try:

@@ -45,8 +45,18 @@ def _check_port_free(host: str, port: int) -> None:
 @click.option("--backend", "-b", type=click.Choice(["auto", "torch", "mlx"]), default="auto", show_default=True)
 @click.option("--adapter", type=click.Choice(["best", "last"]), default="best", show_default=True,
               help="Which adapter of each run to serve.")
+@click.option("--max-batch", type=click.IntRange(1, 256), default=None,
+              help="Requests decoded side by side (default: what fits in half the free memory at full "
+                   "context, at most 16). Requests beyond it wait in order of arrival.")
+@click.option("--max-queue", type=click.IntRange(0, 100000), default=64, show_default=True,
+              help="Requests allowed to wait; beyond it the server answers 429 with Retry-After.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
+              help="Seconds a request may take, waiting included, before it is ended (504).")
+@click.option("--prompt-cache-mb", type=click.IntRange(0, 1 << 20), default=512, show_default=True,
+              help="Memory for KV caches of earlier prompts, reused for a shared prefix (0: off).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow Python code shipped inside the model repo to run.")
-def serve(models, host, port, api_key, backend, adapter, trust_remote_code):
+def serve(models, host, port, api_key, backend, adapter, max_batch, max_queue, timeout, prompt_cache_mb,
+          trust_remote_code):
     """Serve MODEL_OR_RUN (default: the built-in SmolLM2-135M-Instruct) over the OpenAI API:
     /v1/models, /v1/chat/completions and /v1/completions, streamed or not.
 
@@ -79,10 +89,11 @@ def serve(models, host, port, api_key, backend, adapter, trust_remote_code):
     from mlxft.serve.engine import Engine
 
     with ui.console.status("Loading model"):
-        engine = Engine(list(models), backend=backend, adapter=adapter, trust_remote_code=trust_remote_code)
+        engine = Engine(list(models), backend=backend, adapter=adapter, trust_remote_code=trust_remote_code,
+                        max_batch=max_batch, max_queue=max_queue, timeout=timeout, prompt_cache_mb=prompt_cache_mb)
     shown = f"[{host}]" if ":" in host else host
     ui.info(f"[bold]mlxft serve[/bold] {engine.base.path.name} on {engine.backend.name} "
-            f"(context {engine.context}): models {', '.join(engine.models)}")
+            f"(context {engine.context}, batch up to {engine.max_batch}): models {', '.join(engine.models)}")
     ui.info(f"OpenAI base URL: http://{shown}:{port}/v1" + ("  (API key required)" if api_key else "")
             + "  Ctrl-C stops.")
     uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)

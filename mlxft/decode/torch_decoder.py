@@ -67,6 +67,14 @@ class TorchDecoder:
         if len(keep) < len(self.rows):
             self._keep(keep)
 
+    def retarget(self, model, cache_key: str) -> None:
+        """Decode with `model` (the same base with another adapter switched in) from now on;
+        called between batches, when no row is running."""
+        self.model, self.cache_key = model, cache_key
+
+    def close(self) -> None:
+        pass
+
     def kv_bytes_per_token(self) -> int:
         config = _causal_lm(self.model).config
         config = getattr(config, "text_config", None) or config
