@@ -5,6 +5,7 @@ and the PyTorch backend."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -67,13 +68,14 @@ def _generate(run, prompt, n, backend="mlx", raw=False):
     return json.loads(result.stdout)["text"]
 
 
-@pytest.fixture(scope="module")
-def server(runs, session_home):
-    """`mlxft serve RUN_A RUN_B` as a real process on a loopback port."""
+@contextlib.contextmanager
+def server_process(run_dirs, *options, backend="mlx"):
+    """`mlxft serve RUN...` as a real process on a loopback port; yields its base URL."""
     port = _free_port()
-    env = dict(os.environ, MLXFT_HOME=str(session_home), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.Popen([sys.executable, "-m", "mlxft", "serve", *map(str, runs), "--port", str(port),
-                             "--backend", "mlx"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "mlxft", "serve", *map(str, run_dirs), "--port", str(port),
+                             "--backend", backend, *options], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     import urllib.request
 
@@ -89,9 +91,19 @@ def server(runs, session_home):
             proc.kill()
             pytest.fail("server did not start: " + proc.stderr.read()[-2000:])
         time.sleep(0.3)
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(runs, session_home):
+    """`mlxft serve RUN_A RUN_B` as a real process on a loopback port."""
+    os.environ["MLXFT_HOME"] = str(session_home)
+    with server_process(runs) as url:
+        yield url
 
 
 @pytest.fixture

@@ -88,7 +88,10 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
         return JSONResponse(model_card(model))
 
     async def health(request: Request):
-        return JSONResponse({"status": "ok", "models": list(engine.models)})
+        scheduler = engine.scheduler
+        return JSONResponse({"status": "ok", "models": list(engine.models),
+                             "batching": {"max_batch": scheduler.max_batch, "max_queue": scheduler.max_queue,
+                                          **scheduler.stats, **scheduler.decoder.stats}})
 
     async def complete(request: Request, chat: bool):
         from mlxft.inference import format_messages, format_prompt

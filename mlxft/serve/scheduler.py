@@ -185,7 +185,7 @@ class Scheduler:
             self._active[ticket.uid] = ticket
             self.decoder.insert(SeqRequest(ticket.uid, ticket.prompt, ticket.max_tokens, ticket.temperature,
                                            ticket.top_p, ticket.seed, ticket.stop_ids))
-        self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self._active))
+            self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self._active))
 
     def _switch(self, adapter) -> None:
         self.backend.use_adapter(adapter)
