@@ -1,4 +1,4 @@
-"""Continuous batching on PyTorch with transformers' DynamicCache.
+"""Continuous batching on PyTorch with a transformers DynamicCache (of in-place GrowingLayers).
 
 Rows are left-padded to a shared cache length T: row i's real tokens fill the last `length_i`
 columns, the 2-D attention mask zeroes the padding, and each row's position id is its own
@@ -20,6 +20,7 @@ import inspect
 from dataclasses import dataclass, field
 
 from mlxft.decode.base import Event, SeqRequest
+from mlxft.decode.kv_layer import growing_cache
 from mlxft.decode.prefix_cache import PrefixCache
 from mlxft.decode.sampling import RowSampler, choose
 
@@ -39,9 +40,8 @@ class _Row:
 class TorchDecoder:
     def __init__(self, model, prefix_cache: PrefixCache | None = None, cache_key: str = ""):
         import torch
-        from transformers import DynamicCache
 
-        self.torch, self.DynamicCache = torch, DynamicCache
+        self.torch = torch
         self.model = model
         self.device = next(model.parameters()).device
         self.prefix_cache = prefix_cache
@@ -105,7 +105,7 @@ class TorchDecoder:
         torch = self.torch
         prompt = request.prompt
         prefix, start = (None, 0) if self.prefix_cache is None else self.prefix_cache.lookup(self.cache_key, prompt)
-        cache = self.DynamicCache() if prefix is None else self.DynamicCache(ddp_cache_data=prefix)
+        cache = growing_cache(prefix)
         ids = torch.tensor([prompt[start:]], device=self.device)
         positions = torch.arange(start, len(prompt), device=self.device)[None]
         logits = self._forward(ids, cache, position_ids=positions)
@@ -162,8 +162,8 @@ class TorchDecoder:
         width = self.mask.shape[1]
         grow, pad = max(0, length - width), max(0, width - length)
         for layer, (k, v) in zip(self.cache.layers, new):
-            layer.keys = torch.cat([_pad_left(layer.keys, grow), _pad_left(k, pad)], dim=0)
-            layer.values = torch.cat([_pad_left(layer.values, grow), _pad_left(v, pad)], dim=0)
+            layer.adopt(torch.cat([_pad_left(layer.keys, grow), _pad_left(k, pad)], dim=0),
+                        torch.cat([_pad_left(layer.values, grow), _pad_left(v, pad)], dim=0))
         row_mask = _pad_left(self.mask.new_ones((1, length)), pad)
         self.mask = torch.cat([_pad_left(self.mask, grow), row_mask], dim=0)
 
@@ -179,8 +179,7 @@ class TorchDecoder:
         cut = int(live[0]) if len(live) else 0
         self.mask = self.mask[:, cut:]
         for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, cut:]
-            layer.values = layer.values[index, :, cut:]
+            layer.adopt(layer.keys[index, :, cut:], layer.values[index, :, cut:])
 
     def _remember(self, i: int) -> None:
         """Offer a finished row's whole conversation to the prompt cache (a chat's next turn
