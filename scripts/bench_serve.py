@@ -130,13 +130,16 @@ class MemorySampler(threading.Thread):
             time.sleep(0.05)
 
 
+PROMPT = "Tell me about {topic}."
+
+
 def one_client(client, model: str, i: int, max_tokens: int, start: threading.Barrier, out: list) -> None:
     start.wait()
     t0 = time.perf_counter()
     first, tokens, pieces = None, None, 0
     try:
         stream = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": f"Tell me about {TOPICS[i % len(TOPICS)]}."}],
+            model=model, messages=[{"role": "user", "content": PROMPT.format(topic=TOPICS[i % len(TOPICS)])}],
             temperature=0, max_tokens=max_tokens, stream=True, stream_options={"include_usage": True})
         for part in stream:
             if part.usage is not None:
@@ -226,6 +229,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=None, help="mlxft serve --max-batch (default: its own)")
     ap.add_argument("--clients", default="1,4,8,16", help="comma-separated client counts (each at most 16)")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--prompt", default=PROMPT, help="each client's message; {topic} becomes a different word each")
     ap.add_argument("--threads", type=int, default=1, help="compute threads of every server")
     ap.add_argument("--budget", type=float, default=900, help="seconds per server before its later rounds are skipped")
     ap.add_argument("--client-timeout", type=float, default=600)
@@ -236,6 +240,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.llamacpp_server:
         return serve_llamacpp(Path(args.llamacpp_server), args.port, args.threads)
+    global PROMPT
+    PROMPT = args.prompt
     args.counts = [int(x) for x in args.clients.split(",")]
     if any(not 1 <= n <= 16 for n in args.counts):
         ap.error("--clients: each count must be from 1 to 16")
@@ -253,6 +259,7 @@ def main() -> None:
         models = [str(make_tiny_model_from_spec(work, args.tiny))]
     if not args.json:
         print(f"bench_serve: {', '.join(models) or 'default'}; greedy, {args.max_tokens} max tokens per reply; "
+              f"prompt {args.prompt!r}; "
               f"{args.threads} compute thread(s) per server; CPU: {cpu_model()} ({os.cpu_count()} cores)")
         print(f"{'server':>9} {'clients':>7} {'tok/s agg':>9} {'ttft p50':>9} {'ttft p95':>9} {'tokens':>6} "
               f"{'RSS MiB':>8} {'errors':>6} {'load avg':>8}", flush=True)

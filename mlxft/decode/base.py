@@ -30,8 +30,9 @@ class Decoder(Protocol):
         """Queue a sequence; it is prefilled and joins the batch at the next step()."""
 
     def step(self) -> list[Event]:
-        """Prefill what was inserted, then one token for every running row. A finished row
-        leaves the batch by itself; its event carries the finish reason."""
+        """Advance: prefill inserted sequences (each event of a prefilled one is its first
+        token) and/or decode one token for every running row. A finished row leaves the batch
+        by itself; its event carries the finish reason."""
 
     def remove(self, uids: list[int]) -> None:
         """Drop rows (cancelled by their caller) and free their cache."""

@@ -53,9 +53,8 @@ class MLXDecoder:
         return len(self._uids)
 
     def kv_bytes_per_token(self) -> int:
-        from mlx_lm.models.cache import make_prompt_cache
-
         import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
 
         cache = make_prompt_cache(self.model)
         probe = self.model(mx.array([[0]]), cache=cache)

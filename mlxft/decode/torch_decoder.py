@@ -17,7 +17,7 @@ from a row run alone; greedy argmax identity is what the tests check on a tiny m
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mlxft.decode.base import Event, SeqRequest
 from mlxft.decode.kv_layer import growing_cache
@@ -34,7 +34,6 @@ class _Row:
     next_token: int
     fed: list[int]                    # tokens whose keys and values are in the cache
     generated: int = 1
-    extra: dict = field(default_factory=dict)
 
 
 class TorchDecoder:
@@ -86,15 +85,15 @@ class TorchDecoder:
     # ------------------------------------------------------------------ one step
 
     def step(self) -> list[Event]:
-        torch = self.torch
-        events: list[Event] = []
-        with torch.inference_mode():
-            for request in self.pending:
-                events.extend(self._prefill(request))
-            self.pending = []
-            if self.rows:
-                events.extend(self._decode())
-        return events
+        """Prefill the oldest waiting sequence, or, when none waits, decode one token for every
+        row. One prefill per step hands each new sequence its first token as soon as its own
+        prompt is done, instead of after every prompt that arrived with it (with 4 requests at
+        once, the last one's wait was the sum of all 4 prefills); running rows pause meanwhile,
+        as under vLLM's prefill-first scheduling."""
+        with self.torch.inference_mode():
+            if self.pending:
+                return self._prefill(self.pending.pop(0))
+            return self._decode() if self.rows else []
 
     def _forward(self, ids, cache, attention_mask=None, position_ids=None):
         out = self.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
