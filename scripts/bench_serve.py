@@ -131,6 +131,7 @@ class MemorySampler(threading.Thread):
 
 
 PROMPT = "Tell me about {topic}."
+PROMPT_HOLDER = [PROMPT]  # --prompt
 
 
 def one_client(client, model: str, i: int, max_tokens: int, start: threading.Barrier, out: list) -> None:
@@ -139,7 +140,7 @@ def one_client(client, model: str, i: int, max_tokens: int, start: threading.Bar
     first, tokens, pieces = None, None, 0
     try:
         stream = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": PROMPT.format(topic=TOPICS[i % len(TOPICS)])}],
+            model=model, messages=[{"role": "user", "content": PROMPT_HOLDER[0].format(topic=TOPICS[i % len(TOPICS)])}],
             temperature=0, max_tokens=max_tokens, stream=True, stream_options={"include_usage": True})
         for part in stream:
             if part.usage is not None:
@@ -240,8 +241,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.llamacpp_server:
         return serve_llamacpp(Path(args.llamacpp_server), args.port, args.threads)
-    global PROMPT
-    PROMPT = args.prompt
+    PROMPT_HOLDER[0] = args.prompt
     args.counts = [int(x) for x in args.clients.split(",")]
     if any(not 1 <= n <= 16 for n in args.counts):
         ap.error("--clients: each count must be from 1 to 16")
