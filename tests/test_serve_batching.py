@@ -206,3 +206,29 @@ def test_generate_prompts_file_equals_one_at_a_time(runs, backend, tmp_path):  #
         alone.append(json.loads(one.stdout)["text"])
     assert len(set(alone)) > 1
     assert batched == alone
+
+
+def test_a_failing_step_fails_its_requests_and_serving_goes_on(runs):  # noqa: F811
+    from mlxft.serve.engine import Engine
+
+    engine = Engine([str(runs[0])], backend="mlx")
+    decoder = engine.scheduler.decoder
+    original, failures = decoder.step, [RuntimeError("injected failure")]
+
+    def step():
+        if failures:
+            raise failures.pop()
+        return original()
+
+    decoder.step = step
+    with _InProcess(engine) as url:
+        client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as err:
+            client.completions.create(model="alpha", prompt="Once upon a time", temperature=0, max_tokens=3)
+        assert "injected failure" in str(err.value)
+        again = client.completions.create(model="alpha", prompt="Once upon a time", temperature=0, max_tokens=3)
+        assert again.usage.completion_tokens == 3
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="alpha", prompt="", max_tokens=3)
+        assert err.value.param == "prompt"
+    engine.close()

@@ -111,6 +111,8 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
         else:
             ids = format_prompt(tokenizer, req.prompt, raw=True)
         limit, n = engine.context, len(ids)
+        if n == 0:
+            raise APIError(400, "the prompt is empty", "messages" if chat else "prompt")
         if n >= limit or (req.max_tokens is not None and n + req.max_tokens > limit):
             asked = f" plus {req.max_tokens} completion tokens" if req.max_tokens is not None else ""
             raise APIError(400, f"This model's maximum context length is {limit} tokens; the request has {n} "

@@ -122,19 +122,29 @@ class Scheduler:
                 if self._closed:
                     break
                 self._drop_waiting()
-            self._drop_running()
-            self._admit()
-            if not len(self.decoder):
-                # nothing admitted (memory short, or all left): wait for a row or a request
-                with self._wake:
-                    if not self._closed and not self._active:
-                        self._wake.wait(0.05)
-                continue
-            self._step()
+            try:
+                self._drop_running()
+                self._admit()
+                if not len(self.decoder):
+                    # nothing admitted (memory short, or all left): wait for a row or a request
+                    with self._wake:
+                        if not self._closed and not self._active:
+                            self._wake.wait(0.05)
+                    continue
+                self._step()
+            except Exception as exc:  # the model failed: fail the running requests, keep serving
+                self._fail_running(exc)
         self.decoder.remove(list(self._active))
         for ticket in [*self._active.values(), *self._queue]:
             self._finish(ticket, "cancelled")
         self.decoder.close()
+
+    def _fail_running(self, exc: Exception) -> None:
+        self.decoder.remove(list(self._active))
+        for ticket in self._active.values():
+            if not ticket.future.done():
+                ticket.future.set_exception(exc)
+        self._active.clear()
 
     def _drop_waiting(self) -> None:
         now, kept = time.monotonic(), deque()
