@@ -63,7 +63,8 @@ def serve(models, host, port, api_key, backend, adapter, max_batch, max_queue, t
     Several runs of the same base model (or mlx-lm adapter folders) can be served at once: each
     is a model named after its folder, and the base is loaded once. Chat requests use the
     model's chat template and the run's system prompt, as `mlxft chat` and `generate` do.
-    Requests are answered one at a time, in order of arrival.
+    Requests are batched as they come (continuous batching): each joins the running batch at
+    the next token and leaves it when done; runs with different adapters take turns.
 
     \b
     Examples:
