@@ -4,9 +4,9 @@ it at token boundaries and leave it when they finish, stop, time out or lose the
 Like llama.cpp's server slots and vLLM's scheduler: a bounded FIFO queue in front (full: the
 caller answers 429 with Retry-After), at most `max_batch` rows decoding, a waiting request
 admitted when a row frees and the memory its KV cache may grow to is available. Rows of one
-batch share the weights, so runs with different adapters are batched per adapter: when the
-request at the head of the queue needs another adapter, admission pauses, the running batch
-drains, the adapter is switched, and admission resumes (order of arrival is kept).
+batch share the weights, so runs with different adapters are batched per adapter (see _admit):
+an empty batch gathers the waiting requests of the oldest request's adapter; a request for
+another adapter stops admission until the batch drains, then its adapter is switched in.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
-@dataclass
+@dataclass(eq=False)
 class Ticket:
     """One request as the scheduler tracks it."""
     adapter: object                          # Path | None
@@ -175,20 +175,25 @@ class Scheduler:
         return free - need >= self.memory_reserve
 
     def _admit(self) -> None:
-        while len(self._active) < self.max_batch:
+        """Fill free rows from the queue. An empty batch takes the adapter of the oldest waiting
+        request and gathers every waiting request of that adapter, in order; while rows run, a
+        request joins only if no request for another adapter waits before it, so the batch then
+        drains and the oldest waiting request is served next (no adapter starves)."""
+        regroup = not self._active
+        if regroup:
             with self._wake:
-                ticket = self._queue[0] if self._queue else None
+                head = self._queue[0] if self._queue else None
+            if head is not None and head.adapter != self.adapter:
+                self._switch(head.adapter)
+        while len(self._active) < self.max_batch:
+            ticket = self._pick(regroup)
             if ticket is None:
                 return
-            if ticket.adapter != self.adapter:
-                if self._active:
-                    return  # drain the batch of the current adapter first
-                self._switch(ticket.adapter)
             fits = self._fits(ticket)
             if not fits and self._active:
                 return  # wait until running rows finish and free their caches
             with self._wake:
-                self._queue.popleft()  # only this thread removes from the queue
+                self._queue.remove(ticket)  # only this thread removes from the queue
             if not fits:
                 self._finish(ticket, "memory")
                 continue
@@ -196,6 +201,17 @@ class Scheduler:
             self.decoder.insert(SeqRequest(ticket.uid, ticket.prompt, ticket.max_tokens, ticket.temperature,
                                            ticket.top_p, ticket.seed, ticket.stop_ids))
             self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self._active))
+
+    def _pick(self, regroup: bool) -> Ticket | None:
+        """The oldest waiting request for the adapter in use; past requests for other adapters
+        only when regrouping an empty batch."""
+        with self._wake:
+            for ticket in self._queue:
+                if ticket.adapter == self.adapter:
+                    return ticket
+                if not regroup:
+                    return None
+        return None
 
     def _switch(self, adapter) -> None:
         self.backend.use_adapter(adapter)
