@@ -126,6 +126,9 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
             watcher = asyncio.create_task(_watch_disconnect(request, cancelled, engine))
             try:
                 gen = await asyncio.wrap_future(future)
+            except Exception as exc:  # the model failed: answered as an APIError (a plain exception
+                # reaches Starlette's last-resort handler, which re-raises and may reset the connection)
+                raise APIError(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error") from None
             finally:
                 cancelled.set()
                 watcher.cancel()
