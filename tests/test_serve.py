@@ -5,6 +5,7 @@ and the PyTorch backend."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -67,13 +68,14 @@ def _generate(run, prompt, n, backend="mlx", raw=False):
     return json.loads(result.stdout)["text"]
 
 
-@pytest.fixture(scope="module")
-def server(runs, session_home):
-    """`mlxft serve RUN_A RUN_B` as a real process on a loopback port."""
+@contextlib.contextmanager
+def server_process(run_dirs, *options, backend="mlx"):
+    """`mlxft serve RUN...` as a real process on a loopback port; yields its base URL."""
     port = _free_port()
-    env = dict(os.environ, MLXFT_HOME=str(session_home), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.Popen([sys.executable, "-m", "mlxft", "serve", *map(str, runs), "--port", str(port),
-                             "--backend", "mlx"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "mlxft", "serve", *map(str, run_dirs), "--port", str(port),
+                             "--backend", backend, *options], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     import urllib.request
 
@@ -89,9 +91,19 @@ def server(runs, session_home):
             proc.kill()
             pytest.fail("server did not start: " + proc.stderr.read()[-2000:])
         time.sleep(0.3)
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(runs, session_home):
+    """`mlxft serve RUN_A RUN_B` as a real process on a loopback port."""
+    os.environ["MLXFT_HOME"] = str(session_home)
+    with server_process(runs) as url:
+        yield url
 
 
 @pytest.fixture
@@ -203,15 +215,14 @@ def test_api_key_and_disconnect_stops_generation(runs):
     from mlxft.serve.engine import Engine
 
     engine = Engine([str(runs[0])], backend="mlx")
-    original = engine.backend.generate
+    decoder = engine.scheduler.decoder
+    original = decoder.step
 
-    def slow_generate(prompt_ids, max_tokens, on_token=None, **kw):
-        def paced(tok):
-            time.sleep(0.02)
-            on_token(tok)
-        return original(prompt_ids, max_tokens, on_token=paced, **kw)
+    def slow_step():
+        time.sleep(0.02)
+        return original()
 
-    engine.backend.generate = slow_generate
+    decoder.step = slow_step
     with _InProcess(engine, api_key="sesame") as url:
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()

@@ -1,5 +1,6 @@
 """The MLX backend without gradients: scoring (eval_batch, sequence_logprobs, logits), generation
-(mlx-lm's generate_step) and switching adapters on an inference model."""
+(mlx-lm's generate_step for one stream, its BatchGenerator through mlxft.decode for prompts side by
+side) and switching adapters on an inference model."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import numpy as np
 from mlxft.backends.base import EvalResult
 from mlxft.backends.common import eval_mode
 from mlxft.data import Batch
+
+GENERATE_BATCH = 16   # rows decoded side by side in generate_batch (mlx-lm BatchGenerator)
 
 
 class MLXInference:
@@ -61,6 +64,23 @@ class MLXInference:
                     if on_token is not None:
                         on_token(tok)
         return out
+
+    def decoder(self, max_batch: int = GENERATE_BATCH, prompt_cache_bytes: int = 0, cache_key: str = ""):
+        """A continuous-batching decoder on this model: mlx-lm's BatchGenerator (mlxft.decode.mlx_decoder)."""
+        from mlxft.decode.mlx_decoder import MLXDecoder
+
+        return MLXDecoder(self.model, max_batch, prompt_cache_bytes, cache_key)
+
+    def generate_batch(self, prompts, max_tokens, temperature=0.0, top_p=1.0, stop_ids=None):
+        from mlxft.decode.base import generate_many
+
+        stop = self.stop_ids(stop_ids or ())
+        decoder = self.decoder()
+        try:
+            with eval_mode(self.model):
+                return generate_many(decoder, prompts, max_tokens, temperature, top_p, stop, max_batch=GENERATE_BATCH)
+        finally:
+            decoder.close()
 
     def use_adapter(self, adapter):
         from mlxft.backends.mlx_adapters import switch_adapter

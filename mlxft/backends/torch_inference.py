@@ -1,5 +1,6 @@
 """The PyTorch backend without gradients: scoring (eval_batch, row_scores, sequence_logprobs,
-logits), generation (one prompt streamed, or prompts side by side) and switching adapters on an
+logits), generation through mlxft.decode (one prompt streamed, or prompts side by side with
+continuous refill) and switching adapters on an
 inference model."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from mlxft.backends.common import eval_mode
 from mlxft.backends.torch_device import LOSS_CHUNK
 from mlxft.data import Batch
 
-GENERATE_BATCH = 16  # prompts generated side by side in generate_batch
+GENERATE_BATCH = 16  # rows decoded side by side in generate_batch (continuous refill)
 
 
 class TorchInference:
@@ -72,72 +73,39 @@ class TorchInference:
             logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
             return [float(x) for x in (logp * mask).sum(-1)]
 
+    def decoder(self, max_batch: int = GENERATE_BATCH, prompt_cache_bytes: int = 0, cache_key: str = ""):
+        """A continuous-batching decoder on this model (mlxft.decode.torch_decoder)."""
+        from mlxft.decode.prefix_cache import PrefixCache
+        from mlxft.decode.torch_decoder import TorchDecoder
+
+        return TorchDecoder(self.model, PrefixCache(prompt_cache_bytes) if prompt_cache_bytes > 0 else None, cache_key)
+
     def generate(self, prompt_ids, max_tokens, temperature=0.0, top_p=1.0, on_token=None, stop_ids=None):
-        torch = self.torch
-        from transformers.generation.streamers import BaseStreamer
+        from mlxft.decode.base import SeqRequest
 
-        stop = self.stop_ids(stop_ids)
-
-        class Stream(BaseStreamer):
-            first = True
-
-            def put(self, value):
-                if self.first:  # generate() first echoes the prompt
-                    self.first = False
-                    return
-                if on_token is not None:
-                    for tok in value.reshape(-1).tolist():
-                        if tok not in stop:
-                            on_token(tok)
-
-            def end(self):
-                pass
-
-        ids = torch.tensor([prompt_ids], device=self.device)
-        kwargs = dict(max_new_tokens=max_tokens, eos_token_id=sorted(stop), pad_token_id=self.tokenizer.pad_token_id,
-                      use_cache=True, streamer=Stream())
-        if temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        out: list[int] = []
+        if max_tokens <= 0:
+            return out
+        decoder = self.decoder(max_batch=1)
+        decoder.insert(SeqRequest(0, list(prompt_ids), max_tokens, temperature, top_p,
+                                  stop_ids=frozenset(self.stop_ids(stop_ids or ()))))
         with self._inference():
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-        new = out[0, len(prompt_ids):].tolist()
-        while new and new[-1] in stop:
-            new.pop()
-        return new
+            while len(decoder):
+                for event in decoder.step():
+                    if event.token is not None:
+                        out.append(event.token)
+                        if on_token is not None:
+                            on_token(event.token)
+        return out
 
     def generate_batch(self, prompts, max_tokens, temperature=0.0, top_p=1.0, stop_ids=None):
-        """Prompts side by side, left-padded (generate() derives positions from the mask), in
-        groups of similar length so padding stays small."""
-        torch = self.torch
-        stop = self.stop_ids(stop_ids)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(stop, default=0)
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        results: list[list[int]] = [[] for _ in prompts]
-        if max_tokens <= 0:
-            return results
-        kwargs = dict(max_new_tokens=max_tokens, eos_token_id=sorted(stop), pad_token_id=pad, use_cache=True)
-        if temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        for start in range(0, len(order), GENERATE_BATCH):
-            group = order[start:start + GENERATE_BATCH]
-            width = max(len(prompts[i]) for i in group)
-            ids = torch.full((len(group), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(group), width), dtype=torch.long)
-            for row, i in enumerate(group):
-                n = len(prompts[i])
-                ids[row, width - n:] = torch.tensor(prompts[i], dtype=torch.long)
-                mask[row, width - n:] = 1
-            with self._inference():
-                out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
-            for row, i in enumerate(group):
-                new = out[row, width:].tolist()
-                cut = next((k for k, tok in enumerate(new) if tok in stop), len(new))
-                results[i] = new[:cut]
-        return results
+        """Prompts side by side through the continuous-batching decoder: a row is refilled with
+        the next prompt as soon as its own answer ends."""
+        from mlxft.decode.base import generate_many
+
+        with self._inference():
+            return generate_many(self.decoder(), prompts, max_tokens, temperature, top_p,
+                                 self.stop_ids(stop_ids or ()), max_batch=GENERATE_BATCH)
 
     def use_adapter(self, adapter):
         import hashlib

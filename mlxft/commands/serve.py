@@ -46,15 +46,26 @@ def _check_port_free(host: str, port: int) -> None:
               help="Require 'Authorization: Bearer KEY' on every request (also $MLXFT_API_KEY).")
 @backend_option()
 @adapter_option("Which adapter of each run to serve: the best by validation, or the last saved.")
+@click.option("--max-batch", type=click.IntRange(1, 256), default=None,
+              help="Requests decoded side by side (default: what fits in half the free memory at full "
+                   "context, at most 16). Requests beyond it wait in order of arrival.")
+@click.option("--max-queue", type=click.IntRange(0, 100000), default=64, show_default=True,
+              help="Requests allowed to wait; beyond it the server answers 429 with Retry-After.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
+              help="Seconds a request may take, waiting included, before it is ended (504).")
+@click.option("--prompt-cache-mb", type=click.IntRange(0, 1 << 20), default=512, show_default=True,
+              help="Memory for KV caches of earlier prompts, reused for a shared prefix (0: off).")
 @trust_remote_code_option()
-def serve(models, host, port, api_key, backend, adapter, trust_remote_code):
+def serve(models, host, port, api_key, backend, adapter, max_batch, max_queue, timeout, prompt_cache_mb,
+          trust_remote_code):
     """Serve MODEL_OR_RUN (default: the built-in SmolLM2-135M-Instruct) over the OpenAI API:
     /v1/models, /v1/chat/completions and /v1/completions, streamed or not.
 
     Several runs of the same base model (or mlx-lm adapter folders) can be served at once: each
     is a model named after its folder, and the base is loaded once. Chat requests use the
     model's chat template and the run's system prompt, as `mlxft chat` and `generate` do.
-    Requests are answered one at a time, in order of arrival.
+    Requests are batched as they come (continuous batching): each joins the running batch at
+    the next token and leaves it when done; runs with different adapters take turns.
 
     \b
     Examples:
@@ -80,10 +91,11 @@ def serve(models, host, port, api_key, backend, adapter, trust_remote_code):
     from mlxft.serve.engine import Engine
 
     with ui.console.status("Loading model"):
-        engine = Engine(list(models), backend=backend, adapter=adapter, trust_remote_code=trust_remote_code)
+        engine = Engine(list(models), backend=backend, adapter=adapter, trust_remote_code=trust_remote_code,
+                        max_batch=max_batch, max_queue=max_queue, timeout=timeout, prompt_cache_mb=prompt_cache_mb)
     shown = f"[{host}]" if ":" in host else host
     ui.info(f"[bold]mlxft serve[/bold] {engine.base.path.name} on {engine.backend.name} "
-            f"(context {engine.context}): models {', '.join(engine.models)}")
+            f"(context {engine.context}, batch up to {engine.max_batch}): models {', '.join(engine.models)}")
     ui.info(f"OpenAI base URL: http://{shown}:{port}/v1" + ("  (API key required)" if api_key else "")
             + "  Ctrl-C stops.")
     uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)

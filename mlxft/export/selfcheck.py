@@ -166,11 +166,12 @@ class LlamaCpp:
         self.llm.close()
 
 
-def _backend_greedy(engine, ids: list[int], max_tokens: int, stop_ids: list[int]) -> tuple[list[int], bool]:
-    """(answer ids, whether it stopped): the backends drop the stop token from what they return,
-    so an answer shorter than max_tokens ended at one."""
-    out = list(engine.generate(ids, max_tokens, temperature=0.0, stop_ids=set(stop_ids)))
-    return out, len(out) < max_tokens
+def _backend_greedy(engine, prompts: list[list[int]], max_tokens: int,
+                    stop_ids: list[int]) -> list[tuple[list[int], bool]]:
+    """(answer ids, whether it stopped) per prompt, generated side by side: the backends drop the
+    stop token from what they return, so an answer shorter than max_tokens ended at one."""
+    outs = engine.generate_batch(prompts, max_tokens, temperature=0.0, stop_ids=set(stop_ids))
+    return [(list(out), len(out) < max_tokens) for out in outs]
 
 
 def run_selfcheck(gguf_path: Path, engine, chat: ChatSetup, quant: str, records: list[dict],
@@ -199,9 +200,10 @@ def run_selfcheck(gguf_path: Path, engine, chat: ChatSetup, quant: str, records:
 
         same = stopped_both = stopped_backend = 0
         answers = []
-        for text in prompt_texts[:n_answers]:
-            ids = list(tok(text, add_special_tokens=False)["input_ids"])[-MAX_TOKENS_PER_TEXT:]
-            ref, ref_stop = _backend_greedy(engine, ids, max_tokens, chat.stop_ids)
+        texts = prompt_texts[:n_answers]
+        all_ids = [list(tok(text, add_special_tokens=False)["input_ids"])[-MAX_TOKENS_PER_TEXT:] for text in texts]
+        for text, ids, (ref, ref_stop) in zip(texts, all_ids, _backend_greedy(engine, all_ids, max_tokens,
+                                                                               chat.stop_ids)):
             got, got_stop = llm.greedy(ids, max_tokens)
             a, b = tok.decode(ref, skip_special_tokens=True), tok.decode(got, skip_special_tokens=True)
             same += a == b

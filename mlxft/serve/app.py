@@ -18,18 +18,37 @@ from starlette.routing import Route
 
 from mlxft.serve.engine import Engine
 from mlxft.serve.protocol import APIError, chunk, completion, finish, new_id, parse, usage
+from mlxft.serve.scheduler import QueueFull
 
 
 def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def _watch_disconnect(request: Request, cancelled: threading.Event) -> None:
+async def _watch_disconnect(request: Request, cancelled: threading.Event, engine: Engine) -> None:
     while not cancelled.is_set():
         if await request.is_disconnected():
             cancelled.set()
+            engine.scheduler.wake()
             return
         await asyncio.sleep(0.1)
+
+
+def _submit(engine: Engine, *args):
+    try:
+        return engine.submit(*args)
+    except QueueFull as exc:
+        raise APIError(429, f"The server is busy: {exc}", kind="rate_limit_error", code="queue_full",
+                       headers={"Retry-After": str(exc.retry_after)}) from None
+
+
+def _raise_unfinished(gen) -> None:
+    """A generation that ended on the server's limits, not on its own, is an error."""
+    if gen.finish_reason == "timeout":
+        raise APIError(504, "The request timed out (the server's --timeout)", kind="timeout", code="timeout")
+    if gen.finish_reason == "memory":
+        raise APIError(503, "Not enough free memory for this request's KV cache; lower max_tokens or retry",
+                       kind="server_error", code="insufficient_memory")
 
 
 def _lifespan(engine: Engine):
@@ -69,7 +88,10 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
         return JSONResponse(model_card(model))
 
     async def health(request: Request):
-        return JSONResponse({"status": "ok", "models": list(engine.models)})
+        scheduler = engine.scheduler
+        return JSONResponse({"status": "ok", "models": list(engine.models),
+                             "batching": {"max_batch": scheduler.max_batch, "max_queue": scheduler.max_queue,
+                                          **scheduler.stats, **scheduler.decoder.stats}})
 
     async def complete(request: Request, chat: bool):
         from mlxft.inference import format_messages, format_prompt
@@ -89,23 +111,30 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
         else:
             ids = format_prompt(tokenizer, req.prompt, raw=True)
         limit, n = engine.context, len(ids)
+        if n == 0:
+            raise APIError(400, "the prompt is empty", "messages" if chat else "prompt")
         if n >= limit or (req.max_tokens is not None and n + req.max_tokens > limit):
             asked = f" plus {req.max_tokens} completion tokens" if req.max_tokens is not None else ""
             raise APIError(400, f"This model's maximum context length is {limit} tokens; the request has {n} "
                                 f"prompt tokens{asked}. Shorten the prompt or lower max_tokens.",
                            "messages" if chat else "prompt", "context_length_exceeded")
         max_tokens = req.max_tokens or (limit - n)
-        rid, cancelled = new_id(chat), threading.Event()
+        rid = new_id(chat)
         args = (model, ids, max_tokens, req.temperature, req.top_p, req.seed, req.stop)
         if not req.stream:
-            watcher = asyncio.create_task(_watch_disconnect(request, cancelled))
+            future, cancelled = _submit(engine, *args)
+            watcher = asyncio.create_task(_watch_disconnect(request, cancelled, engine))
             try:
-                gen = await asyncio.wrap_future(engine.submit(engine.generate, *args, None, cancelled))
+                gen = await asyncio.wrap_future(future)
+            except Exception as exc:  # the model failed: answered as an APIError (a plain exception
+                # reaches Starlette's last-resort handler, which re-raises and may reset the connection)
+                raise APIError(500, f"generation failed: {type(exc).__name__}: {exc}", kind="server_error") from None
             finally:
                 cancelled.set()
                 watcher.cancel()
             if gen.finish_reason == "cancelled":
                 return Response(status_code=499)  # nobody is listening any more
+            _raise_unfinished(gen)
             return JSONResponse(completion(chat, rid, model.id, gen))
 
         loop = asyncio.get_running_loop()
@@ -114,7 +143,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
         def on_text(piece: str) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, ("text", piece))
 
-        future = engine.submit(engine.generate, *args, on_text, cancelled)
+        future, cancelled = _submit(engine, *args, on_text)
         future.add_done_callback(lambda f: loop.call_soon_threadsafe(queue.put_nowait, ("done", f)))
 
         async def events():
@@ -128,6 +157,10 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
                         continue
                     try:
                         gen = value.result()
+                        _raise_unfinished(gen)
+                    except APIError as exc:
+                        yield _sse(exc.body())
+                        return
                     except Exception as exc:
                         yield _sse(APIError(500, f"generation failed: {type(exc).__name__}: {exc}",
                                             kind="server_error").body())
@@ -139,7 +172,8 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
                     yield _sse("[DONE]")
                     return
             finally:
-                cancelled.set()  # the client went away (or we are done): stop generating
+                cancelled.set()  # the client went away (or we are done): the row leaves the batch
+                engine.scheduler.wake()
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -151,7 +185,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> Starlette:
         return await complete(request, chat=False)
 
     async def api_error(request: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     async def http_error(request: Request, exc: HTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)

@@ -1,11 +1,10 @@
-"""The model side of `mlxft serve`: one base model loaded once, the adapters of several runs
-of that base switched per request, and generation one request at a time on a single worker
-thread (FIFO), with stop strings, a seed, and cancellation when the client goes away."""
+"""The model side of `mlxft serve`: one base model loaded once, the adapters of several runs of
+that base, and a continuous-batching scheduler (mlxft.serve.scheduler) on one generation thread
+that runs every request: its own sampling settings, stop strings, seed, timeout and cancellation
+when the client goes away."""
 
 from __future__ import annotations
 
-import random
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,18 +24,6 @@ class ServedModel:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-@dataclass
-class Generation:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str           # stop | length | cancelled
-
-
-class Cancelled(Exception):
-    """Raised inside the token callback to end a generation early."""
-
-
 def _model_id(spec: str | None, resolved) -> str:
     if spec is None or resolved.source == "default":
         return "default"
@@ -47,7 +34,8 @@ def _model_id(spec: str | None, resolved) -> str:
 
 class Engine:
     def __init__(self, specs: list[str | None], backend: str = "auto", adapter: str = "best",
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, max_batch: int | None = None, max_queue: int = 64,
+                 timeout: float = 600.0, prompt_cache_mb: int = 512):
         from mlxft.inference import load_backend, model_context, run_system_prompt
         from mlxft.sources import resolve_model
         from mlxft.templates import recorded
@@ -78,8 +66,20 @@ class Engine:
         self.tokenizer = self.backend.tokenizer
         self.base_template = getattr(self.tokenizer, "chat_template", None)
         self.context = model_context(base.path) or 2048
-        self.active: Path | None = None
-        self.stats = {"requests": 0, "cancelled": 0, "tokens": 0}
+        self.backend_stop_ids = self.backend.stop_ids()
+        self.scheduler = self._worker.submit(self._scheduler, max_batch, max_queue, timeout,
+                                             prompt_cache_mb << 20).result()
+        self.max_batch = self.scheduler.max_batch
+        self.stats = self.scheduler.stats
+        self._loop = self._worker.submit(self.scheduler.run)
+
+    def _scheduler(self, max_batch, max_queue, timeout, prompt_cache_bytes):
+        from mlxft.serve.scheduler import Scheduler
+
+        scheduler = Scheduler(self.backend, max_batch or 1, max_queue, timeout, prompt_cache_bytes)
+        if not max_batch:
+            scheduler.max_batch = default_max_batch(scheduler.kv_bytes_per_token, self.context)
+        return scheduler
 
     def find(self, name: str) -> ServedModel | None:
         return self.models.get(name) or self.models.get(self.aliases.get(name, ""))
@@ -89,98 +89,30 @@ class Engine:
         template, else the base's); called right before formatting, on the event-loop thread."""
         self.tokenizer.chat_template = model.setup.template if model.setup is not None else self.base_template
 
-    def submit(self, fn: Callable, *args):
-        """Run `fn(*args)` on the generation thread; returns a concurrent Future."""
-        return self._worker.submit(fn, *args)
+    def submit(self, model: ServedModel, prompt_ids: list[int], max_tokens: int, temperature: float,
+               top_p: float, seed: int | None, stop: list[str], on_text: Callable[[str], None] | None = None):
+        """Queue a generation; returns (future of a Generation, the Event that cancels it).
+        `on_text` gets each piece of text as it becomes final, on the generation thread. Raises
+        QueueFull when the queue is at its bound."""
+        from mlxft.serve.scheduler import Ticket
+
+        stop_ids = set(self.backend_stop_ids) | set(model.setup.stop_ids if model.setup is not None else ())
+        ticket = Ticket(model.adapter, list(prompt_ids), max_tokens, temperature, top_p, seed, list(stop),
+                        frozenset(stop_ids), on_text)
+        return self.scheduler.submit(ticket), ticket.cancelled
 
     def close(self) -> None:
+        self.scheduler.close()
         self._worker.shutdown(wait=False, cancel_futures=True)
 
-    def generate(self, model: ServedModel, prompt_ids: list[int], max_tokens: int, temperature: float,
-                 top_p: float, seed: int | None, stop: list[str], on_text: Callable[[str], None] | None,
-                 cancelled: threading.Event) -> Generation:
-        """Generate on the calling thread (use submit() to queue it); `on_text` gets each piece
-        of text as it becomes final (held back while it could still be the start of a stop
-        string); stops at EOS, a stop string, max_tokens, or when `cancelled` is set."""
-        from mlxft.inference import TokenPrinter
 
-        self.stats["requests"] += 1
-        if cancelled.is_set():
-            self.stats["cancelled"] += 1
-            return Generation("", len(prompt_ids), 0, "cancelled")
-        if model.adapter != self.active:
-            self.backend.use_adapter(model.adapter)
-            self.active = model.adapter
-        if seed is not None:
-            seed_everything(seed)
-        stops = [s for s in stop if s]
-        state = {"sent": 0, "finish": None, "text": "", "all": ""}
+def default_max_batch(kv_bytes_per_token: int, context: int, cap: int = 16) -> int:
+    """Rows that fit in half the memory free now, each sized for a full context (at most 4096
+    tokens), between 1 and `cap`: on CPUs the aggregate rate stops growing well before 16 rows."""
+    from mlxft.serve.scheduler import available_memory
 
-        def on_piece(piece):
-            state["all"] += piece
-            text = state["all"]
-            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
-                state["text"] = text[:cut]
-                _send(text[:cut])
-                state["finish"] = "stop"
-                raise Cancelled
-            _send(text[:len(text) - _held_back(text, stops)])
-
-        def _send(final: str):
-            if len(final) > state["sent"] and on_text is not None:
-                on_text(final[state["sent"]:])
-            state["sent"] = max(state["sent"], len(final))
-
-        class Printer(TokenPrinter):
-            def __call__(self, token):
-                if cancelled.is_set():
-                    state["finish"] = "cancelled"
-                    raise Cancelled
-                super().__call__(token)
-
-        printer = Printer(self.tokenizer, on_piece)
-        try:
-            stop_ids = list(model.setup.stop_ids) if model.setup is not None else []
-            self.backend.generate(prompt_ids, max_tokens, temperature=temperature, top_p=top_p, on_token=printer,
-                                  stop_ids=stop_ids)
-        except Cancelled:
-            pass
-        n = len(printer.ids)
-        self.stats["tokens"] += n
-        if state["finish"] == "cancelled":
-            self.stats["cancelled"] += 1
-            return Generation(printer.text()[:state["sent"]], len(prompt_ids), n, "cancelled")
-        if state["finish"] == "stop":
-            return Generation(state["text"], len(prompt_ids), n, "stop")
-        text = printer.text()
-        _send(text)
-        return Generation(text, len(prompt_ids), n, "length" if n >= max_tokens else "stop")
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest end of `text` that a stop string starts with (not yet final)."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best
-
-
-def seed_everything(seed: int) -> None:
-    """Seed every generator sampling may draw from (Python, NumPy, torch, MLX)."""
-    random.seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:
-        pass
-    import sys
-
-    if "torch" in sys.modules:
-        sys.modules["torch"].manual_seed(seed)
-    if "mlx.core" in sys.modules:
-        sys.modules["mlx.core"].random.seed(seed % 2**32)
+    free = available_memory()
+    if free is None:
+        return 8
+    per_row = kv_bytes_per_token * min(context, 4096)
+    return max(1, min(cap, int(free // 2 // max(1, per_row))))
