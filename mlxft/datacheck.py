@@ -64,6 +64,8 @@ def _norm(text: str) -> str:
 
 def sample_text(record: dict, fmt: str) -> tuple[str, str]:
     """(prompt, answer) of a canonical record, normalized."""
+    if fmt == "preference":  # the prompt and the chosen answer, as SFT on the pair reads it
+        record, fmt = {"messages": record["prompt"] + record["chosen"]}, "chat"
     if fmt == "completions":
         return _norm(record["prompt"]), _norm(record["completion"])
     if fmt == "text":
@@ -79,6 +81,8 @@ def sample_text(record: dict, fmt: str) -> tuple[str, str]:
 
 
 def answer_texts(record: dict, fmt: str) -> list[str]:
+    if fmt == "preference":
+        return [m["content"] for m in record["chosen"] + record["rejected"] if not m.get("tool_calls")]
     if fmt == "completions":
         return [record["completion"]]
     if fmt == "text":
