@@ -61,3 +61,57 @@ def figures(scores: np.ndarray, objective: Objective, ref: np.ndarray | None = N
 def preference_accuracy(scores: np.ndarray) -> float:
     pc, pr, nc, nr = scores.T
     return float(np.mean(pc / nc > pr / nr))
+
+
+def is_pair_source(data: str, cfg) -> bool:
+    """Whether `data` holds preference pairs (its first record says so)."""
+    from mlxft.formats import read_records
+
+    try:
+        return read_records(data, columns=cfg.data.columns, limit=1, skip_bad_lines=True).fmt == "preference"
+    except Exception:  # unreadable data fails later, with the usual one-line error
+        return False
+
+
+def evaluate_pairs(resolved, data: str, cfg, backend_name: str, load, batch_size: int, max_seq_len: int,
+                   skip_bad_lines: bool, held_out: bool) -> dict:
+    """`mlxft eval` on pairs: preference accuracy and log-probabilities of the base model and,
+    for a run, of base plus adapter; with both, the DPO reward margin and reward accuracy of the
+    tuned model against the base as reference (beta from the run's recipe, else 0.1)."""
+    import gc
+
+    from mlxft import ui
+    from mlxft.preference.data import load_pairs, split_pairs
+
+    engine = load(None)
+    kw = dict(max_seq_len=max_seq_len, system_prompt=cfg.data.system_prompt, skip_bad_lines=skip_bad_lines,
+              columns=cfg.data.columns)
+    if held_out:
+        _, ds = split_pairs(load_pairs(cfg.data.train, engine.tokenizer, split=cfg.data.split, limit=cfg.data.limit,
+                                       **kw), cfg.data.valid_split, cfg.seed)
+    else:
+        ds = load_pairs(data, engine.tokenizer, **kw)
+    out = {"model": resolved.spec, "data": str(data), "pairs": len(ds), "format": "preference", "backend": backend_name}
+    with ui.console.status(f"Scoring {len(ds)} pairs"):
+        base_rows = score_pairs(engine, ds, batch_size)
+    base = _summary(base_rows)
+    if resolved.adapter is None:
+        out.update(base)
+        return out
+    del engine
+    gc.collect()
+    engine = load(resolved.adapter)
+    with ui.console.status(f"Scoring {len(ds)} pairs with the adapter"):
+        tuned_rows = score_pairs(engine, ds, batch_size)
+    tuned = _summary(tuned_rows)
+    beta = cfg.train.beta or 0.1
+    dpo = figures(tuned_rows, Objective("dpo", beta), ref=base_rows[:, :2])
+    tuned.update(reward_margin=dpo["reward_margin"], reward_accuracy=dpo["reward_accuracy"])
+    out.update(base_model=str(resolved.path), adapter=str(resolved.adapter), base=base, tuned=tuned, beta=beta,
+               delta={k: tuned[k] - base[k] for k in base})
+    return out
+
+
+def _summary(rows: np.ndarray) -> dict:
+    return {"accuracy": preference_accuracy(rows), "chosen_logp": float(rows[:, 0].mean()),
+            "rejected_logp": float(rows[:, 1].mean())}

@@ -63,12 +63,10 @@ def adapter_off(backend):
         yield
 
 
-def train_step(backend, micro, lr: float, objective: Objective, n_pairs: int, n_chosen_tokens: int) -> StepResult:
-    """One optimizer step over `micro` (PairBatch items: .batch, .ref (n, 2) or None)."""
+def backward(backend, micro, objective: Objective, n_pairs: int, n_chosen_tokens: int) -> float:
+    """Gradients of this rank's share of the step loss into the trainable weights' .grad (added
+    to what is there); the share's value. `micro`: PairBatch items (.batch, .ref (n, 2) or None)."""
     torch = backend.torch
-    for group in backend.optimizer.param_groups:
-        group["lr"] = lr
-    backend.optimizer.zero_grad(set_to_none=True)
     loss_total = 0.0
     for item in micro:
         with backend._compute():
@@ -82,6 +80,16 @@ def train_step(backend, micro, lr: float, objective: Objective, n_pairs: int, n_
                                              n_pairs, n_chosen_tokens)
             loss.backward()
         loss_total += float(loss.detach())
+    return loss_total
+
+
+def train_step(backend, micro, lr: float, objective: Objective, n_pairs: int, n_chosen_tokens: int) -> StepResult:
+    """One optimizer step over `micro`, clipped, skipped when not finite, as the SFT step."""
+    torch = backend.torch
+    for group in backend.optimizer.param_groups:
+        group["lr"] = lr
+    backend.optimizer.zero_grad(set_to_none=True)
+    loss_total = backward(backend, micro, objective, n_pairs, n_chosen_tokens)
     params = backend._trainable()
     if backend.world.distributed:
         loss_total = backend._sum_over_ranks(params, loss_total)
