@@ -70,3 +70,29 @@ def test_mlx_equals_torch_on_the_same_batch_and_adapter(tiny_model_dir, tmp_path
         assert abs(losses["mlx"] - losses["torch"]) < LOSS_ATOL, method
         if method == "dpo":
             assert abs(losses["torch"] - np.log(2)) > 10 * LOSS_ATOL  # not the trivial policy = reference value
+
+
+def test_qlora_dpo_on_a_4bit_mlx_base(tiny_model_dir, tmp_path):
+    """DPO over an MLX affine 4-bit base (QLoRA): the reference is the quantized base alone (the
+    LoRA layers swapped for the QuantizedLinear they wrap), so the first step's loss is ln 2 up
+    to float32 rounding of the log-ratios (beta x |sum| x eps ~ 0.1 x 300 x 1.2e-7 = 4e-6: 1e-5)."""
+    import json
+
+    from click.testing import CliRunner
+    from mlx_lm import convert
+
+    from mlxft.cli import cli
+
+    qdir = tmp_path / "tiny-4bit"
+    convert(str(tiny_model_dir), mlx_path=str(qdir), quantize=True, q_bits=4, q_group_size=32)
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:8])
+    run = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["train", "--model", str(qdir), "--backend", "mlx", "--data", str(data),
+                                   "--out", str(run), "--set", "train.method=dpo", "--set", "train.steps=2",
+                                   "--set", "train.learning_rate=1e-2", "--set", "retention.enabled=false",
+                                   "--set", "train.batch_size=4", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if r["type"] == "train")
+    assert abs(first["loss"] - np.log(2)) < 1e-5
+    assert (run / "adapter-best" / "adapter_model.safetensors").is_file()

@@ -53,7 +53,7 @@ def to_pair(record: dict) -> dict:
         if whole[len(prompt)]["role"] != "assistant":
             raise RowError(f"'{name}' must start with an assistant message")
         checked[name] = whole
-    if any(m["role"] == "assistant" for m in checked["chosen"][:len(prompt)][-1:]):
-        raise RowError("'prompt' must end with a user (or tool) message, not an assistant one")
     n = len(prompt)
+    if checked["chosen"][n - 1]["role"] == "assistant":
+        raise RowError("'prompt' must end with a user (or tool) message, not an assistant one")
     return {"prompt": checked["chosen"][:n], "chosen": checked["chosen"][n:], "rejected": checked["rejected"][n:]}
