@@ -119,7 +119,9 @@ def main() -> None:
             cmd = cmd + ["--out", str(out)]
         wall, rss, done = timed(cmd, env)
         out_text = done.stdout.strip()
-        summary = json.loads(out_text if out_text.startswith("{") else out_text.splitlines()[-1])
+        # mlxft prints one indented JSON object; the TRL child ends with one JSON line (Trainer
+        # prints its own dict of figures before it).
+        summary = json.loads(out_text if key.startswith("mlxft") else out_text.splitlines()[-1])
         ret = (summary.get("retention") or {}).get("score") if isinstance(summary.get("retention"), dict) else None
         results[key] = {"label": label, "wall_s": round(wall, 1), "peak_rss_mib": round(rss / 2 ** 20),
                         "tokens": summary.get("tokens"), "steps": summary.get("steps"), "retention": ret,
