@@ -285,6 +285,8 @@ def build_config(recipe: str | None = None, sets: list[str] | tuple[str, ...] = 
 
 
 def validate(cfg: Config) -> None:
+    from mlxft.preference import METHODS
+
     t, lo = cfg.train, cfg.lora
     checks = [
         (cfg.backend in BACKENDS, "backend", f"must be one of {', '.join(BACKENDS)}"),
@@ -302,7 +304,7 @@ def validate(cfg: Config) -> None:
         (t.log_every > 0, "train.log_every", "must be positive"),
         (t.save_every > 0, "train.save_every", "must be positive"),
         (t.early_stop_patience is None or t.early_stop_patience >= 0, "train.early_stop_patience", "must be >= 0"),
-        (t.method in ("sft", "dpo", "orpo"), "train.method", "must be one of sft, dpo, orpo"),
+        (t.method in METHODS, "train.method", f"must be one of {', '.join(METHODS)}"),
         (t.beta is None or t.beta > 0, "train.beta", "must be positive"),
         (0 <= t.label_smoothing < 0.5, "train.label_smoothing", "must be in [0, 0.5)"),
         (lo.rank > 0, "lora.rank", "must be positive"),
