@@ -135,7 +135,7 @@ def test_dpo_matches_trl(tiny_model_dir, tmp_path, label_smoothing):
     margin = beta * ((pc - rc) - (pr - rr))
     assert abs(margin.mean() - metrics["rewards/margins"]) < REWARD_ATOL
     assert abs(beta * (pc - rc).mean() - metrics["rewards/chosen"]) < REWARD_ATOL
-    assert abs(float(loss) - np.log(2)) > 10 * LOSS_ATOL  # the random adapter moved the policy off the reference
+    assert np.abs(pc - rc).max() > 100 * LOGP_ATOL  # the random adapter moved the policy off the reference
     _compare_grads(ours, theirs)
 
 
