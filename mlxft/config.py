@@ -57,6 +57,9 @@ class TrainConfig:
     eval_batches: int | None = None
     early_stop_patience: int | None = 2  # validations without improvement; null or 0: off
     skip_nonfinite: bool = False
+    method: str = "sft"  # sft | dpo | orpo (preference pairs: mlxft/preference/)
+    beta: float | None = None  # DPO's KL weight / ORPO's odds-ratio weight; None: chosen (defaults)
+    label_smoothing: float = 0.0  # DPO: share of pairs assumed flipped (conservative DPO)
 
 
 @dataclass
@@ -99,6 +102,7 @@ class Config:
 
 BACKENDS = ("auto", "torch", "mlx")
 LORA_TYPES = ("lora", "dora")
+METHODS = ("sft", "dpo", "orpo")  # train.method; dpo/orpo train on pairs (mlxft/preference/)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -300,6 +304,9 @@ def validate(cfg: Config) -> None:
         (t.log_every > 0, "train.log_every", "must be positive"),
         (t.save_every > 0, "train.save_every", "must be positive"),
         (t.early_stop_patience is None or t.early_stop_patience >= 0, "train.early_stop_patience", "must be >= 0"),
+        (t.method in METHODS, "train.method", f"must be one of {', '.join(METHODS)}"),
+        (t.beta is None or t.beta > 0, "train.beta", "must be positive"),
+        (0 <= t.label_smoothing < 0.5, "train.label_smoothing", "must be in [0, 0.5)"),
         (lo.rank > 0, "lora.rank", "must be positive"),
         (lo.alpha > 0, "lora.alpha", "must be positive"),
         (0 <= lo.dropout < 1, "lora.dropout", "must be in [0, 1)"),
@@ -308,7 +315,7 @@ def validate(cfg: Config) -> None:
         (0 < cfg.data.valid_split < 1, "data.valid_split", "must be between 0 and 1"),
         (0 <= cfg.data.replay < 1, "data.replay", "must be in [0, 1)"),
         (_is_column_map(cfg.data.columns), "data.columns", "must map record fields (prompt, completion, text, "
-         "messages, conversations, instruction, input, output, system, tools) to column names"),
+         "messages, conversations, instruction, input, output, system, tools, chosen, rejected) to column names"),
         (cfg.data.limit is None or cfg.data.limit > 0, "data.limit", "must be positive"),
         (cfg.retention.probes >= 0, "retention.probes", "must be >= 0"),
         (cfg.retention.max_new_tokens >= 1, "retention.max_new_tokens", "must be at least 1"),

@@ -157,6 +157,8 @@ def _tokenize_with_spans(tokenizer, text: str, spans: list[tuple[int, int]], mas
 
 
 def tokenize_record(tokenizer, record: dict, fmt: str, mask_prompt: bool, system_prompt: str | None = None) -> Sample:
+    if fmt == "preference":  # SFT on a preference pair learns its prompt and chosen answer
+        record, fmt = {"messages": record["prompt"] + record["chosen"]}, "chat"
     if fmt == "chat":
         messages = [dict(m) for m in record["messages"]]
         if system_prompt and messages[0]["role"] != "system":

@@ -26,6 +26,8 @@ HIST_BINS = 8
 
 def sample_text(record: dict, fmt: str) -> tuple[str, str]:
     """(prompt, answer) of a canonical record, normalized."""
+    if fmt == "preference":  # the prompt and the chosen answer, as SFT on the pair reads it
+        record, fmt = {"messages": record["prompt"] + record["chosen"]}, "chat"
     if fmt == "completions":
         return normalize(record["prompt"]), normalize(record["completion"])
     if fmt == "text":
@@ -41,6 +43,8 @@ def sample_text(record: dict, fmt: str) -> tuple[str, str]:
 
 
 def answer_texts(record: dict, fmt: str) -> list[str]:
+    if fmt == "preference":
+        return [m["content"] for m in record["chosen"] + record["rejected"] if not m.get("tool_calls")]
     if fmt == "completions":
         return [record["completion"]]
     if fmt == "text":

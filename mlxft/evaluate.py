@@ -97,6 +97,10 @@ def evaluate(model_spec: str | None, data: str | None, backend: str = "auto", ad
             engine.load(resolved.path, adapter=adapter_path, train=False)
         return engine
 
+    from mlxft.preference.evaluate import evaluate_pairs, is_pair_source
+
+    if is_pair_source(cfg.data.train if held_out else data, cfg):  # preference pairs: mlxft/preference/
+        return evaluate_pairs(resolved, data, cfg, name, load, batch_size, seq, skip_bad_lines, held_out)
     engine = load(None)
     from mlxft.training_data import read_source, validation_set
 

@@ -72,11 +72,20 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
 
     chat = for_training(backend.tokenizer, cfg.data.system_prompt, run.path if resume else None)
     backend.chat_setup = chat  # retention and replay answers stop at its end-of-turn token
-    train_set, valid_set = load_data(cfg, backend.tokenizer, skip_bad_lines)
+    preference = cfg.train.method != "sft"
+    pref_chosen = None
+    if preference:  # dpo / orpo: pairs (mlxft/preference/)
+        from mlxft.preference.setup import load_pair_data, preference_defaults
+
+        train_set, valid_set = load_pair_data(cfg, backend.tokenizer, skip_bad_lines)
+        pref_chosen = preference_defaults(cfg, len(train_set), backend.hidden_size())
+    else:
+        train_set, valid_set = load_data(cfg, backend.tokenizer, skip_bad_lines)
     from mlxft.defaults import resolve
 
     own_format = chat.source == "model"
     chosen = resolve(cfg, len(train_set), backend.hidden_size(), own_format)  # before config.yaml: --resume repeats it
+    chosen = "; ".join(x for x in (pref_chosen, chosen) if x) or None
     if world.distributed:  # hashing every token is start-up work a single process need not do
         check_agreement(world, fingerprint(cfg, resolved.path, start_adapter, backend_name, train_set, valid_set))
     if not resume and world.is_root:
@@ -88,7 +97,8 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
     trainable, total = backend.trainable_parameters()
     ui.info(f"[bold]mlxft train[/bold] {resolved.spec} -> {run.path}  backend={backend_name} "
             f"({why}) device={backend.device_name()} dtype={backend.dtype_name()}")
-    ui.info(f"data: {len(train_set)} train / {len(valid_set)} valid samples ({train_set.fmt}); "
+    ui.info(f"data: {len(train_set)} train / {len(valid_set)} valid {'pairs' if preference else 'samples'} "
+            f"({train_set.fmt}{', ' + cfg.train.method if preference else ''}); "
             f"LoRA{'/DoRA' if cfg.lora.type == 'dora' else ''} r={cfg.lora.rank} alpha={cfg.lora.alpha}: "
             f"{trainable:,} trainable of {total:,} parameters")
     if chosen:
@@ -107,7 +117,18 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
         train_set.samples.extend(_share_replay(world, replay))
     track = retention.tracker(run, backend) if retention is not None and cfg.retention.enabled and world.is_root \
         else None
-    trainer = Trainer(cfg, run, backend, train_set, valid_set, resume_from=resume_from, retention=track)
+    if preference:
+        from mlxft.preference.setup import references
+        from mlxft.preference.trainer import PreferenceTrainer
+
+        clock = time.perf_counter()
+        refs = references(cfg, run, backend, world, train_set, valid_set, resolved.adapter, resume)
+        if refs:
+            timings["reference_s"] = round(time.perf_counter() - clock, 2)
+        trainer = PreferenceTrainer(cfg, run, backend, train_set, valid_set, references=refs,
+                                    resume_from=resume_from, retention=track)
+    else:
+        trainer = Trainer(cfg, run, backend, train_set, valid_set, resume_from=resume_from, retention=track)
     if world.is_root:
         run.update_meta(status="running", total_steps=trainer.total)
     started = time.time()
@@ -145,7 +166,7 @@ def verdict(cfg: Config, summary: dict) -> dict:
            "accuracy_before": first.get("accuracy"), "accuracy_after": summary.get("chosen_accuracy"),
            "retention": ret.get("score"),
            "floor": cfg.retention.floor if cfg.retention.enabled else None, "chosen_step": chosen,
-           "stop_reason": summary.get("stop_reason")}
+           "stop_reason": summary.get("stop_reason"), "method": cfg.train.method}
     learned = (out["val_loss_before"] is not None and out["val_loss_after"] is not None
                and out["val_loss_after"] < out["val_loss_before"])
     kept = out["retention"] is None or out["floor"] is None or out["retention"] >= out["floor"]

@@ -43,7 +43,8 @@ def data_identity(*datasets) -> str:
     h = hashlib.sha256()
     for ds in datasets:
         for s in ds.samples:
-            h.update(json.dumps([s.ids, s.targets]).encode())
+            for part in (s.chosen, s.rejected) if hasattr(s, "chosen") else (s,):  # preference pairs: both
+                h.update(json.dumps([part.ids, part.targets]).encode())
         h.update(b"|")
     return h.hexdigest()
 

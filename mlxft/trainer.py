@@ -110,6 +110,10 @@ class Trainer:
                 local.append(batch)
         return local, n_targets, n_tokens
 
+    def _train_step(self, micro: list, lr: float, n_targets: int):
+        """One optimizer step on this rank's micro-batches (preference tuning overrides it)."""
+        return self.backend.train_step(micro, lr, n_total=n_targets)
+
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> dict:
@@ -239,7 +243,7 @@ class Trainer:
                              "check train.learning_rate, train.warmup and train.min_lr_ratio")
         micro, n_targets, tokens = self._next_step_batches()
         started = time.perf_counter()
-        result = self.backend.train_step(micro, lr, n_total=n_targets)
+        result = self._train_step(micro, lr, n_targets)
         elapsed = time.perf_counter() - started
         self.state.step = step
         if not result.finite:

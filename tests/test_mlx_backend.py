@@ -13,28 +13,11 @@ import pytest
 
 from mlxft.data import collate, pack
 from mlxft.errors import ModelError
-from tests.helpers.mlx import config, samples
+from tests.helpers.mlx import config, load_mlx, load_torch, samples
 
 pytestmark = pytest.mark.mlx
 mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
-
-
-def _mlx(cfg, path, **kw):
-    from mlxft.backends.mlx_backend import MLXBackend
-
-    be = MLXBackend(cfg)
-    be.load(path, **kw)
-    return be
-
-
-def _torch(cfg, path, **kw):
-    pytest.importorskip("peft")
-    from mlxft.backends.torch_backend import TorchBackend
-
-    be = TorchBackend(cfg, device="cpu")
-    be.load(path, **kw)
-    return be
 
 
 @pytest.mark.parametrize("lora_type", ["lora", "dora"])
@@ -45,7 +28,7 @@ def test_first_step_loss_parity_with_torch(tiny_model_dir, lora_type):
     plain, packed = collate(s, 2), pack(s, 2, 64)
     accumulated = [collate(s[:2], 2), collate(s[2:], 2)]
     results = {}
-    for name, make in (("mlx", _mlx), ("torch", _torch)):
+    for name, make in (("mlx", load_mlx), ("torch", load_torch)):
         be = make(cfg, tiny_model_dir)
         # eval of the same rows packed and as one padded batch, then a step and an accumulated step
         evals = (be.eval_batch(packed), be.eval_batch(plain))
@@ -68,7 +51,7 @@ def test_packing_accumulation_and_checkpointing_match(tiny_model_dir):
     s = samples()
     runs = []
     for grad_checkpoint in (False, True):
-        be = _mlx(config(grad_checkpoint=grad_checkpoint), tiny_model_dir)
+        be = load_mlx(config(grad_checkpoint=grad_checkpoint), tiny_model_dir)
         runs.append([be.train_step([collate(s, 2)], 1e-2), be.train_step([pack(s, 2, 64)], 1e-2),
                      be.train_step([collate(s[:2], 2), collate(s[2:], 2)], 1e-2)])
     # Checkpointing recomputes the same forward with the same kernels on the same inputs: equal
@@ -84,7 +67,7 @@ def test_packing_accumulation_and_checkpointing_match(tiny_model_dir):
 def test_nonfinite_step_is_skipped(tiny_model_dir):
     from mlx.utils import tree_flatten
 
-    be = _mlx(config(), tiny_model_dir)
+    be = load_mlx(config(), tiny_model_dir)
     be.train_step([collate(samples(), 2)], 1e-2)
     q = be.model.layers[0].self_attn.q_proj
     q.lora_b = q.lora_b * mx.array(float("inf"))
@@ -103,7 +86,7 @@ def test_nonfinite_step_is_skipped(tiny_model_dir):
 def test_resume_restores_optimizer_state(tiny_model_dir, tmp_path):
     s = samples()
     batches = [collate(s[:2], 2), collate(s[2:], 2), collate(s, 2)]
-    be = _mlx(config(), tiny_model_dir)
+    be = load_mlx(config(), tiny_model_dir)
     be.train_step([batches[0]], 1e-2)
     be.train_step([batches[1]], 1e-2)
     ckpt = tmp_path / "ckpt"
@@ -111,7 +94,7 @@ def test_resume_restores_optimizer_state(tiny_model_dir, tmp_path):
     be.save_adapter(ckpt / "adapter")
     be.save_state(ckpt)
     expected = be.train_step([batches[2]], 1e-2)
-    resumed = _mlx(config(), tiny_model_dir, adapter=ckpt / "adapter", train=True)
+    resumed = load_mlx(config(), tiny_model_dir, adapter=ckpt / "adapter", train=True)
     resumed.load_state(ckpt)
     got = resumed.train_step([batches[2]], 1e-2)
     # the restored adapter and optimizer state are bit-for-bit the saved ones and the step is the
@@ -120,7 +103,7 @@ def test_resume_restores_optimizer_state(tiny_model_dir, tmp_path):
 
 
 def test_generate_streams_and_stops(tiny_model_dir):
-    be = _mlx(config(), tiny_model_dir, train=False)
+    be = load_mlx(config(), tiny_model_dir, train=False)
     seen = []
     out = be.generate([1, 2, 3, 4], 6, on_token=seen.append)
     assert out == seen and len(out) == 6 and all(isinstance(t, int) for t in out)
@@ -161,7 +144,7 @@ def test_learning_rate_is_applied_per_step(tiny_model_dir):
     """The compiled step reads the rate set for each step (the shared warmup/cosine schedule)."""
     from mlx.utils import tree_flatten
 
-    be = _mlx(config(), tiny_model_dir)
+    be = load_mlx(config(), tiny_model_dir)
     batch = collate(samples(), 2)
 
     def params():

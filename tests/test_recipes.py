@@ -13,7 +13,7 @@ from mlxft.errors import ModelError
 from mlxft.formats import read_records
 
 EXPECTED = {"quickstart", "completions", "pretrain", "dora", "qlora-mlx-4bit", "gemma3-270m", "qwen2.5-0.5b",
-            "llama3.2-1b"}
+            "llama3.2-1b", "dpo", "orpo"}
 HUB = {"qlora-mlx-4bit": "mlx-community/Qwen2.5-0.5B-Instruct-4bit", "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct",
        "llama3.2-1b": "meta-llama/Llama-3.2-1B-Instruct"}
 

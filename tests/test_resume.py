@@ -8,14 +8,13 @@ import random
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from tests.helpers.data import ROWS
 
 pytest.importorskip("torch")
+from tests.helpers.resume import adapter_tensors, env, train_losses, wait_for_steps
 
 
 @pytest.fixture
@@ -32,37 +31,6 @@ def train_cmd(model, data, out, steps=14, extra=()):
     for s in sets:
         cmd += ["--set", s]
     return cmd
-
-
-def env():
-    e = dict(os.environ)
-    e["MLXFT_NO_PROGRESS"] = "1"
-    e["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-    return e
-
-
-def train_losses(run: Path):
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    return [(r["step"], r["loss"]) for r in rows if r["type"] == "train"], \
-           [(r["step"], r["loss"]) for r in rows if r["type"] == "valid"]
-
-
-def adapter_tensors(folder: Path):
-    from safetensors.numpy import load_file
-
-    return load_file(str(folder / "adapter_model.safetensors"))
-
-
-def wait_for_steps(run: Path, n: int, proc, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"training exited early: {proc.returncode}")
-        m = run / "metrics.jsonl"
-        if m.exists() and sum('"train"' in l for l in m.read_text().splitlines()) >= n:
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for training steps")
 
 
 @pytest.mark.parametrize("extra", [(), ("lora.dropout=0",)], ids=["dropout", "fused-lora"])

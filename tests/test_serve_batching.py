@@ -20,7 +20,7 @@ import urllib.request
 import pytest
 from click.testing import CliRunner
 
-from tests.test_serve import _InProcess, runs, server_process  # noqa: F401  (fixtures)
+from tests.helpers.serve import _InProcess, runs, server_process  # noqa: F401  (runs: a fixture)
 
 pytestmark = pytest.mark.mlx
 openai = pytest.importorskip("openai")

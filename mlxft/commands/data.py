@@ -72,6 +72,10 @@ def check(files, valid_files, model, recipe, max_seq_len, sets, trust_remote_cod
         valid = [read_source(cfg, f, tokenizer, train=False, skip_bad_lines=True) for f in valid_files]
     with ui.console.status("Checking"):
         report = analyze(train, valid, tokenizer, cfg.train.max_seq_len)
+        if any(ds.fmt == "preference" for ds in train + valid):
+            from mlxft.preference.check import add_to_report
+
+            add_to_report(report, train_files, valid_files, tokenizer, cfg)
     report["model"] = resolved.spec
     if as_json:
         ui.emit_json(report)

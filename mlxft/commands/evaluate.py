@@ -43,6 +43,11 @@ def eval_command(model_or_run, data, backend, adapter, batch_size, max_seq_len, 
     if as_json:
         ui.emit_json(result)
         return
+    if result.get("format") == "preference":
+        from mlxft.preference.report import print_eval
+
+        print_eval(result)
+        return
     ui.result(f"{result['model']} on {result['data']}: {result['samples']} samples, "
               f"{result['tokens']:,} target tokens")
     rows = [("loss", "{:.4f}"), ("ppl", "{:.3f}"), ("accuracy", "{:.2%}")]

@@ -121,10 +121,12 @@ def verdict_lines(summary: dict) -> list[str]:
     lines = []
     before, after = v.get("val_loss_before"), v.get("val_loss_after")
     if before is not None and after is not None:
-        acc = ""
+        acc, pref = "", v.get("method") in ("dpo", "orpo")
         if v.get("accuracy_before") is not None and v.get("accuracy_after") is not None:
-            acc = f", next-token accuracy {v['accuracy_before']:.0%} -> {v['accuracy_after']:.0%}"
-        lines.append(f"learned: validation loss {before:.3f} -> {after:.3f}{acc}"
+            what = "held-out preference accuracy" if pref else "next-token accuracy"
+            acc = f", {what} {v['accuracy_before']:.0%} -> {v['accuracy_after']:.0%}"
+        loss = f"validation {v['method'].upper()} loss" if pref else "validation loss"
+        lines.append(f"learned: {loss} {before:.3f} -> {after:.3f}{acc}"
                      + ("" if v.get("learned") else " (no improvement)"))
     if v.get("retention") is not None:
         floor = f" (floor {v['floor']:g})" if v.get("floor") else ""

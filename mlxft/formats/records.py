@@ -11,6 +11,9 @@ Shapes recognised per record:
     alpaca      {"instruction", "input"?, "output", "system"?}
     completions {"prompt", "completion"}
     text        {"text"}
+    preference  {"prompt"?, "chosen", "rejected"}: TRL's preference format, as strings or as
+                lists of messages (without "prompt", the messages chosen and rejected share
+                are the prompt); read by mlxft/formats/pairs.py
 `data.columns` renames source fields to these names first ({"prompt": "question", ...}); only
 the mapped fields are read then (map `system` too to keep it). A source already in one of the
 shapes above, naming none of the mapped columns, is read as it is (see needs_mapping).
@@ -25,9 +28,9 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system", "tool": "tool", "observation": "tool", "function_call": "assistant"}
 # Field names a column mapping may target (the left side of data.columns).
 FIELDS = ("messages", "tools", "conversations", "instruction", "input", "output", "system",
-          "prompt", "completion", "text")
+          "prompt", "completion", "text", "chosen", "rejected")
 CANONICAL = {"chat": "chat", "tools": "chat", "sharegpt": "chat", "alpaca": "chat",
-             "completions": "completions", "text": "text"}
+             "completions": "completions", "text": "text", "preference": "preference"}
 
 
 class RowError(Exception):
@@ -67,6 +70,8 @@ def needs_mapping(record: dict, columns: dict[str, str]) -> bool:
 def detect_shape(record) -> str:
     if not isinstance(record, dict):
         raise RowError(f"expected a JSON object, got {type(record).__name__}")
+    if "chosen" in record or "rejected" in record:
+        return "preference"
     if "messages" in record:
         return "tools" if _uses_tools(record) else "chat"
     if "conversations" in record:
@@ -174,7 +179,11 @@ def _tools(record: dict, messages: list[dict]) -> dict:
 
 
 def to_canonical(record, shape: str) -> dict:
-    """Check a record of `shape` and return it as chat, completions or text."""
+    """Check a record of `shape` and return it as chat, completions, text or preference."""
+    if shape == "preference":
+        from mlxft.formats.pairs import to_pair
+
+        return to_pair(record)
     if shape in ("chat", "tools"):
         return _tools(record, _messages(_maybe_json(record["messages"], "messages"), "messages"))
     if shape == "sharegpt":

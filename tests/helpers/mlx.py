@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from mlxft.config import Config
 from mlxft.data import Sample
@@ -39,3 +40,20 @@ def write_chat(path: Path, n: int = 24) -> Path:
                                    {"role": "assistant", "content": f"Item {i} is {c}. {c} {c}."}]})
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return path
+
+
+def load_mlx(cfg, path, **kw):
+    from mlxft.backends.mlx_backend import MLXBackend
+
+    be = MLXBackend(cfg)
+    be.load(path, **kw)
+    return be
+
+
+def load_torch(cfg, path, **kw):
+    pytest.importorskip("peft")
+    from mlxft.backends.torch_backend import TorchBackend
+
+    be = TorchBackend(cfg, device="cpu")
+    be.load(path, **kw)
+    return be

@@ -1,0 +1,102 @@
+"""The preference step on the PyTorch backend: per-answer summed log-probabilities from one
+forward of the [chosen; rejected] batch (LM head only at target positions, in checkpointed
+chunks as the SFT loss), the objective, backward, the same clipping, non-finite guard and
+all-reduce as the backend's SFT step; and the reference: the same model with the adapter
+switched off (PEFT's disable_adapter), so no second copy of the weights exists."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+from mlxft.backends.base import StepResult
+from mlxft.preference.losses import Objective, TorchOps
+
+
+def row_logps(backend, batch, need_grad: bool):
+    """(summed log-probability of the targets per row, target count per row) as tensors."""
+    torch = backend.torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    from mlxft.backends.torch_backend import LOSS_CHUNK
+
+    hidden, labels = backend._hidden(batch)
+    head, cap = backend._head()
+    rows = torch.from_numpy(batch.loss_mask[:, 1:]).bool().nonzero()[:, 0].to(backend.device)
+
+    def chunk_logp(h, y):
+        return -F.cross_entropy(backend._chunk_logits(h, head, cap), y, reduction="none")
+
+    parts = []
+    for i in range(0, hidden.shape[0], LOSS_CHUNK):
+        h, y = hidden[i:i + LOSS_CHUNK], labels[i:i + LOSS_CHUNK]
+        if need_grad and hidden.shape[0] > LOSS_CHUNK:
+            parts.append(checkpoint(chunk_logp, h, y, use_reentrant=False))
+        else:
+            parts.append(chunk_logp(h, y))
+    n_rows = batch.input_ids.shape[0]
+    logp = torch.cat(parts) if parts else hidden.new_zeros((0,), dtype=torch.float32)
+    sums = torch.zeros(n_rows, dtype=torch.float32, device=backend.device).index_add(0, rows, logp.float())
+    counts = torch.from_numpy(batch.loss_mask[:, 1:].sum(-1)).to(backend.device, torch.float32)
+    return sums, counts
+
+
+def pair_logps(backend, batch):
+    """No-gradient, eval-mode (pc, pr, nc, nr) as float64 NumPy arrays."""
+    with backend._inference(), backend._compute():
+        sums, counts = row_logps(backend, batch, need_grad=False)
+    n = sums.shape[0] // 2
+    s, c = sums.double().cpu().numpy(), counts.double().cpu().numpy()
+    return s[:n], s[n:], c[:n], c[n:]
+
+
+@contextlib.contextmanager
+def adapter_off(backend):
+    """The base model alone, for the reference (LoRA and DoRA layers pass their input through)."""
+    from peft import PeftModel
+
+    if not isinstance(backend.model, PeftModel):
+        yield
+        return
+    with backend.model.disable_adapter():
+        yield
+
+
+def backward(backend, micro, objective: Objective, n_pairs: int, n_chosen_tokens: int) -> float:
+    """Gradients of this rank's share of the step loss into the trainable weights' .grad (added
+    to what is there); the share's value. `micro`: PairBatch items (.batch, .ref (n, 2) or None)."""
+    torch = backend.torch
+    loss_total = 0.0
+    for item in micro:
+        with backend._compute():
+            sums, counts = row_logps(backend, item.batch, need_grad=True)
+            n = sums.shape[0] // 2
+            rc = rr = None
+            if item.ref is not None:
+                ref = torch.as_tensor(item.ref, dtype=torch.float32, device=backend.device)
+                rc, rr = ref[:, 0], ref[:, 1]
+            loss, _, _ = objective.step_loss(TorchOps, sums[:n], sums[n:], counts[:n], counts[n:], rc, rr,
+                                             n_pairs, n_chosen_tokens)
+            loss.backward()
+        loss_total += float(loss.detach())
+    return loss_total
+
+
+def train_step(backend, micro, lr: float, objective: Objective, n_pairs: int, n_chosen_tokens: int) -> StepResult:
+    """One optimizer step over `micro`, clipped, skipped when not finite, as the SFT step."""
+    torch = backend.torch
+    for group in backend.optimizer.param_groups:
+        group["lr"] = lr
+    backend.optimizer.zero_grad(set_to_none=True)
+    loss_total = backward(backend, micro, objective, n_pairs, n_chosen_tokens)
+    params = backend._trainable()
+    if backend.world.distributed:
+        loss_total = backend._sum_over_ranks(params, loss_total)
+    max_norm = backend.cfg.train.max_grad_norm if backend.cfg.train.max_grad_norm > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
+    if finite:
+        backend.optimizer.step()
+    backend.optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss=loss_total, n_targets=n_pairs, grad_norm=grad_norm, finite=finite)
