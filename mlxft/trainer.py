@@ -7,11 +7,13 @@ chosen adapter's figures and the early-stopping counter.
 
 Which adapter is kept (RUN/adapter-best, what generate, fuse and export use): at every
 validation the current adapter is scored on validation loss and, when a retention tracker is
-given, on retention (teacher-forced scores of the base model's own probe answers, no
-generation). Adapters whose retention is at least retention.floor rank above those below it;
-among them the lowest validation loss wins, and below the floor the highest retention. Training
-stops after train.early_stop_patience validations without improvement (see min_improvement), or
-as soon as retention is below the floor at a validation that did not improve.
+given and its value can change the decision, on retention (teacher-forced scores of the base
+model's own probe answers, no generation). Adapters that meet the guard (retention at least
+retention.floor, at most retention.max_changed changed probes) rank above those that do not;
+among them the lowest validation loss wins, otherwise the highest retention (the rules are in
+mlxft/guard_policy.py). Training stops after train.early_stop_patience validations without
+improvement (see min_improvement), or as soon as the guard is missed at a validation that did
+not improve.
 
 Data order is a pure function of (seed, epoch), so a resumed run sees
 exactly the batches the uninterrupted run would have seen.
@@ -114,6 +116,7 @@ class Trainer:
         self._stop_signal = 0
         # Where the loop's time goes besides the steps (seconds this process spent).
         self.timings = {"validation_s": 0.0, "retention_s": 0.0, "checkpoint_s": 0.0}
+        self.retention_scored = 0  # validations at which retention was scored (mlxft.guard_policy)
 
     # ------------------------------------------------------------------ data order
 
@@ -295,7 +298,7 @@ class Trainer:
                 "train_seconds": round(self.state.seconds, 2),
                 "tok_s": self.state.tokens / max(self.state.seconds, 1e-9),
                 "skipped_steps": self.state.skipped_steps, "early_stopped": stopped_early,
-                "world_size": self.world.size,
+                "world_size": self.world.size, "retention_scored": self.retention_scored,
                 "timings": {k: round(v, 2) for k, v in self.timings.items()}}
 
     def _one_step(self, step: int, metrics, progress) -> bool | None:
@@ -355,25 +358,36 @@ class Trainer:
     def _validate(self, step: int, metrics, progress) -> bool:
         """Validation (and retention) at `step`: keep the adapter if it ranks best, and say
         whether training should stop."""
-        t, s = self.cfg.train, self.state
-        floor = self.cfg.retention.floor
+        from mlxft.guard_policy import meets_guard, ranks_above, retention_can_decide
+
+        t, s, guard = self.cfg.train, self.state, self.cfg.retention
+        floor, max_changed = guard.floor, guard.max_changed
         started = time.perf_counter()
         val = self.evaluate()
         self.timings["validation_s"] += time.perf_counter() - started
-        started = time.perf_counter()
-        ret = self._score_retention()
-        self.timings["retention_s"] += time.perf_counter() - started
+        improved = s.best_val is None or val["loss"] < s.best_val - min_improvement(s.best_val)
+        patience_ran_out = bool(t.early_stop_patience) and not improved and \
+            s.evals_since_best + 1 >= t.early_stop_patience
+        ret = None
+        if guard.score_at == "every" or retention_can_decide(val["loss"], improved, patience_ran_out, s.chosen_val,
+                                                             s.chosen_retention, floor, max_changed):
+            started = time.perf_counter()
+            ret = self._score_retention()
+            self.timings["retention_s"] += time.perf_counter() - started
+            self.retention_scored += ret is not None
         score = ret.get("score") if ret else None
         self._last_val = val["loss"]
         if metrics:
-            metrics.write({"type": "valid", "step": step, **val, **({"retention": score} if score is not None else {})})
-        improved = s.best_val is None or val["loss"] < s.best_val - min_improvement(s.best_val)
+            extra = {"retention": score} if score is not None else {}
+            if ret and ret.get("changed") is not None:
+                extra["changed"] = ret["changed"]
+            metrics.write({"type": "valid", "step": step, **val, **extra})
         if improved:
             s.best_val, s.best_step = val["loss"], step
             s.evals_since_best = 0
         else:
             s.evals_since_best += 1
-        if self._ranks_above_chosen(val["loss"], score, floor):
+        if ranks_above(val["loss"], ret, s.chosen_val, s.chosen_retention, floor, max_changed):
             s.chosen_step, s.chosen_val, s.chosen_retention = step, val["loss"], ret
             s.chosen_accuracy = val.get("accuracy")
             if self.writes:
@@ -381,29 +395,17 @@ class Trainer:
                     self.backend.save_adapter(self.run.best_adapter)
         if step >= self.total:
             return False
-        below_floor = score is not None and score < floor
+        misses_guard = score is not None and not meets_guard(ret, floor, max_changed)
         if t.early_stop_patience and s.evals_since_best >= t.early_stop_patience:
             s.stop_reason = (f"validation loss has not improved for {t.early_stop_patience} evaluations "
                              f"(best {s.best_val:.4f} at step {s.best_step})")
-        elif below_floor and not improved:
-            s.stop_reason = (f"retention {score:.3f} fell below retention.floor={floor:g} and validation loss "
-                             f"stopped improving")
+        elif misses_guard and not improved:
+            what = (f"retention {score:.3f} fell below retention.floor={floor:g}" if score < floor else
+                    f"{ret.get('changed')} probe answers changed (retention.max_changed={max_changed})")
+            s.stop_reason = f"{what} and validation loss stopped improving"
         if s.stop_reason:
             progress.message(f"early stop at step {step}: {s.stop_reason}")
         return s.stop_reason is not None
-
-    def _ranks_above_chosen(self, val: float, score: float | None, floor: float) -> bool:
-        s = self.state
-        if s.chosen_step is None:
-            return True
-        chosen_score = (s.chosen_retention or {}).get("score")
-        meets = score is None or score >= floor
-        chosen_meets = chosen_score is None or chosen_score >= floor
-        if meets != chosen_meets:
-            return meets
-        if meets:
-            return val < s.chosen_val
-        return score > chosen_score
 
 
 def _np_rng_state() -> list:
