@@ -114,3 +114,33 @@ def test_a_planted_changed_fact_is_named(learner_model, tmp_path, monkeypatch):
     assert shown[planted["id"]] == {"id": planted["id"], "prompt": planted["prompt"], "base": answers[planted["id"]],
                                     "tuned": "The answer is never.", "flagged": True}
     assert any(planted["prompt"] in line and "never" in line for line in verdict_lines(summary))
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "mlx"])
+def test_load_adapter_weights_puts_a_saved_adapter_back(varied_model, tmp_path, backend_name):
+    """After more steps, loading a saved adapter into the training model gives that adapter's
+    logits again (how the chosen adapter answers the probes at the end of a run)."""
+    import numpy as np
+
+    from mlxft.data import collate
+    from tests.test_mlx_helpers import config, samples
+
+    if backend_name == "mlx":
+        pytest.importorskip("mlx_lm")
+        from mlxft.backends.mlx_backend import MLXBackend as Backend
+    else:
+        from mlxft.backends.torch_backend import TorchBackend as Backend
+    backend = Backend(config())
+    backend.load(varied_model, train=True)
+    batch = collate(samples(), backend.tokenizer.pad_token_id)
+    ids = samples()[0].ids
+    for _ in range(2):
+        backend.train_step([batch], 1e-2)
+    backend.save_adapter(tmp_path / "kept")
+    kept = np.array(backend.logits(ids))
+    for _ in range(2):
+        backend.train_step([batch], 1e-2)
+    assert np.abs(np.array(backend.logits(ids)) - kept).max() > 1e-3  # the later steps moved it
+    backend.load_adapter_weights(tmp_path / "kept")
+    # the same float32 weights computing the same logits; 1e-4 covers a different summation order
+    assert np.abs(np.array(backend.logits(ids)) - kept).max() < 1e-4
