@@ -113,7 +113,8 @@ def test_a_planted_changed_fact_is_named(learner_model, tmp_path, monkeypatch):
     shown = {c["id"]: c for c in v["answers_changed"]}
     assert shown[planted["id"]] == {"id": planted["id"], "prompt": planted["prompt"], "base": answers[planted["id"]],
                                     "tuned": "The answer is never.", "flagged": True}
-    assert any(planted["prompt"] in line and "never" in line for line in verdict_lines(summary))
+    assert any(line.strip().startswith("changed:") and planted["prompt"] in line and "never" in line
+               for line in verdict_lines(summary))
 
 
 @pytest.mark.parametrize("backend_name", ["torch", "mlx"])

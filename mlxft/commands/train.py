@@ -135,7 +135,9 @@ def verdict_lines(summary: dict) -> list[str]:
         lines.append(f"kept:    retention {v['retention']:.3f}{floor}{changed}"
                      + ("" if v.get("kept") else " - the guard was not met: no adapter kept the base model well enough"))
         for c in v.get("answers_changed") or []:
-            lines.append(f"         changed{' (counted)' if c['flagged'] else ''}: {_short(c['prompt'])!r}: "
+            # counted: the per-probe rule flagged it; differs: regenerated differently, but the
+            # base's answer is still about as likely (a rewording, or a near-tie)
+            lines.append(f"         {'changed' if c['flagged'] else 'differs'}: {_short(c['prompt'])!r}: "
                          f"{_short(c['base'])!r} -> {_short(c['tuned'])!r}")
     if v.get("chosen_step") is not None:
         why = ("the lowest validation loss among those meeting the guard" if v.get("floor") and v.get("kept")
