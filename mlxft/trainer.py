@@ -350,10 +350,14 @@ class Trainer:
         result = self.retention() if (self.retention is not None and self.world.is_root) else None
         if not self.world.distributed:
             return result
-        have, score = self.world.all_sum([1.0 if result else 0.0, (result or {}).get("score") or 0.0])
+        mine = result or {}
+        have, score, changed, counted = self.world.all_sum([1.0 if result else 0.0, mine.get("score") or 0.0,
+                                                            float(mine.get("changed") or 0),
+                                                            1.0 if mine.get("changed") is not None else 0.0])
         if not have:
             return None
-        return result if result is not None else {"score": score}
+        # every rank decides from the same figures (mlxft.guard_policy reads the changed count too)
+        return result if result is not None else {"score": score, "changed": round(changed) if counted else None}
 
     def _validate(self, step: int, metrics, progress) -> bool:
         """Validation (and retention) at `step`: keep the adapter if it ranks best, and say
