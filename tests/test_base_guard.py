@@ -62,6 +62,9 @@ def test_guard_is_on_by_default_for_a_base_model(base_model, chats, tmp_path, ca
     assert 0 < len(replay) <= 8 and all(r["id"] in replay_ids and r["completion_ids"] for r in replay)
     assert not replay_ids & passages
     assert summary["retention"]["score"] is not None
+    guard = summary["guard"]  # the time: line's share; replay samples are part of the training tokens
+    assert 0 < guard["replay_token_share"] < 1 and 0 < guard["share"] < 1
+    assert guard["seconds"] == pytest.approx(sum(guard["parts"].values()), abs=0.05)  # rounded parts
 
 
 def test_text_replay_samples_are_the_base_models_own_tokens(base_model, chats, tmp_path):
