@@ -15,13 +15,13 @@ class _Progress:
         pass
 
 
-def _simulate(mode: str, losses: list[float], rets: list[dict], patience: int | None) -> tuple:
+def _simulate(mode: str, losses: list[float], rets: list[dict], patience: int | None, max_changed: int | None = 1) -> tuple:
     """The trainer's own _validate over scripted validation losses and retention figures."""
     from mlxft.config import Config
     from mlxft.trainer import Trainer, TrainState
 
     cfg = Config()
-    cfg.retention.floor, cfg.retention.max_changed, cfg.retention.score_at = 0.9, 1, mode
+    cfg.retention.floor, cfg.retention.max_changed, cfg.retention.score_at = 0.9, max_changed, mode
     cfg.train.early_stop_patience = patience
     trainer = object.__new__(Trainer)
     trainer.cfg, trainer.state, trainer.total, trainer.writes, trainer._last_val = cfg, TrainState(), len(losses), \
@@ -55,6 +55,14 @@ def test_deciding_validations_choose_what_every_validation_chooses():
         assert n_deciding <= n_every
         saved += n_every - n_deciding
     assert saved > 0  # the rule does skip validations, or this test shows nothing
+
+
+@pytest.mark.parametrize("max_changed, chosen", [(1, 2), (None, 4)])
+def test_max_changed_joins_the_floor(max_changed, chosen):
+    """The mean stays above the floor while more probes change: a cap of 1 keeps step 2."""
+    rets = [{"score": 0.95, "changed": c} for c in (0, 1, 2, 3)]
+    (chosen_step, *_), _ = _simulate("deciding", [4.0, 3.0, 2.0, 1.0], rets, None, max_changed)
+    assert chosen_step == chosen
 
 
 def test_deciding_scoring_on_a_tiny_model(tmp_path, default_model_dir):
