@@ -16,8 +16,8 @@ path (plus the starting adapter's hash), backend, dtype, device, system prompt, 
 the probes' text, so a repeat run does not regenerate it.
 
 At the validations where it can change a decision (mlxft/guard_policy.py), and so for the
-adapter finally chosen, the tuned model scores the same answers teacher-forced (one batched forward pass, no generation). For probe i
-with n_i answer tokens:
+adapter finally chosen, the tuned model scores the same answers teacher-forced (one batched
+forward pass, no generation). For probe i with n_i answer tokens:
 
     d_i   = (log p_tuned(answer_i) - log p_base(answer_i)) / n_i     (nats per token)
     r_i   = min(1, exp(d_i))       per-token likelihood ratio of the base's own answer, capped

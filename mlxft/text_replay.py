@@ -68,7 +68,7 @@ def continuation_records(cfg, run, backend, n: int) -> list[dict]:
                 json.dump(cache, fh)
         except OSError:
             pass  # a read-only cache only costs time
-    first = getattr(cfg.data, "replay_cut", "sentence") == "first_sentence"
+    first = cfg.data.replay_cut == "first_sentence"
     records = []
     for k, p in zip(keys, passages):
         kept = sentence_cut(tok, cache[k]["ids"], first=first)
