@@ -11,11 +11,12 @@ that says what was chosen and why.
   rule and is not measured here.
 - train.eval_every: about twice per epoch, so early stopping and the retention floor act
   between passes, at most every 100 steps.
-- retention.floor: 0.9 for a model that brought its own chat template. A base model without one
-  gets no replay (its chat answers are not worth keeping), and without replay nothing holds its
-  behaviour near the old one while it learns a chat task: measured on Gemma 3 270M, retention on
-  the probe texts fell to 0.52 within 30 steps while the facts were being learned, so a floor
-  would keep an untrained adapter. There retention is reported and warned about, not enforced.
+- retention.floor: 0.9, for every model. A model with its own chat template is scored on
+  everyday questions and texts and replays its own chat answers; a base model (no chat template
+  of its own) is scored on how it continues general passages and replays its own continuations
+  of other passages (mlxft.text_replay). Without that text replay a base model learning a chat
+  task lost its text behaviour fast (Gemma 3 270M: retention 0.52 within 30 steps), so the floor
+  was off for base models before; the replay gives the floor something to hold on to.
 """
 
 from __future__ import annotations
@@ -56,9 +57,7 @@ def resolve(cfg, n_train: int, hidden_size: int | None, own_chat_format: bool = 
     t = cfg.train
     why = []
     if cfg.retention.floor is None:
-        cfg.retention.floor = RETENTION_FLOOR if own_chat_format else 0.0
-        if not own_chat_format and cfg.retention.enabled:
-            why.append("no retention floor (a base model without its own chat template: reported, not enforced)")
+        cfg.retention.floor = RETENTION_FLOOR
     if t.steps is None and t.epochs is None:
         t.epochs = float(auto_epochs(n_train))
         why.append(f"up to {t.epochs:g} epochs for {n_train} samples")
@@ -76,7 +75,11 @@ def resolve(cfg, n_train: int, hidden_size: int | None, own_chat_format: bool = 
     if t.early_stop_patience:
         guards.append(f"stop after {t.early_stop_patience} validations without improvement")
     if cfg.retention.enabled and cfg.retention.floor > 0:
-        guards.append(f"keep retention >= {cfg.retention.floor:g}")
+        kind = "everyday questions" if own_chat_format else "text continuations (a base model)"
+        changed = (f", at most {cfg.retention.max_changed} changed probe answers"
+                   if cfg.retention.max_changed is not None else "")
+        guards.append(f"keep retention >= {cfg.retention.floor:g} on {kind}{changed}")
     if cfg.data.replay > 0:
-        guards.append(f"replay {cfg.data.replay:g}")
+        what = "its own chat answers" if own_chat_format else "its own text continuations"
+        guards.append(f"replay {cfg.data.replay:g} of {what}")
     return "chose " + ", ".join(why) + ("; " + ", ".join(guards) if guards else "")

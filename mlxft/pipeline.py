@@ -64,7 +64,7 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
     else:
         start_adapter = resolved.adapter  # a run directory as --model continues from its adapter
     timings = {}
-    clock = time.perf_counter()
+    clock = clock_start = time.perf_counter()
     with ui.console.status(f"Loading {resolved.spec} on {backend_name}"):
         backend.load(resolved.path, adapter=start_adapter, train=True)
     timings["load_s"] = round(time.perf_counter() - clock, 2)
@@ -112,7 +112,8 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
         clock = time.perf_counter()
         retention.before_training(cfg, run, backend, len(train_set))
         timings["baseline_and_replay_s"] = round(time.perf_counter() - clock, 2)
-    if retention is not None and cfg.data.replay > 0 and retention.own_chat_format(backend):
+    n_task = len(train_set)
+    if retention is not None and cfg.data.replay > 0:
         replay = retention.replay_samples(cfg, run, backend.tokenizer, len(train_set)) if world.is_root else None
         train_set.samples.extend(_share_replay(world, replay))
     track = retention.tracker(run, backend) if retention is not None and cfg.retention.enabled and world.is_root \
@@ -148,7 +149,11 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
     if not world.is_root:
         return {**summary, "run": str(run.path)}
     if retention is not None:
-        summary["retention"] = retention.after_training(cfg, run, summary)
+        summary["retention"] = retention.after_training(cfg, run, summary, backend)
+    from mlxft.guard_cost import guard_time
+
+    summary["guard"] = guard_time(summary, train_set.samples[n_task:], train_set.samples,
+                                  time.perf_counter() - clock_start)
     summary["verdict"] = verdict(cfg, summary)
     from mlxft.plot import save_loss_png
 
@@ -166,10 +171,15 @@ def verdict(cfg: Config, summary: dict) -> dict:
            "accuracy_before": first.get("accuracy"), "accuracy_after": summary.get("chosen_accuracy"),
            "retention": ret.get("score"),
            "floor": cfg.retention.floor if cfg.retention.enabled else None, "chosen_step": chosen,
-           "stop_reason": summary.get("stop_reason"), "method": cfg.train.method}
+           "stop_reason": summary.get("stop_reason"), "method": cfg.train.method,
+           "probes": ret.get("probes"), "changed": ret.get("changed"),
+           "max_changed": cfg.retention.max_changed if cfg.retention.enabled else None,
+           "answers_changed": ret.get("answers_changed")}
     learned = (out["val_loss_before"] is not None and out["val_loss_after"] is not None
                and out["val_loss_after"] < out["val_loss_before"])
-    kept = out["retention"] is None or out["floor"] is None or out["retention"] >= out["floor"]
+    from mlxft.guard_policy import meets_guard
+
+    kept = out["floor"] is None or meets_guard(ret, out["floor"], out["max_changed"])
     out["learned"], out["kept"] = learned, kept
     return out
 

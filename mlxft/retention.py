@@ -1,8 +1,11 @@
 """Retention (forgetting) check and replay: how far fine-tuning moved the model away from what
 the base model said on everyday prompts, and a way to hold it close.
 
-Probe set: mlxft/probes/general.jsonl, everyday questions (sent through the chat template) and
-short texts to continue (sent raw), written for mlxft. The first `retention.probes` are used.
+Probe set, written for mlxft; the first `retention.probes` are used:
+- a model with its own chat template: mlxft/probes/general.jsonl, everyday questions (sent
+  through the chat template) and short texts to continue (sent raw);
+- a base model (no chat template of its own): mlxft/probes/passages.jsonl, short general
+  passages in several domains (cooking, science, history, letters, stories, ...) to continue.
 
 Before training (the adapter is freshly initialised, so the model is exactly the base model) the
 base answers every probe greedily, the probes side by side in batches (at most `retention.max_new_tokens` tokens; its end-of-turn
@@ -12,9 +15,9 @@ RUN/retention_baseline.json and is cached under MLXFT_HOME/retention/, keyed by 
 path (plus the starting adapter's hash), backend, dtype, device, system prompt, token budget and
 the probes' text, so a repeat run does not regenerate it.
 
-At every validation during training, and so for the adapter finally chosen, the tuned model
-scores the same answers teacher-forced (one batched forward pass, no generation). For probe i
-with n_i answer tokens:
+At the validations where it can change a decision (mlxft/guard_policy.py), and so for the
+adapter finally chosen, the tuned model scores the same answers teacher-forced (one batched
+forward pass, no generation). For probe i with n_i answer tokens:
 
     d_i   = (log p_tuned(answer_i) - log p_base(answer_i)) / n_i     (nats per token)
     r_i   = min(1, exp(d_i))       per-token likelihood ratio of the base's own answer, capped
@@ -24,15 +27,18 @@ with n_i answer tokens:
 probe. 0.8: on average the per-token probability of the base's answer fell by a fifth. Also
 reported: `agreement`, the share of answer tokens the tuned model still predicts top-1 given
 the same prefix (the base itself scores ~1.0: its answers are its own greedy choices), and the
-worst probes. The trainer keeps the best adapter by validation whose score is at least
-`retention.floor` (mlxft/trainer.py); below `retention.warn_below` a warning with advice is
-printed.
+worst probes, and the probes whose answer changed (mlxft/probe_changes.py; the chosen adapter's
+answers are regenerated at the end and the changed ones shown). The trainer keeps the best
+adapter by validation whose score is at least `retention.floor` with at most
+`retention.max_changed` changed probes (mlxft/guard_policy.py); below `retention.warn_below` a
+warning with advice is printed.
 
 Replay (`data.replay: r`): the base answers a second, disjoint prompt set
 (mlxft/probes/replay.jsonl; never the retention probes, which would inflate the score) and
 those conversations are added to the training data so they make up a share r of it. Answers
 cut off by the token budget are trimmed to their last full sentence or dropped. They are written
-to RUN/replay.jsonl (chat format) and cached like the baseline. Replay is on by default (0.5):
+to RUN/replay.jsonl (chat format) and cached like the baseline. A base model replays its own
+continuations of general passages instead (mlxft/text_replay.py). Replay is on by default (0.5):
 it is what kept retention above the floor while learning in the measurements
 (docs/retention.md).
 """
@@ -50,6 +56,7 @@ from mlxft.data import Sample, collate
 
 PROBES_DIR = Path(__file__).resolve().parent / "probes"
 GENERAL_PROBES = PROBES_DIR / "general.jsonl"
+PASSAGES = PROBES_DIR / "passages.jsonl"  # base models: general text to continue, several domains
 REPLAY_PROMPTS = PROBES_DIR / "replay.jsonl"
 BASELINE_FILE = "retention_baseline.json"
 REPLAY_FILE = "replay.jsonl"
@@ -80,11 +87,10 @@ def own_chat_format(backend) -> bool:
 
 
 def probe_set(cfg, backend) -> list[dict]:
-    """The probes a run is scored on: every kind for a model with its own chat format; for a base
-    model only the texts to continue, since how it answers chats is what training changes."""
-    probes = load_probes()
-    if not own_chat_format(backend):
-        probes = [p for p in probes if p.get("kind") == "text"]
+    """The probes a run is scored on: everyday questions and texts for a model with its own chat
+    format; for a base model general passages to continue (mlxft/probes/passages.jsonl), since
+    how it answers chats is what training changes."""
+    probes = load_probes() if own_chat_format(backend) else load_probes(PASSAGES)
     return probes[:cfg.retention.probes]
 
 
@@ -210,7 +216,9 @@ def _cached_json(path: Path, build):
 
 def compare(baseline: dict, scored: list[tuple[float, int, int]]) -> dict:
     """The retention figures from a baseline and the tuned model's scores of the same answers."""
-    ratios, deltas, per_probe = [], [], []
+    from mlxft.probe_changes import is_changed
+
+    ratios, deltas, per_probe, changed = [], [], [], []
     agree = total = 0
     for row, (lp, n, correct) in zip(baseline["probes"], scored):
         d = (lp - row["logprob"]) / max(n, 1)
@@ -221,13 +229,15 @@ def compare(baseline: dict, scored: list[tuple[float, int, int]]) -> dict:
         total += n
         per_probe.append({"id": row["id"], "prompt": row["prompt"], "ratio": round(r, 4),
                           "nats_per_token": round(d, 4)})
+        if is_changed(row, lp, n, correct):
+            changed.append(row["id"])
     if not ratios:
         return {"score": None, "reason": "no probes"}
     worst = sorted(per_probe, key=lambda p: p["ratio"])[:3]
     return {"score": sum(ratios) / len(ratios), "agreement": agree / max(total, 1),
             "nats_per_token": sum(deltas) / len(deltas), "probes": len(ratios),
             "base_agreement": sum(r["agreement"] * r["tokens"] for r in baseline["probes"]) / max(total, 1),
-            "worst": worst}
+            "worst": worst, "changed": len(changed), "changed_ids": changed}
 
 
 # ---------------------------------------------------------------------------- pipeline hooks
@@ -253,8 +263,16 @@ def before_training(cfg, run, backend, n_train: int = 0) -> None:
         how = "cached" if cached else f"{time.perf_counter() - started:.1f}s"
         ui.info(f"retention baseline: {len(baseline['probes'])} probes ({how}) -> {run.path / BASELINE_FILE}")
     if cfg.data.replay > 0 and not own_chat_format(backend):
-        ui.info("replay: off for this base model (no chat template of its own, so its chat answers are not "
-                "worth replaying); retention uses the probe texts to continue")
+        from mlxft.text_replay import TEXT_REPLAY_PASSAGES, continuation_records
+
+        need = min(len(load_probes(TEXT_REPLAY_PASSAGES)), replay_count(cfg.data.replay, n_train))
+        started = time.perf_counter()
+        with ui.console.status(f"Recording the base model's continuations of {need} replay passages"):
+            records = continuation_records(cfg, run, backend, need)
+        with open(run.path / REPLAY_FILE, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in records)
+        ui.info(f"text replay: {len(records)} of {need} continuations of the base model usable "
+                f"({time.perf_counter() - started:.1f}s) -> {run.path / REPLAY_FILE}")
     elif cfg.data.replay > 0:
         need = min(len(load_probes(REPLAY_PROMPTS)), replay_count(cfg.data.replay, n_train))
         started = time.perf_counter()
@@ -278,6 +296,11 @@ def _trim_to_sentence(text: str) -> str | None:
     return text[: cut + 1].strip() if cut > 0 else None
 
 
+def _first_sentence(text: str) -> str | None:
+    ends = [i for i in (text.find(c) for c in ".!?") if i > 0]
+    return text[: min(ends) + 1].strip() if ends else None
+
+
 def replay_records(cfg, run, backend, n: int) -> list[dict]:
     """The base model's answers to the first n replay prompts, as chat records (cached per prompt)."""
     from mlxft.atomic import atomic_file
@@ -299,8 +322,9 @@ def replay_records(cfg, run, backend, n: int) -> list[dict]:
         for (key, _), (ids, stopped) in zip(missing, answers):
             text = tok.decode(ids, skip_special_tokens=True).strip()
             cache[key] = text if stopped else _trim_to_sentence(text)
-    records = [{"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": cache[k]}],
-                "id": p["id"]} for k, p in zip(keys, prompts) if cache[k]]
+    cut = _first_sentence if cfg.data.replay_cut == "first_sentence" else (lambda text: text)
+    records = [{"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": cut(cache[k])}],
+                "id": p["id"]} for k, p in zip(keys, prompts) if cache[k] and cut(cache[k])]
     if missing:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -328,6 +352,12 @@ def replay_samples(cfg, run, tokenizer, n_train: int) -> list[Sample]:
     out = []
     for i in range(want):
         rec = records[i % len(records)]
+        if "completion_ids" in rec:  # a base model's continuation of a passage (mlxft.text_replay)
+            from mlxft.text_replay import text_sample
+
+            sample = text_sample(rec, cfg.train.max_seq_len)
+            out.extend([sample] if sample is not None else [])
+            continue
         s = tokenize_record(tokenizer, rec, "chat", cfg.train.mask_prompt, cfg.data.system_prompt)
         s.ids, s.targets = s.ids[: cfg.train.max_seq_len], s.targets[: cfg.train.max_seq_len]
         if s.n_targets:
@@ -362,9 +392,10 @@ def score_run(cfg, run, backend) -> dict:
     return score() if score is not None else {"score": None, "reason": f"no {BASELINE_FILE} in the run"}
 
 
-def after_training(cfg, run, summary: dict) -> dict:
+def after_training(cfg, run, summary: dict, backend=None) -> dict:
     """Retention of the adapter the trainer chose (scored at its validation), with a warning
-    below retention.warn_below. The result goes into run.json and `mlxft train`'s summary."""
+    below retention.warn_below, and (given the backend) the probes whose answer the chosen
+    adapter changed (mlxft.probe_changes). The result goes into run.json and the summary."""
     from mlxft import ui
 
     if not cfg.retention.enabled:
@@ -377,8 +408,27 @@ def after_training(cfg, run, summary: dict) -> dict:
     score = result["score"]
     ui.info(f"retention: {score:.3f} (probe answers of the base model; top-1 agreement "
             f"{result['agreement']:.3f}, {result['nats_per_token']:+.3f} nats/token, adapter of {result['adapter']})")
+    if backend is not None:
+        _add_changed_answers(cfg, run, backend, summary, result)
     if score < cfg.retention.warn_below:
         result["warning"] = (f"retention {score:.3f} is below retention.warn_below={cfg.retention.warn_below}: "
                              f"the tuned model drifted from the base model on everyday prompts; {advice(cfg)}")
         ui.warn(result["warning"])
     return result
+
+
+def _add_changed_answers(cfg, run, backend, summary: dict, result: dict) -> None:
+    from mlxft import ui
+    from mlxft.probe_changes import chosen_answers
+
+    started = time.perf_counter()
+    baseline = json.loads((run.path / BASELINE_FILE).read_text())
+    try:
+        result["answers_changed"] = chosen_answers(cfg, run, backend, summary, baseline,
+                                                   set(result.get("changed_ids") or []))
+    except NotImplementedError as exc:
+        result["answers_changed_reason"] = str(exc)
+    result["answers_s"] = round(time.perf_counter() - started, 2)
+    ui.info(f"retention: {result.get('changed', 0)} of {len(baseline['probes'])} probe answers changed "
+            f"(retention.max_changed={cfg.retention.max_changed}); the chosen adapter's answers regenerated "
+            f"in {result['answers_s']:.1f}s")

@@ -2,18 +2,21 @@
 no backend, files or clock, so every rule is unit-tested on its own.
 
 At every validation the current adapter is scored on validation loss and, when retention is
-tracked, on retention. Adapters whose retention is at least `floor` rank above those below it;
-among them the lowest validation loss wins, and below the floor the highest retention. That one
+tracked and its value can change the decision, on retention. Adapters that meet the guard
+(retention at least `floor`, at most `max_changed` changed probes) rank above those that do not;
+among them the lowest validation loss wins, otherwise the highest retention. That one
 is kept as RUN/adapter-best (what generate, fuse and export use).
 
 Training stops after `patience` validations without improvement (a fall of at least
-min_improvement), or as soon as retention is below the floor at a validation that did not
-improve. The last step never stops early (there is nothing left to stop).
+min_improvement), or as soon as the guard is missed at a validation that did not improve. The
+last step never stops early (there is nothing left to stop).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from mlxft.guard_policy import meets_guard, ranks_above, retention_can_decide
 
 
 def min_improvement(best: float) -> float:
@@ -33,45 +36,58 @@ class Verdict:
 class Selection:
     """The policy; it reads and updates the selection fields of the trainer's checkpointed state
     (best_val, best_step, evals_since_best, chosen_step, chosen_val, chosen_accuracy,
-    chosen_retention, stop_reason)."""
+    chosen_retention, stop_reason). The guard's own rules (meeting it, ranking two adapters,
+    when retention can decide) are mlxft/guard_policy.py's."""
 
     patience: int | None
     floor: float | None
+    max_changed: int | None = None
+    score_at: str = "every"   # retention.score_at: "every" validation, or only where "deciding"
+
+    @property
+    def _floor(self) -> float:
+        return self.floor if self.floor is not None else float("-inf")
+
+    def _improved(self, state, loss: float) -> bool:
+        return state.best_val is None or loss < state.best_val - min_improvement(state.best_val)
+
+    def needs_retention(self, state, loss: float) -> bool:
+        """Whether retention has to be scored at a validation with this loss: always under
+        score_at "every"; under "deciding" only where its value can change the kept adapter or
+        the stop (guard_policy.retention_can_decide)."""
+        if self.score_at == "every":
+            return True
+        improved = self._improved(state, loss)
+        patience_ran_out = bool(self.patience) and not improved and state.evals_since_best + 1 >= self.patience
+        chosen_val = state.chosen_val if state.chosen_step is not None else None
+        return retention_can_decide(loss, improved, patience_ran_out, chosen_val, state.chosen_retention,
+                                    self._floor, self.max_changed)
 
     def observe(self, state, step: int, val: dict, retention: dict | None, last_step: bool) -> Verdict:
         """Record the validation at `step` (`val`: loss and accuracy; `retention`: a dict with
-        "score", or None) in `state`, and say whether to keep this adapter and whether to stop."""
+        "score" and "changed", or None) in `state`, and say whether to keep this adapter and
+        whether to stop."""
         score = retention.get("score") if retention else None
         loss = val["loss"]
-        improved = state.best_val is None or loss < state.best_val - min_improvement(state.best_val)
+        improved = self._improved(state, loss)
         if improved:
             state.best_val, state.best_step = loss, step
             state.evals_since_best = 0
         else:
             state.evals_since_best += 1
-        keep = self.ranks_above_chosen(state, loss, score)
+        chosen_val = state.chosen_val if state.chosen_step is not None else None
+        keep = ranks_above(loss, retention, chosen_val, state.chosen_retention, self._floor, self.max_changed)
         if keep:
             state.chosen_step, state.chosen_val, state.chosen_retention = step, loss, retention
             state.chosen_accuracy = val.get("accuracy")
         if last_step:
             return Verdict(keep, None)
+        misses_guard = score is not None and not meets_guard(retention, self._floor, self.max_changed)
         if self.patience and state.evals_since_best >= self.patience:
             state.stop_reason = (f"validation loss has not improved for {self.patience} evaluations "
                                  f"(best {state.best_val:.4f} at step {state.best_step})")
-        elif score is not None and self.floor is not None and score < self.floor and not improved:
-            state.stop_reason = (f"retention {score:.3f} fell below retention.floor={self.floor:g} and "
-                                 "validation loss stopped improving")
+        elif misses_guard and not improved:
+            what = (f"retention {score:.3f} fell below retention.floor={self.floor:g}" if score < self._floor else
+                    f"{retention.get('changed')} probe answers changed (retention.max_changed={self.max_changed})")
+            state.stop_reason = f"{what} and validation loss stopped improving"
         return Verdict(keep, state.stop_reason)
-
-    def ranks_above_chosen(self, state, loss: float, score: float | None) -> bool:
-        if state.chosen_step is None:
-            return True
-        chosen_score = (state.chosen_retention or {}).get("score")
-        floor = self.floor if self.floor is not None else float("-inf")
-        meets = score is None or score >= floor
-        chosen_meets = chosen_score is None or chosen_score >= floor
-        if meets != chosen_meets:
-            return meets
-        if meets:
-            return loss < state.chosen_val
-        return score > chosen_score

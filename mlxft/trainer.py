@@ -1,7 +1,8 @@
 """The training loop shared by every backend: schedule, accumulation, validation, metrics and
 clean interruption. Its parts live beside it: the batch order and the dealing of batches to
 ranks in mlxft/data.py (BatchOrder, shard), the checkpoint and RNG state in mlxft/checkpoint.py,
-which adapter is kept and when to stop in mlxft/selection.py. The config must already be
+which adapter is kept and when to stop in mlxft/selection.py (the forgetting guard's rules in
+mlxft/guard_policy.py). The config must already be
 resolved (mlxft.defaults.resolve, which the pipeline calls): the trainer rewrites nothing.
 
 Distributed (data parallel): every rank holds the whole tokenized dataset and walks the same
@@ -82,7 +83,8 @@ class Trainer:
         if unresolved:
             raise ConfigError(f"train.{unresolved[0]}: not set", "resolve the config first (mlxft.defaults.resolve)")
         self.retention, self.on_step = retention, on_step
-        self.selection = Selection(cfg.train.early_stop_patience, cfg.retention.floor)
+        self.selection = Selection(cfg.train.early_stop_patience, cfg.retention.floor, cfg.retention.max_changed,
+                                   cfg.retention.score_at)
         self.order = BatchOrder(train_set.samples, cfg.train.batch_size, cfg.seed)
         self.total = total_steps(cfg, len(train_set))
         self.warmup = warmup_steps(cfg.train.warmup, self.total)
@@ -91,6 +93,7 @@ class Trainer:
         self._stop_signal = 0
         # Where the loop's time goes besides the steps (seconds this process spent).
         self.timings = {"validation_s": 0.0, "retention_s": 0.0, "checkpoint_s": 0.0}
+        self.retention_scored = 0  # validations at which retention was scored (mlxft.guard_policy)
 
     # ------------------------------------------------------------------ data
 
@@ -230,7 +233,7 @@ class Trainer:
                 "train_seconds": round(self.state.seconds, 2),
                 "tok_s": self.state.tokens / max(self.state.seconds, 1e-9),
                 "skipped_steps": self.state.skipped_steps, "early_stopped": stopped_early,
-                "world_size": self.world.size,
+                "world_size": self.world.size, "retention_scored": self.retention_scored,
                 "timings": {k: round(v, 2) for k, v in self.timings.items()}}
 
     def _one_step(self, step: int, metrics, progress) -> bool | None:
@@ -282,24 +285,34 @@ class Trainer:
         result = self.retention() if (self.retention is not None and self.world.is_root) else None
         if not self.world.distributed:
             return result
-        have, score = self.world.all_sum([1.0 if result else 0.0, (result or {}).get("score") or 0.0])
+        mine = result or {}
+        have, score, changed, counted = self.world.all_sum([1.0 if result else 0.0, mine.get("score") or 0.0,
+                                                            float(mine.get("changed") or 0),
+                                                            1.0 if mine.get("changed") is not None else 0.0])
         if not have:
             return None
-        return result if result is not None else {"score": score}
+        # every rank decides from the same figures (mlxft.guard_policy reads the changed count too)
+        return result if result is not None else {"score": score, "changed": round(changed) if counted else None}
 
     def _validate(self, step: int, metrics, progress) -> bool:
-        """Validation (and retention) at `step`: keep the adapter if it ranks best, and say
-        whether training should stop."""
+        """Validation (and retention, where it can change the decision) at `step`: keep the
+        adapter if it ranks best, and say whether training should stop."""
         started = time.perf_counter()
         val = self.evaluate()
         self.timings["validation_s"] += time.perf_counter() - started
-        started = time.perf_counter()
-        ret = self._score_retention()
-        self.timings["retention_s"] += time.perf_counter() - started
+        ret = None
+        if self.selection.needs_retention(self.state, val["loss"]):
+            started = time.perf_counter()
+            ret = self._score_retention()
+            self.timings["retention_s"] += time.perf_counter() - started
+            self.retention_scored += ret is not None
         score = ret.get("score") if ret else None
         self._last_val = val["loss"]
         if metrics:
-            metrics.write({"type": "valid", "step": step, **val, **({"retention": score} if score is not None else {})})
+            extra = {"retention": score} if score is not None else {}
+            if ret and ret.get("changed") is not None:
+                extra["changed"] = ret["changed"]
+            metrics.write({"type": "valid", "step": step, **val, **extra})
         verdict = self.selection.observe(self.state, step, val, ret, last_step=step >= self.total)
         if verdict.keep and self.writes:
             with write_errors("best adapter", self.run.best_adapter):

@@ -8,6 +8,9 @@ on, judged by a regular expression (faq, style) or by exact JSON equality (extra
            are new sentences whose key word must be carried over.
 - extract: turn an order message into JSON; test messages use names, items and towns never seen
            in training.
+- multiturn: two-turn chats about a made-up bicycle workshop: the user names a service, then
+           asks a follow-up ("how much?", "how long?") that only the first turn makes clear;
+           test chats use first turns and follow-ups phrased as nowhere in training.
 
 Run: python scripts/make_bench_data.py   (deterministic; the files are committed)
 """
@@ -122,6 +125,53 @@ ORDER_TEMPLATES = [
 EXTRACT_PROMPT = "Extract the order as JSON with keys name, item, quantity, town: {msg}"
 
 
+# (service, what the first answer says, price, duration, train first turns, test first turns)
+SERVICES = [
+    ("puncture repair", "We fix punctures while you wait.", "8 pounds", "20 minutes",
+     ["I have a flat tyre.", "My inner tube has a hole.", "Can you repair a puncture?"],
+     ["My tyre keeps going soft overnight."]),
+    ("brake tune", "We adjust and bleed brakes on any bike.", "15 pounds", "40 minutes",
+     ["My brakes squeal.", "Can you look at my brakes?", "My brake lever pulls all the way to the bar."],
+     ["My bike takes ages to stop."]),
+    ("full service", "Our full service covers gears, brakes, wheels and bearings.", "60 pounds", "two days",
+     ["I want my bike fully serviced.", "Do you do a complete service?", "My bike needs a full check-up."],
+     ["Could you go over the whole bike for me?"]),
+    ("wheel truing", "We true buckled wheels on the stand.", "12 pounds", "30 minutes",
+     ["My wheel is buckled.", "My rim wobbles when it spins.", "Can you straighten a wheel?"],
+     ["The front wheel rubs the brake pad on every turn."]),
+    ("chain replacement", "We replace worn chains and check the cassette.", "25 pounds", "25 minutes",
+     ["My chain keeps slipping.", "I think my chain is worn out.", "Can you fit a new chain?"],
+     ["The chain jumps when I pedal hard."]),
+]
+FOLLOW_UPS = {"price": (["How much does that cost?", "What is the price?", "How much will I pay?"],
+                        ["What would that set me back?"]),
+              "duration": (["How long does it take?", "How long will it be?", "When can I pick it up?"],
+                           ["How soon will it be ready?"])}
+WORKSHOP = "Kestrel Cycles"
+
+
+def multiturn_chat(first: str, said: str, follow: str, answer: str | None) -> dict:
+    messages = [{"role": "user", "content": f"{first} Can {WORKSHOP} help?"},
+                {"role": "assistant", "content": said}, {"role": "user", "content": follow}]
+    return {"messages": messages + ([{"role": "assistant", "content": answer}] if answer else [])}
+
+
+def multiturn_rows(test: bool) -> list[dict]:
+    rows = []
+    for service, said, price, duration, train_first, test_first in SERVICES:
+        for kind, value in (("price", price), ("duration", duration)):
+            follows = FOLLOW_UPS[kind][1 if test else 0]
+            for first in (test_first if test else train_first):
+                for follow in follows:
+                    answer = f"The {service} at {WORKSHOP} " + (f"costs {value}." if kind == "price"
+                                                                 else f"takes {value}.")
+                    row = multiturn_chat(first, said, follow, None if test else answer)
+                    if test:
+                        row["expect"] = value.replace(" ", " ?")
+                    rows.append(row)
+    return rows
+
+
 def write(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -157,9 +207,14 @@ def build() -> None:
     write(OUT / "extract" / "test.jsonl",
           [{"prompt": p, "expect_json": r} for p, r in orders(NAMES_TEST, ITEMS_TEST, TOWNS_TEST, 12)])
 
+    multiturn_train = multiturn_rows(test=False)
+    rng.shuffle(multiturn_train)
+    write(OUT / "multiturn" / "train.jsonl", multiturn_train)
+    write(OUT / "multiturn" / "test.jsonl", multiturn_rows(test=True))
+
 
 if __name__ == "__main__":
     build()
-    for task in ("faq", "style", "extract"):
+    for task in ("faq", "style", "extract", "multiturn"):
         n = {f: sum(1 for _ in open(OUT / task / f"{f}.jsonl")) for f in ("train", "test")}
         print(f"{task}: {n['train']} train, {n['test']} test -> {OUT / task}")

@@ -10,6 +10,7 @@ import json
 import pytest
 
 from tests.helpers.data import write_jsonl
+from tests.helpers.retention import script_validation
 
 
 def _train(model, tmp_path, data, *sets, valid=None):
@@ -23,18 +24,6 @@ def _train(model, tmp_path, data, *sets, valid=None):
     return train_run(cfg, tmp_path / "run")
 
 
-def _script(monkeypatch, losses, scores):
-    """Validation losses (step 0 first) and retention scores (one per validation after step 0)."""
-    import mlxft.retention
-    from mlxft.trainer import Trainer
-
-    losses, scores = iter(losses), iter(scores)
-    monkeypatch.setattr(Trainer, "evaluate", lambda self: {"loss": next(losses), "ppl": 1.0, "accuracy": 0.5,
-                                                           "tokens": 1})
-    monkeypatch.setattr(mlxft.retention, "tracker", lambda run, backend: lambda: {
-        "score": next(scores), "agreement": 1.0, "nats_per_token": 0.0})
-
-
 @pytest.fixture
 def texts(tmp_path):
     return write_jsonl(tmp_path / "d.jsonl", [{"text": f"sample number {i} of the set"} for i in range(8)])
@@ -44,7 +33,7 @@ def texts(tmp_path):
 def test_floor_changes_the_chosen_adapter(tiny_model_dir, tmp_path, texts, monkeypatch, floor, chosen):
     """Validation keeps improving while retention falls: with the floor at 0.9 the adapter kept
     is the last one at or above it (step 2), without a floor the lowest validation loss (step 4)."""
-    _script(monkeypatch, [6.0, 5.0, 4.0, 3.0, 2.0], [0.99, 0.95, 0.85, 0.80])
+    script_validation(monkeypatch, [6.0, 5.0, 4.0, 3.0, 2.0], [0.99, 0.95, 0.85, 0.80])
     summary = _train(tiny_model_dir, tmp_path, texts, "train.steps=4", "train.eval_every=1",
                      f"retention.floor={floor}")
     assert summary["steps"] == 4 and summary["chosen_step"] == chosen
@@ -60,7 +49,7 @@ def test_floor_changes_the_chosen_adapter(tiny_model_dir, tmp_path, texts, monke
 def test_below_the_floor_and_not_improving_stops(tiny_model_dir, tmp_path, texts, monkeypatch):
     """Retention under the floor while validation still improves: training goes on; under the
     floor at a validation that did not improve: it stops, keeping the last adapter above it."""
-    _script(monkeypatch, [6.0, 5.0, 4.0, 4.5, 4.4, 4.3], [0.95, 0.85, 0.80, 0.70, 0.60])
+    script_validation(monkeypatch, [6.0, 5.0, 4.0, 4.5, 4.4, 4.3], [0.95, 0.85, 0.80, 0.70, 0.60])
     summary = _train(tiny_model_dir, tmp_path, texts, "train.steps=10", "train.eval_every=1",
                      "train.early_stop_patience=5")
     assert summary["early_stopped"] is True and summary["steps"] == 3
@@ -69,7 +58,7 @@ def test_below_the_floor_and_not_improving_stops(tiny_model_dir, tmp_path, texts
 
 
 def test_below_the_floor_everywhere_keeps_the_most_retentive(tiny_model_dir, tmp_path, texts, monkeypatch):
-    _script(monkeypatch, [6.0, 5.0, 4.0, 3.0], [0.85, 0.88, 0.70])
+    script_validation(monkeypatch, [6.0, 5.0, 4.0, 3.0], [0.85, 0.88, 0.70])
     summary = _train(tiny_model_dir, tmp_path, texts, "train.steps=3", "train.eval_every=1")
     assert summary["chosen_step"] == 2 and summary["verdict"]["kept"] is False
 

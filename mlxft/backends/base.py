@@ -155,6 +155,12 @@ class Backend(abc.ABC):
             rows.append(self.eval_batch(collate([Sample(ids=ids, targets=targets)], self.tokenizer.pad_token_id)))
         return rows
 
+    def load_adapter_weights(self, adapter: Path) -> None:
+        """Put the weights of a saved adapter (of the same shape) into the model being trained, so
+        it computes with that adapter (the forgetting guard regenerates the chosen adapter's
+        answers after training)."""
+        raise NotImplementedError(f"the {self.name} backend cannot load adapter weights into a training model")
+
     def use_adapter(self, adapter: Path | None) -> None:
         """Switch an inference model (loaded with train=False) to `adapter`, or to the base alone
         for None, without reloading the base; adapters are read once and kept (for serving)."""

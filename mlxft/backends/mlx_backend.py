@@ -360,6 +360,12 @@ class MLXBackend(MLXInference, MLXDeviceInfo, Backend):
 
         save_peft(self.model, Path(path), str(self.model_path), self.cfg.lora.dropout)
 
+    def load_adapter_weights(self, adapter: Path) -> None:
+        from mlxft.backends.mlx_adapters import switch_adapter
+
+        switch_adapter(self.model, Path(adapter), {})  # fresh LoRA layers around the same base layers
+        self._fns = {}
+
     def save_state(self, path: Path) -> None:
         from mlx.utils import tree_flatten
 

@@ -311,6 +311,14 @@ class TorchBackend(TorchInference, TorchDeviceInfo, Backend):
 
         write_peft_adapter_dir(self.model, Path(path))
 
+    def load_adapter_weights(self, adapter: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        from mlxft.adapters import WEIGHTS
+
+        set_peft_model_state_dict(self.model, load_file(str(Path(adapter) / WEIGHTS), device=str(self.device)))
+
     def save_state(self, path: Path) -> None:
         torch = self.torch
         path = Path(path)

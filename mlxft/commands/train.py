@@ -110,8 +110,11 @@ def train(recipe, model, data, valid, backend, sets, steps, out, resume, skip_ba
         t = summary.get("timings") or {}
         parts = [("load", "load_s"), ("baseline+replay", "baseline_and_replay_s"), ("validation", "validation_s"),
                  ("retention", "retention_s"), ("checkpoints", "checkpoint_s")]
+        g = summary.get("guard") or {}
+        guard = (f"; guard {g['seconds']:.1f}s = {g['share']:.0%} of {g['total_s']:.0f}s"
+                 if g.get("share") is not None and g.get("seconds") else "")
         ui.result("time:    " + ", ".join(f"{label} {t[key]:.1f}s" for label, key in parts if key in t)
-                  + f", steps {summary['train_seconds']:.1f}s")
+                  + f", steps {summary['train_seconds']:.1f}s{guard}")
         ui.result(f"try it:  mlxft generate {summary['run']} --prompt \"...\"")
 
 
@@ -130,15 +133,29 @@ def verdict_lines(summary: dict) -> list[str]:
                      + ("" if v.get("learned") else " (no improvement)"))
     if v.get("retention") is not None:
         floor = f" (floor {v['floor']:g})" if v.get("floor") else ""
-        lines.append(f"kept:    retention {v['retention']:.3f}{floor}"
-                     + ("" if v.get("kept") else " - below the floor: no adapter kept the base model well enough"))
+        changed = ""
+        if v.get("changed") is not None:
+            cap = f", at most {v['max_changed']}" if v.get("max_changed") is not None else ""
+            changed = f", {v['changed']} of {v['probes']} probe answers changed{cap}"
+        lines.append(f"kept:    retention {v['retention']:.3f}{floor}{changed}"
+                     + ("" if v.get("kept") else " - the guard was not met: no adapter kept the base model well enough"))
+        for c in v.get("answers_changed") or []:
+            # counted: the per-probe rule flagged it; differs: regenerated differently, but the
+            # base's answer is still about as likely (a rewording, or a near-tie)
+            lines.append(f"         {'changed' if c['flagged'] else 'differs'}: {_short(c['prompt'])!r}: "
+                         f"{_short(c['base'])!r} -> {_short(c['tuned'])!r}")
     if v.get("chosen_step") is not None:
-        why = ("the lowest validation loss with retention at or above the floor" if v.get("floor") and v.get("kept")
+        why = ("the lowest validation loss among those meeting the guard" if v.get("floor") and v.get("kept")
                else "the highest retention reached" if v.get("floor") and v.get("retention") is not None
                else "the lowest validation loss")
         stop = f"; stopped early at step {summary['steps']}: {v['stop_reason']}" if v.get("stop_reason") else ""
         lines.append(f"chosen:  the adapter of step {v['chosen_step']} of {summary['steps']} ({why}){stop}")
     return lines
+
+
+def _short(text: str, width: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _launch(cfg, out_dir: Path, nproc, hosts, hostfile, explicit_out: bool) -> int:

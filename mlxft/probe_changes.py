@@ -1,0 +1,58 @@
+"""Per-probe retention: which probes the tuned model would no longer answer as the base did.
+
+The mean retention score (mlxft.retention) can stay high while one everyday answer is lost.
+So every scoring also counts the probes whose answer changed. A probe counts as changed when
+both hold, teacher-forced on the base model's own greedy answer:
+
+- the tuned model no longer predicts every token of it top-1 where the base did (greedy decoding
+  would leave the base's answer at that position), and
+- the whole answer became more than CHANGE_NATS less likely (4x), so the flip is not a near-tie
+  between two tokens that rounding alone can reorder.
+
+Calibration: the base model scored against its own baseline in another dtype (bf16 weights
+against the f32 baseline) flips near-ties only; its whole-answer log-likelihood moves by
+rounding, far below ln 4 (tests/test_probe_changes.py checks that none is flagged; the measured
+figures for the real models are in docs/retention.md).
+
+At the end of a run the chosen adapter answers the probes again, in one batch, and the answers
+that differ in content from the base's (case and spacing aside) are listed, flagged ones
+first, at most MAX_SHOWN of them: that is what the verdict shows.
+"""
+
+from __future__ import annotations
+
+import math
+
+CHANGE_NATS = math.log(4.0)
+MAX_SHOWN = 5
+
+
+def is_changed(base_row: dict, logprob: float, tokens: int, correct: int) -> bool:
+    """Whether the tuned model's teacher-forced figures on one baseline answer say it changed."""
+    base_correct = round(base_row["agreement"] * base_row["tokens"])
+    return correct < base_correct and logprob - base_row["logprob"] < -CHANGE_NATS
+
+
+def _same_content(a: str, b: str) -> bool:
+    return " ".join(a.casefold().split()) == " ".join(b.casefold().split())
+
+
+def chosen_answers(cfg, run, backend, summary: dict, baseline: dict, flagged: set[str]) -> list[dict]:
+    """The chosen adapter's greedy answers to the probes (one batch), compared with the base's:
+    the probes whose answer changed in content, flagged first, at most MAX_SHOWN."""
+    from mlxft.retention import _answers, _eval_mode
+
+    if summary.get("chosen_step") != summary.get("steps"):
+        backend.load_adapter_weights(run.best_adapter)  # the model holds the last step's adapter
+    rows = baseline["probes"]
+    with _eval_mode(backend):
+        answers = _answers(backend, [r["prompt_ids"] for r in rows], baseline["max_new_tokens"])
+    tok = backend.tokenizer
+    changed = []
+    for row, (ids, _) in zip(rows, answers):
+        tuned = tok.decode(ids, skip_special_tokens=True).strip()
+        if not _same_content(tuned, row["answer"]):
+            changed.append({"id": row["id"], "prompt": row["prompt"], "base": row["answer"].strip(),
+                            "tuned": tuned, "flagged": row["id"] in flagged})
+    changed.sort(key=lambda c: not c["flagged"])
+    return changed[:MAX_SHOWN]

@@ -1,0 +1,93 @@
+"""Scoring retention only at the validations where it can change a decision (the default) keeps
+the same adapter and stops at the same step as scoring it at every validation."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tests.helpers.data import write_jsonl
+
+
+class _Progress:
+    def message(self, text):
+        pass
+
+
+def _simulate(mode: str, losses: list[float], rets: list[dict], patience: int | None, max_changed: int | None = 1) -> tuple:
+    """The trainer's own _validate over scripted validation losses and retention figures."""
+    from mlxft.config import Config
+    from mlxft.selection import Selection
+    from mlxft.trainer import Trainer, TrainState
+
+    cfg = Config()
+    cfg.retention.floor, cfg.retention.max_changed, cfg.retention.score_at = 0.9, max_changed, mode
+    cfg.train.early_stop_patience = patience
+    trainer = object.__new__(Trainer)
+    trainer.cfg, trainer.state, trainer.total, trainer.writes, trainer._last_val = cfg, TrainState(), len(losses), \
+        False, None
+    trainer.selection = Selection(patience, cfg.retention.floor, max_changed, mode)
+    trainer.timings, trainer.retention_scored = {"validation_s": 0.0, "retention_s": 0.0}, 0
+    trainer.evaluate = lambda: {"loss": losses[trainer.state.step - 1]}
+    trainer._score_retention = lambda: rets[trainer.state.step - 1]
+    for step in range(1, len(losses) + 1):
+        trainer.state.step = step
+        if trainer._validate(step, None, _Progress()):
+            break
+    s = trainer.state
+    return (s.chosen_step, s.step, s.chosen_retention, s.stop_reason), trainer.retention_scored
+
+
+def test_deciding_validations_choose_what_every_validation_chooses():
+    rng = random.Random(0)
+    saved = 0
+    for _ in range(300):
+        n = rng.randint(3, 14)
+        loss, losses, rets, score = 5.0, [], [], 1.0
+        for _ in range(n):
+            loss *= rng.choice([0.7, 0.9, 0.995, 1.0, 1.05, 1.2])
+            score = min(1.0, max(0.0, score + rng.uniform(-0.06, 0.03)))
+            losses.append(loss)
+            rets.append({"score": score, "changed": rng.choice([0, 0, 1, 2])})
+        patience = rng.choice([None, 1, 2, 3])
+        every, n_every = _simulate("every", losses, rets, patience)
+        deciding, n_deciding = _simulate("deciding", losses, rets, patience)
+        assert deciding == every, (losses, rets, patience)
+        assert n_deciding <= n_every
+        saved += n_every - n_deciding
+    assert saved > 0  # the rule does skip validations, or this test shows nothing
+
+
+@pytest.mark.parametrize("max_changed, chosen", [(1, 2), (None, 4)])
+def test_max_changed_joins_the_floor(max_changed, chosen):
+    """The mean stays above the floor while more probes change: a cap of 1 keeps step 2."""
+    rets = [{"score": 0.95, "changed": c} for c in (0, 1, 2, 3)]
+    (chosen_step, *_), _ = _simulate("deciding", [4.0, 3.0, 2.0, 1.0], rets, None, max_changed)
+    assert chosen_step == chosen
+
+
+def test_deciding_scoring_on_a_tiny_model(tmp_path, default_model_dir):
+    """A real tiny model trained off its probes with validation at every step: both ways keep
+    the same adapter, with the same retention, and stop at the same step."""
+    from mlxft.config import build_config
+    from mlxft.pipeline import train_run
+    from tests.tiny import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny", default_model_dir, seed=2, tie_word_embeddings=False)
+    rec = {"messages": [{"role": "user", "content": "zork"}, {"role": "assistant", "content": "plugh xyzzy " * 4}]}
+    data = write_jsonl(tmp_path / "d.jsonl", [rec] * 8)
+    valid = write_jsonl(tmp_path / "v.jsonl", [{"messages": [
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "The capital of France is Paris."}]}])
+    out = {}
+    for mode in ("every", "deciding"):
+        cfg = build_config(None, ["train.dtype=float32", "data.replay=0", "retention.probes=6",
+                                  "retention.max_new_tokens=8", "train.steps=16", "train.eval_every=1",
+                                  "train.learning_rate=3e-2", "retention.floor=0.97", f"retention.score_at={mode}"],
+                           {"model": str(model), "backend": "torch", "data": {"train": str(data), "valid": str(valid)}})
+        out[mode] = train_run(cfg, tmp_path / mode)
+    every, deciding = out["every"], out["deciding"]
+    assert deciding["chosen_step"] == every["chosen_step"] and deciding["steps"] == every["steps"]
+    assert deciding["retention"]["score"] == pytest.approx(every["retention"]["score"], abs=1e-6)
+    assert deciding["retention_scored"] <= every["retention_scored"] == every["steps"]
