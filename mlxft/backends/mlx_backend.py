@@ -314,14 +314,24 @@ class MLXBackend(MLXInference, MLXDeviceInfo, Backend):
             loss_total = loss_total + loss
             if i < len(batches) - 1:
                 mx.eval(loss_total, grads)
+        return self.apply_gradients(grads, loss_total, n_total)
+
+    def apply_gradients(self, grads, loss_total, n_targets: int) -> StepResult:
+        """The end of every optimizer step (SFT and preference alike), once this rank's gradients
+        are accumulated: sum over ranks, then the compiled clip-and-update (which leaves the
+        weights alone when loss or norm is not finite)."""
+        mx = self.mx
+        fns = self._build()
         if self.world.distributed:
             grads, loss_total = self._sum_over_ranks(grads, loss_total)
+        if grads is None:  # no micro-batch on this process
+            grads = tree_map_zeros(self.model.trainable_parameters())
         norm = fns["update"](grads, loss_total)
         mx.eval(self.model.state, self.optimizer.state, mx.random.state, loss_total, norm)
         self._maybe_clear_cache()
         loss_value, norm_value = float(loss_total.item()), float(norm.item())
         finite = math.isfinite(loss_value) and math.isfinite(norm_value)
-        return StepResult(loss=loss_value, n_targets=n_total, grad_norm=norm_value, finite=finite)
+        return StepResult(loss=loss_value, n_targets=n_targets, grad_norm=norm_value, finite=finite)
 
     def _sum_over_ranks(self, grads, loss_total):
         """One all_sum per optimizer step: every gradient and the loss in a single flat f32

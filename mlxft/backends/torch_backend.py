@@ -246,7 +246,6 @@ class TorchBackend(TorchInference, TorchDeviceInfo, Backend):
         return total
 
     def train_step(self, batches: list[Batch], lr: float, n_total: int | None = None) -> StepResult:
-        torch = self.torch
         if n_total is None:
             n_total = sum(b.n_targets for b in batches)
         for group in self.optimizer.param_groups:
@@ -259,16 +258,20 @@ class TorchBackend(TorchInference, TorchDeviceInfo, Backend):
                 loss = self._loss_sum(hidden, labels, need_grad=True) / max(n_total, 1)
                 loss.backward()
             loss_total += float(loss.detach())
+        return self.apply_gradients(loss_total, n_total)
+
+    def apply_gradients(self, loss_total: float, n_targets: int) -> StepResult:
+        """The end of every optimizer step (SFT and preference alike), once this rank's gradients
+        are accumulated: sum over ranks, clip, and step only when loss and norm are finite."""
         params = self._trainable()
         if self.world.distributed:
             loss_total = self._sum_over_ranks(params, loss_total)
-        max_norm = max_grad_norm(self.cfg)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = float(self.torch.nn.utils.clip_grad_norm_(params, max_grad_norm(self.cfg)))
         finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=loss_total, n_targets=n_total, grad_norm=grad_norm, finite=finite)
+        return StepResult(loss=loss_total, n_targets=n_targets, grad_norm=grad_norm, finite=finite)
 
     def _sum_over_ranks(self, params, loss_total: float) -> float:
         """One all-reduce per optimizer step: every gradient and the loss in a single flat f32

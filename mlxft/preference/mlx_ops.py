@@ -7,7 +7,6 @@ model with its LoRA/DoRA layers swapped for the base layers they wrap (no weight
 from __future__ import annotations
 
 import contextlib
-import math
 
 import numpy as np
 
@@ -68,7 +67,7 @@ def train_step(backend, micro, lr: float, objective: Objective, n_pairs: int, n_
     import mlx.nn as nn
     from mlx.utils import tree_map
 
-    fns = backend._build()
+    backend._build()
     backend.model.train()
     backend.optimizer.learning_rate = mx.array(lr, mx.float32)
 
@@ -88,15 +87,4 @@ def train_step(backend, micro, lr: float, objective: Objective, n_pairs: int, n_
         grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
         loss_total = loss_total + loss
         mx.eval(loss_total, grads)
-    if backend.world.distributed:
-        grads, loss_total = backend._sum_over_ranks(grads, loss_total)
-    if grads is None:
-        from mlxft.backends.mlx_backend import tree_map_zeros
-
-        grads = tree_map_zeros(backend.model.trainable_parameters())
-    norm = fns["update"](grads, loss_total)
-    mx.eval(backend.model.state, backend.optimizer.state, mx.random.state, loss_total, norm)
-    backend._maybe_clear_cache()
-    loss_value, norm_value = float(loss_total.item()), float(norm.item())
-    finite = math.isfinite(loss_value) and math.isfinite(norm_value)
-    return StepResult(loss=loss_value, n_targets=n_pairs, grad_norm=norm_value, finite=finite)
+    return backend.apply_gradients(grads, loss_total, n_pairs)

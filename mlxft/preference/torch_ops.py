@@ -7,7 +7,6 @@ switched off (PEFT's disable_adapter), so no second copy of the weights exists."
 from __future__ import annotations
 
 import contextlib
-import math
 
 from mlxft.backends.base import StepResult
 from mlxft.preference.losses import Objective, TorchOps
@@ -85,18 +84,8 @@ def backward(backend, micro, objective: Objective, n_pairs: int, n_chosen_tokens
 
 def train_step(backend, micro, lr: float, objective: Objective, n_pairs: int, n_chosen_tokens: int) -> StepResult:
     """One optimizer step over `micro`, clipped, skipped when not finite, as the SFT step."""
-    torch = backend.torch
     for group in backend.optimizer.param_groups:
         group["lr"] = lr
     backend.optimizer.zero_grad(set_to_none=True)
     loss_total = backward(backend, micro, objective, n_pairs, n_chosen_tokens)
-    params = backend._trainable()
-    if backend.world.distributed:
-        loss_total = backend._sum_over_ranks(params, loss_total)
-    max_norm = backend.cfg.train.max_grad_norm if backend.cfg.train.max_grad_norm > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
-    if finite:
-        backend.optimizer.step()
-    backend.optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=loss_total, n_targets=n_pairs, grad_norm=grad_norm, finite=finite)
+    return backend.apply_gradients(loss_total, n_pairs)
