@@ -237,21 +237,27 @@ def load_dataset(path: Path | str, tokenizer, max_seq_len: int, mask_prompt: boo
     return ds
 
 
+def held_out_split(n: int, share: float, seed: int, path: str, unit: str = "samples") -> tuple[list[int], list[int]]:
+    """(train indices, validation indices) of `n` items: a seeded share, at least one item on
+    each side, both in file order. The one rule for SFT samples and preference pairs alike."""
+    if n < 2:
+        raise DataError(path, None, f"needs at least 2 {unit} to hold out a validation split (or give data.valid)")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_valid = min(n - 1, max(1, round(n * share)))
+    return sorted(order[n_valid:]), sorted(order[:n_valid])
+
+
 def split_dataset(ds: Dataset, share: float, seed: int) -> tuple[Dataset, Dataset]:
     """Hold out a seeded share (at least one sample) for validation."""
-    if len(ds) < 2:
-        raise DataError(ds.path, None, "needs at least 2 samples to hold out a validation split "
-                        "(or give data.valid)")
-    order = list(range(len(ds)))
-    random.Random(seed).shuffle(order)
-    n_valid = min(len(ds) - 1, max(1, round(len(ds) * share)))
+    train, valid = held_out_split(len(ds), share, seed, ds.path)
+
     def part(indices, path, truncated=0, skipped=()):
         pick = lambda xs: [xs[i] for i in indices] if xs else []  # noqa: E731
         return Dataset(pick(ds.samples), ds.fmt, path, truncated, list(skipped), records=pick(ds.records),
                        full_lengths=pick(ds.full_lengths), cut=pick(ds.cut), shape=ds.shape)
 
-    return (part(sorted(order[n_valid:]), ds.path, ds.truncated, ds.skipped),
-            part(sorted(order[:n_valid]), ds.path + " (held out)"))
+    return part(train, ds.path, ds.truncated, ds.skipped), part(valid, ds.path + " (held out)")
 
 
 # ---------------------------------------------------------------------------- batching

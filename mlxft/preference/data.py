@@ -9,10 +9,9 @@ chosen answer (mlxft.data.tokenize_record), which is the SFT-on-chosen baseline.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 
-from mlxft.data import Batch, Sample, _tokenize_with_spans, collate, has_chat_template, render_chat
+from mlxft.data import Batch, Sample, _tokenize_with_spans, collate, has_chat_template, held_out_split, render_chat
 from mlxft.errors import DataError
 from mlxft.formats import read_records, row_error
 from mlxft.formats.records import RowError
@@ -121,19 +120,14 @@ def load_pairs(path, tokenizer, max_seq_len: int, system_prompt: str | None = No
 
 def split_pairs(ds: PairDataset, share: float, seed: int) -> tuple[PairDataset, PairDataset]:
     """Hold out a seeded share of the pairs (at least one) for validation."""
-    if len(ds) < 2:
-        raise DataError(ds.path, None, "needs at least 2 pairs to hold out a validation split (or give data.valid)")
-    order = list(range(len(ds)))
-    random.Random(seed).shuffle(order)
-    n_valid = min(len(ds) - 1, max(1, round(len(ds) * share)))
+    train, valid = held_out_split(len(ds), share, seed, ds.path, unit="pairs")
 
     def part(indices, path, truncated=0, skipped=()):
         return PairDataset([ds.pairs[i] for i in indices], path, truncated, list(skipped),
                            records=[ds.records[i] for i in indices] if ds.records else [],
                            cut=[ds.cut[i] for i in indices] if ds.cut else [])
 
-    return (part(sorted(order[n_valid:]), ds.path, ds.truncated, ds.skipped),
-            part(sorted(order[:n_valid]), ds.path + " (held out)"))
+    return part(train, ds.path, ds.truncated, ds.skipped), part(valid, ds.path + " (held out)")
 
 
 def collate_pairs(pairs: list[Pair], pad_id: int) -> Batch:
