@@ -114,7 +114,9 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
         timings["baseline_and_replay_s"] = round(time.perf_counter() - clock, 2)
     n_task = len(train_set)
     if retention is not None and cfg.data.replay > 0:
-        replay = retention.replay_samples(cfg, run, backend.tokenizer, len(train_set)) if world.is_root else None
+        from mlxft.replay import replay_samples
+
+        replay = replay_samples(cfg, run, backend.tokenizer, len(train_set)) if world.is_root else None
         train_set.samples.extend(_share_replay(world, replay))
     track = retention.tracker(run, backend) if retention is not None and cfg.retention.enabled and world.is_root \
         else None

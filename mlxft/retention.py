@@ -33,12 +33,9 @@ adapter by validation whose score is at least `retention.floor` with at most
 `retention.max_changed` changed probes (mlxft/guard_policy.py); below `retention.warn_below` a
 warning with advice is printed.
 
-Replay (`data.replay: r`): the base answers a second, disjoint prompt set
-(mlxft/probes/replay.jsonl; never the retention probes, which would inflate the score) and
-those conversations are added to the training data so they make up a share r of it. Answers
-cut off by the token budget are trimmed to their last full sentence or dropped. They are written
-to RUN/replay.jsonl (chat format) and cached like the baseline. A base model replays its own
-continuations of general passages instead (mlxft/text_replay.py). Replay is on by default (0.5):
+Replay (`data.replay: r`, mlxft/replay.py and mlxft/text_replay.py): the base model's own
+answers to a second, disjoint prompt set (a base model: its continuations of other passages),
+added to the training data so they make up a share r of it. Replay is on by default (0.5):
 it is what kept retention above the floor while learning in the measurements
 (docs/retention.md).
 """
@@ -57,10 +54,7 @@ from mlxft.data import Sample, collate
 PROBES_DIR = Path(__file__).resolve().parent / "probes"
 GENERAL_PROBES = PROBES_DIR / "general.jsonl"
 PASSAGES = PROBES_DIR / "passages.jsonl"  # base models: general text to continue, several domains
-REPLAY_PROMPTS = PROBES_DIR / "replay.jsonl"
 BASELINE_FILE = "retention_baseline.json"
-REPLAY_FILE = "replay.jsonl"
-REPLAY_MAX_TOKENS = 80
 CACHE_VERSION = 2
 SCORE_BATCH = 16  # probe answers scored per forward pass
 
@@ -262,110 +256,10 @@ def before_training(cfg, run, backend, n_train: int = 0) -> None:
         (run.path / BASELINE_FILE).write_text(json.dumps(baseline, indent=1))
         how = "cached" if cached else f"{time.perf_counter() - started:.1f}s"
         ui.info(f"retention baseline: {len(baseline['probes'])} probes ({how}) -> {run.path / BASELINE_FILE}")
-    if cfg.data.replay > 0 and not own_chat_format(backend):
-        from mlxft.text_replay import TEXT_REPLAY_PASSAGES, continuation_records
+    if cfg.data.replay > 0:
+        from mlxft.replay import record_replay
 
-        need = min(len(load_probes(TEXT_REPLAY_PASSAGES)), replay_count(cfg.data.replay, n_train))
-        started = time.perf_counter()
-        with ui.console.status(f"Recording the base model's continuations of {need} replay passages"):
-            records = continuation_records(cfg, run, backend, need)
-        with open(run.path / REPLAY_FILE, "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in records)
-        ui.info(f"text replay: {len(records)} of {need} continuations of the base model usable "
-                f"({time.perf_counter() - started:.1f}s) -> {run.path / REPLAY_FILE}")
-    elif cfg.data.replay > 0:
-        need = min(len(load_probes(REPLAY_PROMPTS)), replay_count(cfg.data.replay, n_train))
-        started = time.perf_counter()
-        with ui.console.status(f"Recording the base model's answers to {need} replay prompts"):
-            records = replay_records(cfg, run, backend, need)
-        with open(run.path / REPLAY_FILE, "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(r) + "\n" for r in records)
-        ui.info(f"replay: {len(records)} of {need} answers of the base model usable "
-                f"({time.perf_counter() - started:.1f}s) -> {run.path / REPLAY_FILE}")
-
-
-def replay_count(share: float, n_train: int) -> int:
-    """Replay samples so that they are `share` of the mixed training set."""
-    if share <= 0 or n_train <= 0:
-        return 0
-    return max(1, round(share * n_train / (1 - share)))
-
-
-def _trim_to_sentence(text: str) -> str | None:
-    cut = max(text.rfind(c) for c in ".!?")
-    return text[: cut + 1].strip() if cut > 0 else None
-
-
-def _first_sentence(text: str) -> str | None:
-    ends = [i for i in (text.find(c) for c in ".!?") if i > 0]
-    return text[: min(ends) + 1].strip() if ends else None
-
-
-def replay_records(cfg, run, backend, n: int) -> list[dict]:
-    """The base model's answers to the first n replay prompts, as chat records (cached per prompt)."""
-    from mlxft.atomic import atomic_file
-
-    ident = _model_identity(cfg, run, backend)
-    path = _cache_dir() / f"replay-{_sha({**ident, 'max': REPLAY_MAX_TOKENS, 'v': CACHE_VERSION})[:24]}.json"
-    try:
-        cache = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        cache = {}
-    tok = backend.tokenizer
-    prompts = load_probes(REPLAY_PROMPTS)[:n]
-    keys = [f"{p['id']}:{_sha(p['prompt'])[:12]}" for p in prompts]
-    missing = [(k, p) for k, p in zip(keys, prompts) if k not in cache]
-    if missing:
-        with _eval_mode(backend):
-            answers = _answers(backend, [probe_prompt_ids(tok, p, cfg.data.system_prompt) for _, p in missing],
-                               REPLAY_MAX_TOKENS)
-        for (key, _), (ids, stopped) in zip(missing, answers):
-            text = tok.decode(ids, skip_special_tokens=True).strip()
-            cache[key] = text if stopped else _trim_to_sentence(text)
-    cut = _first_sentence if cfg.data.replay_cut == "first_sentence" else (lambda text: text)
-    records = [{"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": cut(cache[k])}],
-                "id": p["id"]} for k, p in zip(keys, prompts) if cache[k] and cut(cache[k])]
-    if missing:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_file(path, "w") as fh:
-                json.dump(cache, fh)
-        except OSError:
-            pass
-    return records
-
-
-def replay_samples(cfg, run, tokenizer, n_train: int) -> list[Sample]:
-    """Tokenized replay conversations making up a share data.replay of the training set (the
-    recorded ones repeat when there are fewer than needed)."""
-    from mlxft import ui
-    from mlxft.data import tokenize_record
-
-    path = run.path / REPLAY_FILE
-    if not path.is_file():
-        ui.warn(f"data.replay: {path} missing (the base model's answers were not recorded); training without replay")
-        return []
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not records:
-        return []
-    want = replay_count(cfg.data.replay, n_train)
-    out = []
-    for i in range(want):
-        rec = records[i % len(records)]
-        if "completion_ids" in rec:  # a base model's continuation of a passage (mlxft.text_replay)
-            from mlxft.text_replay import text_sample
-
-            sample = text_sample(rec, cfg.train.max_seq_len)
-            out.extend([sample] if sample is not None else [])
-            continue
-        s = tokenize_record(tokenizer, rec, "chat", cfg.train.mask_prompt, cfg.data.system_prompt)
-        s.ids, s.targets = s.ids[: cfg.train.max_seq_len], s.targets[: cfg.train.max_seq_len]
-        if s.n_targets:
-            s.source = f"replay:{rec.get('id', i)}"
-            out.append(s)
-    ui.info(f"replay: {len(out)} of the base model's own answers mixed into {n_train} training samples "
-            f"(data.replay={cfg.data.replay})")
-    return out
+        record_replay(cfg, run, backend, n_train)
 
 
 def tracker(run, backend):

@@ -15,14 +15,12 @@ replay answers (mlxft.retention), and written to RUN/replay.jsonl.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mlxft.data import Sample
 
 TEXT_REPLAY_PASSAGES = Path(__file__).resolve().parent / "probes" / "passages_replay.jsonl"
 REPLAY_MAX_TOKENS = 48
-CACHE_VERSION = 1
 SENTENCE_ENDS = (".", "!", "?")
 
 
@@ -39,43 +37,21 @@ def sentence_cut(tokenizer, ids: list[int], first: bool = False) -> list[int]:
 def continuation_records(cfg, run, backend, n: int) -> list[dict]:
     """The base model's continuations of the first n replay passages, as records holding the
     prompt and continuation ids (cached per passage)."""
-    from mlxft.atomic import atomic_file
-    from mlxft.retention import _answers, _cache_dir, _eval_mode, _model_identity, _sha, load_probes, \
-        probe_prompt_ids
+    from mlxft.replay import cached_generations
+    from mlxft.retention import load_probes
 
-    ident = _model_identity(cfg, run, backend)
-    key = _sha({**ident, "max": REPLAY_MAX_TOKENS, "kind": "text", "v": CACHE_VERSION})[:24]
-    path = _cache_dir() / f"text-replay-{key}.json"
-    try:
-        cache = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        cache = {}
     tok = backend.tokenizer
     passages = load_probes(TEXT_REPLAY_PASSAGES)[:n]
-    keys = [f"{p['id']}:{_sha(p['prompt'])[:12]}" for p in passages]
-    missing = [(k, p) for k, p in zip(keys, passages) if k not in cache]
-    if missing:
-        prompts = [probe_prompt_ids(tok, p, None) for _, p in missing]
-        with _eval_mode(backend):
-            answers = _answers(backend, prompts, REPLAY_MAX_TOKENS)
-        eos = tok.eos_token_id
-        for (k, _), ids, (out, stopped) in zip(missing, prompts, answers):
-            body = [t for t in out if t != eos]
-            cache[k] = {"prompt_ids": ids, "ids": body, "stopped": stopped}
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_file(path, "w") as fh:
-                json.dump(cache, fh)
-        except OSError:
-            pass  # a read-only cache only costs time
+    gens = cached_generations(cfg, run, backend, passages, None, "text-replay", REPLAY_MAX_TOKENS)
     first = cfg.data.replay_cut == "first_sentence"
     records = []
-    for k, p in zip(keys, passages):
-        kept = sentence_cut(tok, cache[k]["ids"], first=first)
+    eos = tok.eos_token_id
+    for p, gen in zip(passages, gens):
+        kept = sentence_cut(tok, [t for t in gen["ids"] if t != eos], first=first)
         if kept:
             records.append({"id": p["id"], "kind": "text", "prompt": p["prompt"],
                             "completion": tok.decode(kept, skip_special_tokens=True),
-                            "prompt_ids": cache[k]["prompt_ids"], "completion_ids": kept})
+                            "prompt_ids": gen["prompt_ids"], "completion_ids": kept})
     return records
 
 

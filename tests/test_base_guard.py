@@ -43,7 +43,8 @@ def _cfg(model, data, *sets):
 
 def test_guard_is_on_by_default_for_a_base_model(base_model, chats, tmp_path, capsys):
     from mlxft.pipeline import train_run
-    from mlxft.retention import PASSAGES, REPLAY_FILE, load_probes
+    from mlxft.replay import REPLAY_FILE
+    from mlxft.retention import PASSAGES, load_probes
     from mlxft.text_replay import TEXT_REPLAY_PASSAGES
 
     cfg = _cfg(base_model, chats, "train.steps=2", "train.eval_every=2")

@@ -117,7 +117,7 @@ def test_retention_is_the_kept_adapters(varied_model, unrelated, tmp_path):
 
 def test_replay_count_and_samples(default_model_dir, tmp_path):
     from mlxft.config import Config
-    from mlxft.retention import REPLAY_FILE, replay_count, replay_samples
+    from mlxft.replay import REPLAY_FILE, replay_count, replay_samples
     from mlxft.runs import create_run
     from mlxft.tokenizer import load_tokenizer
 
@@ -141,7 +141,7 @@ def test_replay_count_and_samples(default_model_dir, tmp_path):
 def test_replay_records_trim_and_drop(default_model_dir, tmp_path):
     """Answers cut off by the token budget keep their last full sentence, or are dropped."""
     from mlxft.config import Config
-    from mlxft.retention import REPLAY_MAX_TOKENS, replay_records
+    from mlxft.replay import REPLAY_MAX_TOKENS, replay_records
     from mlxft.runs import create_run
     from mlxft.tokenizer import load_tokenizer
 

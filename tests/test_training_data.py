@@ -71,6 +71,7 @@ def config_for(model_dir, spec: str, data_sets: list[str], *more: str):
 @pytest.mark.parametrize("kind", ["csv", "hf"])
 def test_every_consumer_reads_the_samples_training_read(kind, tmp_path, tiny_model_dir, monkeypatch):
     pytest.importorskip("torch")
+    import mlxft.replay as replay
     import mlxft.retention as retention
     import mlxft.trainer as trainer_module
     from mlxft.pipeline import train_run
@@ -94,7 +95,7 @@ def test_every_consumer_reads_the_samples_training_read(kind, tmp_path, tiny_mod
         return []
 
     monkeypatch.setattr(trainer_module, "Trainer", capture_trainer)
-    monkeypatch.setattr(retention, "replay_records", capture_replay)
+    monkeypatch.setattr(replay, "replay_records", capture_replay)
     run = tmp_path / "run"
     train_run(cfg, run, skip_bad_lines=True)
 
@@ -106,8 +107,8 @@ def test_every_consumer_reads_the_samples_training_read(kind, tmp_path, tiny_mod
     assert len(valid_sources) == 2  # round(8 * 0.25)
 
     # replay: sized from the samples training read (0 before, when raw file lines were counted)
-    assert seen["replay_asked"] == min(len(retention.load_probes(retention.REPLAY_PROMPTS)),
-                                       retention.replay_count(0.5, seen["n_train"]))
+    assert seen["replay_asked"] == min(len(retention.load_probes(replay.REPLAY_PROMPTS)),
+                                       replay.replay_count(0.5, seen["n_train"]))
     assert seen["replay_asked"] > 0
 
     # the export self-check: the trainer's validation records, in the trainer's order
