@@ -17,7 +17,7 @@ import time
 
 from mlxft.data import Sample
 from mlxft.retention import (PROBES_DIR, CACHE_VERSION, _answers, _cache_dir, _eval_mode, _model_identity, _sha,
-                             load_probes, own_chat_format, probe_prompt_ids)
+                             load_probes, own_chat_format, probe_prompt_ids, write_cache)
 
 REPLAY_PROMPTS = PROBES_DIR / "replay.jsonl"
 REPLAY_FILE = "replay.jsonl"
@@ -71,7 +71,6 @@ def cached_generations(cfg, run, backend, items: list[dict], system: str | None,
     {"prompt_ids", "ids", "stopped"}. Answers are cached per item under MLXFT_HOME/retention/
     ({kind}-KEY.json, keyed by the model's identity), and only the missing ones are generated,
     side by side. The one cache of the base model's replay answers, chat and text alike."""
-    from mlxft.atomic import atomic_file
 
     ident = _model_identity(cfg, run, backend)
     key = _sha({**ident, "max": max_tokens, "kind": kind, "system": system, "v": CACHE_VERSION})[:24]
@@ -89,12 +88,7 @@ def cached_generations(cfg, run, backend, items: list[dict], system: str | None,
             answers = _answers(backend, prompts, max_tokens)
         for (k, _), ids, (out, stopped) in zip(missing, prompts, answers):
             cache[k] = {"prompt_ids": ids, "ids": out, "stopped": stopped}
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_file(path, "w") as fh:
-                json.dump(cache, fh)
-        except OSError:
-            pass  # a read-only cache only costs time
+        write_cache(path, cache)
     return [cache[k] for k in keys]
 
 

@@ -191,21 +191,27 @@ def build_baseline(cfg, backend) -> dict:
 
 
 def _cached_json(path: Path, build):
-    from mlxft.atomic import atomic_file
-
     if path.is_file():
         try:
             return json.loads(path.read_text()), True
         except (OSError, json.JSONDecodeError):
             pass
     data = build()
+    write_cache(path, data)
+    return data, False
+
+
+def write_cache(path: Path, data) -> None:
+    """Write a JSON cache file whole (temporary name, then rename); a cache that cannot be
+    written (read-only MLXFT_HOME, full disk) only costs time on the next run."""
+    from mlxft.atomic import atomic_file
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(path, "w") as fh:
             json.dump(data, fh)
     except OSError:
-        pass  # a read-only cache only costs time
-    return data, False
+        pass
 
 
 def compare(baseline: dict, scored: list[tuple[float, int, int]]) -> dict:
