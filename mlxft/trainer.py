@@ -141,8 +141,9 @@ class Trainer:
                              f"not overwritten (last good: {last}, in {self.run.checkpoint})",
                              "lower train.learning_rate or lora.alpha, or set train.skip_nonfinite: true")
         checkpoint.save(self.run.checkpoint, self.backend, self.world, asdict(self.state), writes=self.writes)
-        if self.writes:
-            self.saved_step = self.state.step
+        # Every rank took part in this checkpoint (its state was gathered), so every rank records
+        # it: a stop on this step must not send the other ranks into a second save alone.
+        self.saved_step = self.state.step
 
     def restore_checkpoint(self) -> None:
         self.state = TrainState(**checkpoint.restore(self.resume_from, self.backend, self.world))

@@ -264,14 +264,17 @@ def test_nproc_starts_the_backends_launcher(model, data, tmp_path, backend, laun
     assert meta["status"] == "done" and meta["world_size"] == 2
 
 
-def test_ctrl_c_under_torchrun_checkpoints_every_rank_together(model, data, tmp_path):
+@pytest.mark.parametrize("save_every", [50, 1])
+def test_ctrl_c_under_torchrun_checkpoints_every_rank_together(model, data, tmp_path, save_every):
     """The terminal's SIGINT reaches every rank (and torchrun, which then sends SIGTERM): the
     ranks agree to stop at the same step, write one checkpoint with both ranks' state, and say
-    how to resume under the launcher."""
+    how to resume under the launcher. With save_every=1 the stop lands on a step that was just
+    checkpointed, so every rank must know it saved (a rank that saves again alone waits forever
+    in the checkpoint's all-gather)."""
     pytest.importorskip("torch")
     out = tmp_path / "run"
-    proc = subprocess.Popen(torchrun(train_args(model, data, out, ["train.log_every=1", "train.save_every=50"],
-                                                steps=400)),
+    sets = ["train.log_every=1", f"train.save_every={save_every}"]
+    proc = subprocess.Popen(torchrun(train_args(model, data, out, sets, steps=400)),
                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.time() + 120
@@ -287,3 +290,4 @@ def test_ctrl_c_under_torchrun_checkpoints_every_rank_together(model, data, tmp_
     assert (out / "checkpoint" / "ranks" / "1" / "optimizer.pt").is_file()
     assert f"Interrupted at step {meta['step']}" in err
     assert f"torchrun --nproc-per-node 2 -m mlxft train --resume {out}" in err
+    assert "lost contact" not in err, err[-3000:]
