@@ -106,14 +106,34 @@ def _cache_dir() -> Path:
     return home() / "retention"
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".npz")
+
+
+def _weights_stamp(model_path) -> list:
+    """Name, size and modification time of each weight file in the model folder, so a model
+    rewritten in place (a re-pull, a fuse over the same folder) gets a fresh baseline. Hashing
+    the bytes would cost seconds per gigabyte on every run; size and mtime are what make and
+    Python's bytecode cache trust too."""
+    folder = Path(model_path) if model_path else None
+    if folder is None or not folder.is_dir():
+        return []
+    stamp = []
+    for f in sorted(folder.iterdir()):
+        if f.suffix in WEIGHT_SUFFIXES and f.is_file():
+            st = f.stat()
+            stamp.append([f.name, st.st_size, st.st_mtime_ns])
+    return stamp
+
+
 def _model_identity(cfg, run, backend) -> dict:
-    """What the 'base' of this run is: its model path, plus the starting adapter when training
-    continues from another run."""
+    """What the 'base' of this run is: its model path and the state of its weight files, plus the
+    starting adapter when training continues from another run."""
     from mlxft.runs import Run, is_run_dir
 
     meta = run.meta()
     setup = getattr(backend, "chat_setup", None)
-    ident = {"model_path": meta.get("model_path"), "backend": backend.name, "dtype": backend.dtype_name(),
+    ident = {"model_path": meta.get("model_path"), "weights": _weights_stamp(meta.get("model_path")),
+             "backend": backend.name, "dtype": backend.dtype_name(),
              "device": backend.device_name(), "system_prompt": cfg.data.system_prompt,
              "chat_template": _sha(setup.template)[:16] if setup is not None else None}
     if cfg.model and is_run_dir(cfg.model):

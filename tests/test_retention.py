@@ -88,6 +88,30 @@ def test_retention_near_one_with_tiny_lr_and_baseline_cached(varied_model, unrel
     assert any(p.name.startswith("baseline-") for p in (home() / "retention").iterdir())
 
 
+def test_baseline_is_recorded_again_when_the_weights_are_rewritten(varied_model, unrelated, tmp_path,
+                                                                    monkeypatch):
+    """The cache is keyed by the weight files' state too: the same folder with new weights (a
+    re-pull, a fuse written over it) must not reuse the old model's answers."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = shutil.copytree(varied_model, tmp_path / "model")
+    calls = count_generate(monkeypatch)
+    train(model, tmp_path / "a", unrelated, "train.steps=1", "retention.probes=5")
+    calls.clear()
+    train(model, tmp_path / "b", unrelated, "train.steps=1", "retention.probes=5")
+    assert len(calls) == 5  # cached: only the chosen adapter answered
+    weights = model / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.endswith("embed_tokens.weight"))
+    tensors[name] = tensors[name] * 1.5
+    save_file(tensors, weights, metadata={"format": "pt"})
+    calls.clear()
+    train(model, tmp_path / "c", unrelated, "train.steps=1", "retention.probes=5")
+    assert len(calls) == 5 + 5  # the rewritten model answered the probes again
+
+
 def test_retention_is_the_kept_adapters(varied_model, unrelated, tmp_path):
     """The retention reported is the one tracked for the adapter kept in RUN/adapter-best, and
     that adapter, loaded from disk on its own, scores the same."""
