@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="train.compile: the compiled step (mlxft/backends/torch_fast.py)")
     ap.add_argument("--no-fuse", action="store_true", help="PEFT's own LoRA forward (the step before fused LoRA)")
+    ap.add_argument("--no-fused-loss", action="store_true",
+                    help="the plain lm_head + cross-entropy (the step before mlxft/backends/torch_loss.py)")
     ap.add_argument("--top", type=int, default=12, help="also list the N most expensive operators")
     args = ap.parse_args()
 
@@ -95,6 +97,9 @@ def main() -> None:
     if args.no_fuse:
         for layer in backend._tuner_layers:
             vars(layer).pop("forward", None)
+    if args.no_fused_loss:
+        import mlxft.backends.torch_backend as torch_backend
+        torch_backend.fusable_head = lambda head, cap: False
     data = load_dataset(args.data, backend.tokenizer, max_seq_len=256, mask_prompt=True)
     by_length = sorted(data.samples, key=len)
     middle = max(0, len(by_length) // 2 - args.batch_size // 2)
@@ -131,7 +136,7 @@ def main() -> None:
     load = os.getloadavg()
     print(f"model {model.name if hasattr(model, 'name') else model}; {backend.dtype_name()}; batch {batch.input_ids.shape} "
           f"({batch.n_tokens} real tokens, {batch.n_targets} targets); {torch.get_num_threads()} thread(s); "
-          f"compile={args.compile}, fused LoRA={not args.no_fuse}")
+          f"compile={args.compile}, fused LoRA={not args.no_fuse}, fused loss={not args.no_fused_loss}")
     print(f"step wall {wall:.3f} s (profiler on; load average {load[0]:.1f}: absolute times are not comparable "
           f"across minutes, shares are)")
     print(f"warm-up steps (unprofiled) {', '.join(f'{w:.2f}' for w in warmup)} s")

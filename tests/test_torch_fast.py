@@ -147,3 +147,83 @@ def test_no_gradient_flows_below_the_lowest_adapted_block(tiny_model_dir, data_f
         for h in hooks:
             h.remove()
     assert seen == {0: False, 1: True}
+
+
+def _plain_loss_sum(backend, hidden, labels):
+    """The unfused head and cross-entropy (TorchBackend._loss_sum's plain path)."""
+    from mlxft.backends import torch_backend
+
+    real = torch_backend.fusable_head
+    torch_backend.fusable_head = lambda head, cap: False
+    try:
+        return backend._loss_sum(hidden, labels, need_grad=True)
+    finally:
+        torch_backend.fusable_head = real
+
+
+def test_fused_cross_entropy_equals_float64_within_its_rounding():
+    """Loss and gradient to the hidden states, over several chunks, against a float64 evaluation.
+    Bound (Higham's gamma_n = n u / (1 - n u), u = 2**-24): each f32 logit z_tj is a d-term dot
+    product, off by at most gamma_d * (|h_t| . |w_j|); the loss of a position (max + log-sum-exp
+    over V terms - target) moves by at most twice the largest logit error plus gamma_V for the
+    sum of V exponentials; the softmax entries are then off by at most that relative amount, and
+    dL/dh_t = (p_t - onehot) @ W adds a V-term sum: gamma_V * (|p_t - onehot| @ |W|)."""
+    from mlxft.backends.torch_loss import fused_linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    T, V, d = 37, 1000, 24
+    h64 = torch.randn(T, d, generator=gen, dtype=torch.float64)
+    w64 = torch.randn(V, d, generator=gen, dtype=torch.float64) * 0.5
+    y = torch.randint(0, V, (T,), generator=gen)
+    h = h64.float().requires_grad_()
+    loss = fused_linear_cross_entropy(h, w64.float(), y, chunk=8)
+    (loss * 0.5).backward()  # the backward scales by the incoming gradient
+
+    ref_h = h64.float().double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(ref_h @ w64.float().double().T, y, reduction="sum")
+    ref.backward()
+
+    u = 2.0 ** -24
+    gamma = lambda n: n * u / (1 - n * u)  # noqa: E731
+    logit_err = gamma(d) * (h64.abs() @ w64.abs().T)  # (T, V)
+    per_position = 2 * logit_err.amax(dim=1) + gamma(V)
+    assert abs(float(loss.detach()) - float(ref.detach())) <= float(per_position.sum())
+    # softmax entries off by at most 2 * per_position relative; the V-term product adds gamma_V
+    probs = torch.softmax(h64 @ w64.T, dim=1)
+    residual = probs.clone()
+    residual[torch.arange(T), y] -= 1
+    grad_bound = 0.5 * ((2 * per_position[:, None] * probs) @ w64.abs() + gamma(V) * (residual.abs() @ w64.abs()))
+    err = (h.grad.double() - 0.5 * ref_h.grad).abs()
+    assert torch.all(err <= grad_bound), float((err / grad_bound).max())
+    # the bound is tight enough to catch a real mistake: a gradient 1e-3 relative off fails it
+    assert not torch.all((1e-3 * ref_h.grad).abs() <= grad_bound)
+    assert float(ref_h.grad.norm()) > 0
+
+
+def test_fused_loss_step_equals_the_plain_head(tiny_model_dir, data_file):
+    """Through the backend: the fused head's loss and LoRA gradients equal the plain path's (the
+    same sums in another order; RTOL above)."""
+    b = backend_for(tiny_model_dir, data_file)
+    head, cap = b._head()
+    from mlxft.backends.torch_loss import fusable_head
+
+    assert fusable_head(head, cap)
+    batch = batches(b, data_file)[0]
+    got = loss_and_grads(b, batch)
+    b.optimizer.zero_grad(set_to_none=True)
+    with b._compute():
+        hidden, labels = b._hidden(batch)
+        loss = _plain_loss_sum(b, hidden, labels) / batch.n_targets
+        loss.backward()
+    want = float(loss.detach()), torch.cat([p.grad.flatten() for p in b._trainable()])
+    assert_close(got, want)
+
+
+def test_fused_loss_falls_back_for_a_trainable_or_capped_head():
+    from mlxft.backends.torch_loss import fusable_head
+
+    head = torch.nn.Linear(4, 10, bias=False).requires_grad_(False)
+    assert fusable_head(head, None)
+    assert not fusable_head(head, 30.0)  # Gemma 2's final_logit_softcapping
+    assert not fusable_head(head.requires_grad_(True), None)
+    assert not fusable_head(torch.nn.Linear(4, 10).requires_grad_(False), None)  # a bias

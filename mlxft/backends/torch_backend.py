@@ -9,8 +9,10 @@ Speed and memory (measured on a 2-core AVX512-BF16 CPU with SmolLM2-135M; docs/b
   MB less activation memory than PEFT's default);
 - attention: eager (plain matmuls) for batches up to EAGER_ATTENTION_MAX_LEN positions, where
   it beats the CPU SDPA kernel's backward, SDPA above it (CPU only; CUDA keeps its choice);
-- the loss only at target positions, lm_head applied LOSS_CHUNK positions at a time, each chunk
-  checkpointed, so f32 logits exist for one chunk at a time (vocabularies are 49k to 150k+);
+- the loss only at target positions, lm_head applied LOSS_CHUNK positions at a time, so f32
+  logits exist for one chunk at a time (vocabularies are 49k to 262k); in training the head and
+  the cross-entropy are fused (torch_loss.py: one exponential pass, the gradient to the hidden
+  states computed in the forward, the head's matmul never recomputed);
 - packed batches get a block-diagonal causal mask and per-sample positions (no cross-talk);
 - gradient checkpointing as an option (recomputes each block's forward: less memory, ~30% slower).
 
@@ -31,6 +33,7 @@ from mlxft.backends.common import (adapted_layer_count, max_grad_norm, resolve_l
 from mlxft.backends.torch_device import (EAGER_ATTENTION_MAX_LEN, LOSS_CHUNK, TorchDeviceInfo, pick_device,
                                          pick_dtype, torch_loadable)
 from mlxft.backends.torch_fast import compile_blocks, install_fused_lora
+from mlxft.backends.torch_loss import fused_linear_cross_entropy, fusable_head
 from mlxft.backends.torch_inference import TorchInference
 from mlxft.config import Config
 from mlxft.data import Batch
@@ -232,6 +235,8 @@ class TorchBackend(TorchInference, TorchDeviceInfo, Backend):
         from torch.utils.checkpoint import checkpoint
 
         head, cap = self._head()
+        if need_grad and fusable_head(head, cap):
+            return fused_linear_cross_entropy(hidden, head.weight, labels, LOSS_CHUNK)
 
         def chunk_loss(h, y):
             return F.cross_entropy(self._chunk_logits(h, head, cap), y, reduction="sum")

@@ -1,0 +1,86 @@
+"""The training loss's fused LM head: cross-entropy over the target positions, with the gradient
+to the hidden states computed in the forward, chunk by chunk, as Liger's and Unsloth's fused
+linear cross-entropy do.
+
+The plain path (TorchBackend._loss_sum) runs `lm_head`, casts the logits to f32, and lets
+autograd keep what `log_softmax` and `nll_loss` need; on chunks beyond the first it checkpoints
+and recomputes the head's matmul in the backward. Its elementwise work over the (targets x
+vocabulary) logits is the log-softmax forward, its backward and the casts between them. Here
+each chunk's logits are used once while they are in cache-sized memory:
+
+    z = h @ W.T (f32)     m = max z     e = exp(z - m)     s = sum e
+    loss = m + log s - z[y]
+    dL/dh = (e / s - onehot(y)) @ W
+
+so one exponential pass serves the loss and its gradient, the head's matmul is never recomputed,
+and the backward only scales the stored dL/dh by the incoming gradient. The matmuls run in the
+same dtype as the plain path's (the autocast dtype when autocast is on, else the weight's).
+
+It applies where it is the same computation: the head is frozen and has no bias, and no final
+logit soft-capping (Gemma 2); elsewhere the plain path runs.
+"""
+
+from __future__ import annotations
+
+
+def fusable_head(head, cap) -> bool:
+    """Whether the fused loss computes exactly what the plain path does for this head."""
+    weight = getattr(head, "weight", None)
+    return (weight is not None and not weight.requires_grad and getattr(head, "bias", None) is None
+            and not cap)
+
+
+def _matmul_dtype(hidden, weight):
+    import torch
+
+    kind = hidden.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return weight.dtype
+
+
+def _make_function():
+    import torch
+
+    class FusedLinearCrossEntropy(torch.autograd.Function):
+        """Sum of token cross-entropies of `hidden @ weight.T` against `labels`."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, labels, chunk):
+            dtype = _matmul_dtype(hidden, weight)
+            w = weight.to(dtype)
+            grad = torch.empty_like(hidden) if hidden.requires_grad else None
+            total = hidden.new_zeros((), dtype=torch.float32)
+            with torch.autocast(hidden.device.type, enabled=False):
+                for i in range(0, hidden.shape[0], chunk):
+                    h, y = hidden[i:i + chunk].to(dtype), labels[i:i + chunk]
+                    z = (h @ w.T).float()
+                    target = z.gather(1, y[:, None])[:, 0]
+                    m = z.amax(dim=-1, keepdim=True)
+                    z.sub_(m).exp_()
+                    s = z.sum(dim=-1, keepdim=True)
+                    total += (m[:, 0] + s[:, 0].log() - target).sum()
+                    if grad is not None:
+                        z.div_(s)
+                        z[torch.arange(z.shape[0], device=z.device), y] -= 1
+                        grad[i:i + chunk] = (z.to(dtype) @ w).to(hidden.dtype)
+            ctx.save_for_backward(grad)
+            return total
+
+        @staticmethod
+        def backward(ctx, grad_total):
+            (grad,) = ctx.saved_tensors
+            return grad * grad_total.to(grad.dtype), None, None, None
+
+    return FusedLinearCrossEntropy
+
+
+_FUNCTION = None
+
+
+def fused_linear_cross_entropy(hidden, weight, labels, chunk: int):
+    """Sum over positions of cross-entropy(hidden @ weight.T, labels); see the module docstring."""
+    global _FUNCTION
+    if _FUNCTION is None:
+        _FUNCTION = _make_function()
+    return _FUNCTION.apply(hidden, weight, labels, chunk)
