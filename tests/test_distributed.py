@@ -140,8 +140,9 @@ def test_collectives_of_each_world(tmp_path, launcher):
         assert d["sum"] == [3.0, 1.0, 2e9 + 1]  # float64: 2e9 + 1 is exact
 
 
-@pytest.mark.parametrize("sets", [[], ["train.batch_size=3", "train.grad_accumulation=2", "train.packing=true"]],
-                         ids=["plain", "uneven-shards-accumulation-packing"])
+@pytest.mark.parametrize("sets", [[], ["train.batch_size=3", "train.grad_accumulation=2", "train.packing=true"],
+                                  pytest.param(["train.compile=true"], marks=pytest.mark.slow)],
+                         ids=["plain", "uneven-shards-accumulation-packing", "fused-lora-compiled"])
 def test_torchrun_two_ranks_equal_one(model, data, tmp_path, sets):
     pytest.importorskip("torch")
     one, two = tmp_path / "one", tmp_path / "two"

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from tests.helpers.data import ROWS
+from tests.helpers.distributed import assert_same_training
 
 pytest.importorskip("torch")
 from tests.helpers.resume import adapter_tensors, env, train_losses, wait_for_steps
@@ -33,7 +34,9 @@ def train_cmd(model, data, out, steps=14, extra=()):
     return cmd
 
 
-@pytest.mark.parametrize("extra", [(), ("lora.dropout=0",)], ids=["dropout", "fused-lora"])
+@pytest.mark.parametrize("extra", [(), ("lora.dropout=0",),
+                                   pytest.param(("lora.dropout=0", "train.compile=true"), marks=pytest.mark.slow)],
+                         ids=["dropout", "fused-lora", "fused-lora-compiled"])
 def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, data_file, tmp_path, extra):
     full = tmp_path / "full"
     subprocess.run(train_cmd(tiny_model_dir, data_file, full, extra=extra), check=True, env=env(), capture_output=True)
@@ -48,6 +51,14 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, data_file, tmp
     res = subprocess.run([sys.executable, "-m", "mlxft", "train", "--resume", str(broken)], env=env(),
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
+    if "train.compile=true" in extra:
+        # Compiled blocks repeat a run to float32 rounding, not bit for bit: two uninterrupted
+        # compiled runs already differ in the last bits (measured from step 6 of 14, 1e-7
+        # relative), as inductor's kernels are not guaranteed to pick the same reduction order in
+        # every process. So the resumed run is held to the rounding-level agreement that two ranks
+        # are held to (tests/helpers/distributed.py explains its bounds): curve and final adapter.
+        assert_same_training(full, broken, lr=1e-2, steps=14)
+        return
     assert train_losses(broken) == train_losses(full), f"killed after step {kill_at}"
     for which in ("adapter", "adapter-best"):
         a, b = adapter_tensors(full / which), adapter_tensors(broken / which)
