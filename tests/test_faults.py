@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mlxft.errors import MlxftError, ModelError
+from tests.helpers.resume import mount_small_tmpfs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -158,7 +159,7 @@ def test_disk_full_during_export_keeps_previous_file(tiny_model_dir, tmp_path, m
 
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(mnt)]).returncode != 0:
+    if not mount_small_tmpfs(mnt, "80m"):
         pytest.skip("tmpfs mount not permitted here")
     try:
         env = dict(os.environ, PYTHONPATH=str(ROOT), MLXFT_NO_PROGRESS="1")

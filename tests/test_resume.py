@@ -15,7 +15,7 @@ from tests.helpers.data import ROWS
 from tests.helpers.distributed import assert_same_training
 
 pytest.importorskip("torch")
-from tests.helpers.resume import adapter_tensors, env, train_losses, wait_for_steps
+from tests.helpers.resume import adapter_tensors, env, fill_disk, mount_small_tmpfs, train_losses, wait_for_steps
 
 
 @pytest.fixture
@@ -112,20 +112,14 @@ def test_disk_full_during_checkpoint_keeps_previous(tiny_model_dir, data_file, t
     checkpoint hits ENOSPC. The run stops with a one-line error and the last checkpoint loads."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)]).returncode != 0:
+    if not mount_small_tmpfs(mnt, "6m"):
         pytest.skip("tmpfs mount not permitted here")
     try:
         run = mnt / "run"
         proc = subprocess.Popen(train_cmd(tiny_model_dir, data_file, run, steps=400), env=env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         wait_for_steps(run, 3, proc)
-        with open(mnt / "ballast", "wb") as fh:  # fill what is left
-            try:
-                while True:
-                    fh.write(b"\0" * 65536)
-                    fh.flush()
-            except OSError:
-                pass
+        fill_disk(mnt / "ballast")
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 1, err[-2000:]
         last = err.strip().splitlines()[-1]

@@ -35,3 +35,27 @@ def wait_for_steps(run: Path, n: int, proc, timeout=300):
             return
         time.sleep(0.05)
     raise AssertionError("timed out waiting for training steps")
+
+
+def mount_small_tmpfs(mnt: Path, size: str) -> bool:
+    """Mount a tmpfs of `size` at `mnt`, with huge pages off where the kernel knows the option:
+    a machine whose shmem default is huge=always rounds every small file up to 2 MiB, which
+    fills a 6 MiB disk with three checkpoint files before the test has begun."""
+    import subprocess
+
+    for opts in (f"size={size},huge=never", f"size={size}"):
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(mnt)],
+                          capture_output=True).returncode == 0:
+            return True
+    return False
+
+
+def fill_disk(path: Path) -> None:
+    """Write zeros to `path` until the disk is full; a disk that is full already is what was wanted."""
+    try:
+        with open(path, "wb") as fh:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+    except OSError:
+        pass
