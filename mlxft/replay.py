@@ -4,7 +4,9 @@ share `data.replay` of it, the measure that keeps retention above the floor whil
 
 A model with its own chat template answers a prompt set of its own (mlxft/probes/replay.jsonl,
 disjoint from the retention probes, which replay would otherwise inflate); an answer cut off by
-the token budget is trimmed to its last full sentence or dropped. A base model continues general
+the token budget is trimmed to its last full sentence or dropped. A cut answer (trimmed, or cut
+at its first sentence with data.replay_cut: first_sentence) trains its words but not the end of
+its turn: the base model went on there. A base model continues general
 passages instead (mlxft/text_replay.py). Either way the answers are generated once, side by side,
 cached per model under MLXFT_HOME/retention/ (cached_generations), written to RUN/replay.jsonl
 before training, and read back as samples by replay_samples.
@@ -128,9 +130,25 @@ def replay_records(cfg, run, backend, n: int) -> list[dict]:
         text = tok.decode(gen["ids"], skip_special_tokens=True).strip()
         answer = cut(text if gen["stopped"] else (_trim_to_sentence(text) or ""))
         if answer:
+            # cut: the base went on after this answer, so its end-of-turn is not trained (replay_samples)
             records.append({"messages": [{"role": "user", "content": p["prompt"]},
-                                         {"role": "assistant", "content": answer}], "id": p["id"]})
+                                         {"role": "assistant", "content": answer}], "id": p["id"],
+                            "cut": not (gen["stopped"] and answer == text)})
     return records
+
+
+def untrain_turn_end(tokenizer, sample: Sample) -> None:
+    """Stop training the end of a cut answer's turn: the trailing target tokens that are special
+    (end-of-turn) or blank. The base model did not end its answer there, and teaching it to would
+    make its own longer answers less likely."""
+    special = set(tokenizer.all_special_ids)
+    for i in range(len(sample.ids) - 1, -1, -1):
+        if not sample.targets[i]:
+            continue
+        if sample.ids[i] in special or not tokenizer.decode([sample.ids[i]]).strip():
+            sample.targets[i] = False
+        else:
+            break
 
 
 def replay_samples(cfg, run, tokenizer, n_train: int) -> list[Sample]:
@@ -157,6 +175,8 @@ def replay_samples(cfg, run, tokenizer, n_train: int) -> list[Sample]:
             out.extend([sample] if sample is not None else [])
             continue
         s = tokenize_record(tokenizer, rec, "chat", cfg.train.mask_prompt, cfg.data.system_prompt)
+        if rec.get("cut"):
+            untrain_turn_end(tokenizer, s)
         s.ids, s.targets = s.ids[: cfg.train.max_seq_len], s.targets[: cfg.train.max_seq_len]
         if s.n_targets:
             s.source = f"replay:{rec.get('id', i)}"

@@ -102,3 +102,25 @@ def test_replay_generation_stops_at_the_first_sentence(backend, tmp_path, monkey
         whole = backend.generate(probe_prompt_ids(tok, {"prompt": prompt}, None), 80)
         text = tok.decode(whole, skip_special_tokens=True).strip()
         assert rec["messages"][1]["content"] == _first_sentence(text)
+
+
+def test_a_cut_replay_answer_trains_its_words_but_not_the_end_of_its_turn(default_model_dir, tmp_path):
+    """The base went on after a cut answer (first sentence, or trimmed at the budget), so its
+    sample does not teach the model to end the turn there; an answer the base ended itself does."""
+    from mlxft.config import build_config
+    from mlxft.replay import REPLAY_FILE, replay_samples
+    from mlxft.runs import create_run
+    from mlxft.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(default_model_dir)
+    run = create_run(tmp_path / "run", model_path=str(tmp_path))
+    records = [{"messages": [{"role": "user", "content": "Why is the sky blue?"},
+                             {"role": "assistant", "content": "Air scatters blue light most."}], "id": "a", "cut": cut}
+               for cut in (True, False)]
+    (run.path / REPLAY_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    cut, whole = replay_samples(build_config(None, ["data.replay=0.5"]), run, tok, 2)
+    trained = [[tok.decode([i]) for i, t in zip(s.ids, s.targets) if t] for s in (cut, whole)]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert "".join(trained[0]) == "Air scatters blue light most."
+    assert trained[1][:-1] == trained[0] and whole.ids[[i for i, t in enumerate(whole.targets) if t][-1]] == end
+    assert cut.ids == whole.ids  # the same tokens, one target fewer
