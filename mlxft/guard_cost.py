@@ -3,10 +3,14 @@ whole `mlxft train`, for the `time:` line and the --json summary.
 
 The guard's cost is what a run pays beyond the same run with retention.enabled=false and
 data.replay=0: recording the base model's probe answers and replay answers (zero when cached),
-scoring retention at validations, regenerating the chosen adapter's probe answers, and the
-training steps spent on replay samples. The last is estimated, not timed: the steps' time times
-the replay samples' share of the training set's tokens (a step's cost grows with its tokens;
-padding makes this an approximation).
+scoring retention at validations, regenerating the chosen adapter's answers to the probes it no
+longer predicts top-1 throughout, and the training steps spent on replay samples. The first
+three are timed. The last is estimated: the steps' time times the replay samples' share of the
+training set's tokens, as trained (a first-sentence replay answer counts with its own short
+length). A step's cost grows with its tokens, and training batches are grouped by length
+(mlxft.data.BatchOrder), so padding adds little to that approximation. The estimate does not see
+that the guarded run may stop at another step than the unguarded one would; the benchmark
+(scripts/bench_forgetting.py) measures both runs whole for that.
 """
 
 from __future__ import annotations

@@ -16,7 +16,10 @@ figures for the real models are in docs/retention.md).
 
 At the end of a run the chosen adapter answers the probes again, in one batch, and the answers
 that differ in content from the base's (case and spacing aside) are listed, flagged ones
-first, at most MAX_SHOWN of them: that is what the verdict shows.
+first, at most MAX_SHOWN of them: that is what the verdict shows. Only the probes whose base
+answer the adapter no longer predicts top-1 at every token are regenerated: on the others greedy
+decoding gives the base's answer token for token (up to rounding in near-ties), so they cannot
+have changed.
 """
 
 from __future__ import annotations
@@ -37,14 +40,18 @@ def _same_content(a: str, b: str) -> bool:
     return " ".join(a.casefold().split()) == " ".join(b.casefold().split())
 
 
-def chosen_answers(cfg, run, backend, summary: dict, baseline: dict, flagged: set[str]) -> list[dict]:
+def chosen_answers(cfg, run, backend, summary: dict, baseline: dict, flagged: set[str],
+                   diverged: set[str] | None = None) -> list[dict]:
     """The chosen adapter's greedy answers to the probes (one batch), compared with the base's:
-    the probes whose answer changed in content, flagged first, at most MAX_SHOWN."""
+    the probes whose answer changed in content, flagged first, at most MAX_SHOWN. `diverged`:
+    the probes to regenerate (those not predicted top-1 throughout); None: all."""
     from mlxft.retention import _answers, _eval_mode
 
     if summary.get("chosen_step") != summary.get("steps"):
         backend.load_adapter_weights(run.best_adapter)  # the model holds the last step's adapter
-    rows = baseline["probes"]
+    rows = [r for r in baseline["probes"] if diverged is None or r["id"] in diverged]
+    if not rows:
+        return []
     with _eval_mode(backend):
         answers = _answers(backend, [r["prompt_ids"] for r in rows], baseline["max_new_tokens"])
     tok = backend.tokenizer

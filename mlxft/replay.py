@@ -4,7 +4,9 @@ share `data.replay` of it, the measure that keeps retention above the floor whil
 
 A model with its own chat template answers a prompt set of its own (mlxft/probes/replay.jsonl,
 disjoint from the retention probes, which replay would otherwise inflate); an answer cut off by
-the token budget is trimmed to its last full sentence or dropped. A base model continues general
+the token budget is trimmed to its last full sentence or dropped. A cut answer (trimmed, or cut
+at its first sentence with data.replay_cut: first_sentence) trains its words but not the end of
+its turn: the base model went on there. A base model continues general
 passages instead (mlxft/text_replay.py). Either way the answers are generated once, side by side,
 cached per model under MLXFT_HOME/retention/ (cached_generations), written to RUN/replay.jsonl
 before training, and read back as samples by replay_samples.
@@ -66,14 +68,19 @@ def _first_sentence(text: str) -> str | None:
 
 
 def cached_generations(cfg, run, backend, items: list[dict], system: str | None, kind: str,
-                       max_tokens: int) -> list[dict]:
+                       max_tokens: int, until=None) -> list[dict]:
     """The base model's greedy answers to `items` (probe-file records), one dict per item:
     {"prompt_ids", "ids", "stopped"}. Answers are cached per item under MLXFT_HOME/retention/
     ({kind}-KEY.json, keyed by the model's identity), and only the missing ones are generated,
-    side by side. The one cache of the base model's replay answers, chat and text alike."""
+    side by side. The one cache of the base model's replay answers, chat and text alike.
+
+    `until` (a name and a rule on the ids so far, mlxft.generate_until): end an answer as soon as
+    the rule holds, e.g. at its first sentence end; such an answer is not `stopped` (the model did
+    not end it) and has no end token."""
 
     ident = _model_identity(cfg, run, backend)
-    key = _sha({**ident, "max": max_tokens, "kind": kind, "system": system, "v": CACHE_VERSION})[:24]
+    key = _sha({**ident, "max": max_tokens, "kind": kind, "system": system, "v": CACHE_VERSION,
+                **({"until": until[0]} if until else {})})[:24]
     path = _cache_dir() / f"{kind}-{key}.json"
     try:
         cache = json.loads(path.read_text()) if path.is_file() else {}
@@ -84,12 +91,29 @@ def cached_generations(cfg, run, backend, items: list[dict], system: str | None,
     missing = [(k, p) for k, p in zip(keys, items) if k not in cache]
     if missing:
         prompts = [probe_prompt_ids(tok, p, system) for _, p in missing]
-        with _eval_mode(backend):
-            answers = _answers(backend, prompts, max_tokens)
+        if until is None:
+            with _eval_mode(backend):
+                answers = _answers(backend, prompts, max_tokens)
+        else:
+            answers = _answers_until(backend, prompts, max_tokens, until[1])
         for (k, _), ids, (out, stopped) in zip(missing, prompts, answers):
             cache[k] = {"prompt_ids": ids, "ids": out, "stopped": stopped}
         write_cache(path, cache)
     return [cache[k] for k in keys]
+
+
+def _answers_until(backend, prompts, max_tokens, rule) -> list[tuple[list[int], bool]]:
+    from mlxft.generate_until import generate_until
+
+    eos = backend.tokenizer.eos_token_id
+    return [(ids + [eos] if end == "stop" and eos is not None else ids, end == "stop")
+            for ids, end in generate_until(backend, prompts, max_tokens, rule)]
+
+
+def first_sentence_rule(tokenizer):
+    """("first_sentence", rule): the rule holds once the decoded answer holds a full sentence
+    (the cut _first_sentence makes afterwards)."""
+    return "first_sentence", lambda ids: _first_sentence(tokenizer.decode(ids, skip_special_tokens=True).strip()) is not None
 
 
 def replay_records(cfg, run, backend, n: int) -> list[dict]:
@@ -97,16 +121,34 @@ def replay_records(cfg, run, backend, n: int) -> list[dict]:
     by the token budget is trimmed to its last full sentence (or dropped)."""
     tok = backend.tokenizer
     prompts = load_probes(REPLAY_PROMPTS)[:n]
-    cut = _first_sentence if cfg.data.replay_cut == "first_sentence" else (lambda text: text)
+    first = cfg.data.replay_cut == "first_sentence"
+    cut = _first_sentence if first else (lambda text: text)
+    gens = cached_generations(cfg, run, backend, prompts, cfg.data.system_prompt, "replay", REPLAY_MAX_TOKENS,
+                              until=first_sentence_rule(tok) if first else None)
     records = []
-    for p, gen in zip(prompts, cached_generations(cfg, run, backend, prompts, cfg.data.system_prompt, "replay",
-                                                  REPLAY_MAX_TOKENS)):
+    for p, gen in zip(prompts, gens):
         text = tok.decode(gen["ids"], skip_special_tokens=True).strip()
         answer = cut(text if gen["stopped"] else (_trim_to_sentence(text) or ""))
         if answer:
+            # cut: the base went on after this answer, so its end-of-turn is not trained (replay_samples)
             records.append({"messages": [{"role": "user", "content": p["prompt"]},
-                                         {"role": "assistant", "content": answer}], "id": p["id"]})
+                                         {"role": "assistant", "content": answer}], "id": p["id"],
+                            "cut": not (gen["stopped"] and answer == text)})
     return records
+
+
+def untrain_turn_end(tokenizer, sample: Sample) -> None:
+    """Stop training the end of a cut answer's turn: the trailing target tokens that are special
+    (end-of-turn) or blank. The base model did not end its answer there, and teaching it to would
+    make its own longer answers less likely."""
+    special = set(tokenizer.all_special_ids)
+    for i in range(len(sample.ids) - 1, -1, -1):
+        if not sample.targets[i]:
+            continue
+        if sample.ids[i] in special or not tokenizer.decode([sample.ids[i]]).strip():
+            sample.targets[i] = False
+        else:
+            break
 
 
 def replay_samples(cfg, run, tokenizer, n_train: int) -> list[Sample]:
@@ -133,6 +175,8 @@ def replay_samples(cfg, run, tokenizer, n_train: int) -> list[Sample]:
             out.extend([sample] if sample is not None else [])
             continue
         s = tokenize_record(tokenizer, rec, "chat", cfg.train.mask_prompt, cfg.data.system_prompt)
+        if rec.get("cut"):
+            untrain_turn_end(tokenizer, s)
         s.ids, s.targets = s.ids[: cfg.train.max_seq_len], s.targets[: cfg.train.max_seq_len]
         if s.n_targets:
             s.source = f"replay:{rec.get('id', i)}"

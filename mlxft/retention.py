@@ -238,7 +238,7 @@ def compare(baseline: dict, scored: list[tuple[float, int, int]]) -> dict:
     """The retention figures from a baseline and the tuned model's scores of the same answers."""
     from mlxft.probe_changes import is_changed
 
-    ratios, deltas, per_probe, changed = [], [], [], []
+    ratios, deltas, per_probe, changed, diverged = [], [], [], [], []
     agree = total = 0
     for row, (lp, n, correct) in zip(baseline["probes"], scored):
         d = (lp - row["logprob"]) / max(n, 1)
@@ -251,13 +251,15 @@ def compare(baseline: dict, scored: list[tuple[float, int, int]]) -> dict:
                           "nats_per_token": round(d, 4)})
         if is_changed(row, lp, n, correct):
             changed.append(row["id"])
+        if correct < n:
+            diverged.append(row["id"])
     if not ratios:
         return {"score": None, "reason": "no probes"}
     worst = sorted(per_probe, key=lambda p: p["ratio"])[:3]
     return {"score": sum(ratios) / len(ratios), "agreement": agree / max(total, 1),
             "nats_per_token": sum(deltas) / len(deltas), "probes": len(ratios),
             "base_agreement": sum(r["agreement"] * r["tokens"] for r in baseline["probes"]) / max(total, 1),
-            "worst": worst, "changed": len(changed), "changed_ids": changed}
+            "worst": worst, "changed": len(changed), "changed_ids": changed, "diverged_ids": diverged}
 
 
 # ---------------------------------------------------------------------------- pipeline hooks
@@ -344,11 +346,14 @@ def _add_changed_answers(cfg, run, backend, summary: dict, result: dict) -> None
     started = time.perf_counter()
     baseline = json.loads((run.path / BASELINE_FILE).read_text())
     try:
+        diverged = result.get("diverged_ids")
         result["answers_changed"] = chosen_answers(cfg, run, backend, summary, baseline,
-                                                   set(result.get("changed_ids") or []))
+                                                   set(result.get("changed_ids") or []),
+                                                   None if diverged is None else set(diverged))
     except NotImplementedError as exc:
         result["answers_changed_reason"] = str(exc)
     result["answers_s"] = round(time.perf_counter() - started, 2)
+    regenerated = len(baseline["probes"]) if diverged is None else len(diverged)
     ui.info(f"retention: {result.get('changed', 0)} of {len(baseline['probes'])} probe answers changed "
-            f"(retention.max_changed={cfg.retention.max_changed}); the chosen adapter's answers regenerated "
-            f"in {result['answers_s']:.1f}s")
+            f"(retention.max_changed={cfg.retention.max_changed}); the chosen adapter's answers to the "
+            f"{regenerated} probes it no longer predicts top-1 throughout regenerated in {result['answers_s']:.1f}s")

@@ -5,8 +5,8 @@ the model continues ordinary text.
 A base model (no chat template of its own) has no chat answers worth replaying; what it knows
 shows in how it continues text. Before training, the base continues the passages in
 mlxft/probes/passages_replay.jsonl greedily (side by side, at most REPLAY_MAX_TOKENS tokens),
-each continuation is cut at its last full sentence (or its first, with data.replay_cut:
-first_sentence), and the pair (passage, continuation) becomes a sample whose targets are the
+each continuation is cut at its last full sentence (with data.replay_cut: first_sentence,
+generation stops at its first sentence end, mlxft.generate_until), and the pair (passage, continuation) becomes a sample whose targets are the
 continuation's tokens, exactly the ids the base produced (no decode/re-encode round trip). The
 retention passages (mlxft/probes/passages.jsonl) are a disjoint set, so replay cannot inflate
 the retention score. The continuations are cached under MLXFT_HOME/retention/ like the chat
@@ -27,11 +27,14 @@ SENTENCE_ENDS = (".", "!", "?")
 def sentence_cut(tokenizer, ids: list[int], first: bool = False) -> list[int]:
     """The longest prefix of `ids` that ends a sentence (the shortest with first=True); [] when
     none does. Cut on token boundaries, so the kept ids are exactly what the model produced."""
-    ends = [i for i in range(1, len(ids) + 1)
-            if tokenizer.decode(ids[:i], skip_special_tokens=True).rstrip().endswith(SENTENCE_ENDS)]
+    ends = [i for i in range(1, len(ids) + 1) if ends_sentence(tokenizer, ids[:i])]
     if not ends:
         return []
     return list(ids[:ends[0] if first else ends[-1]])
+
+
+def ends_sentence(tokenizer, ids: list[int]) -> bool:
+    return bool(ids) and tokenizer.decode(ids, skip_special_tokens=True).rstrip().endswith(SENTENCE_ENDS)
 
 
 def continuation_records(cfg, run, backend, n: int) -> list[dict]:
@@ -42,10 +45,11 @@ def continuation_records(cfg, run, backend, n: int) -> list[dict]:
 
     tok = backend.tokenizer
     passages = load_probes(TEXT_REPLAY_PASSAGES)[:n]
-    gens = cached_generations(cfg, run, backend, passages, None, "text-replay", REPLAY_MAX_TOKENS)
     first = cfg.data.replay_cut == "first_sentence"
-    records = []
     eos = tok.eos_token_id
+    until = ("first_sentence", lambda ids: ends_sentence(tok, ids)) if first else None
+    gens = cached_generations(cfg, run, backend, passages, None, "text-replay", REPLAY_MAX_TOKENS, until=until)
+    records = []
     for p, gen in zip(passages, gens):
         kept = sentence_cut(tok, [t for t in gen["ids"] if t != eos], first=first)
         if kept:

