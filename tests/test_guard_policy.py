@@ -98,6 +98,20 @@ def test_the_cap_never_keeps_an_adapter_that_has_not_learned():
     assert chosen_step == 6
 
 
+def test_the_benchmark_run_that_kept_an_untrained_adapter():
+    """The validation figures of the SmolLM2 faq benchmark run with a cap of 1 (start 2.258;
+    docs/retention.md): the old rule kept its first validation (step 6, 6% held-out accuracy).
+    No adapter that learned changed at most one probe, so now the lowest loss meeting the floor
+    is kept: the 11th validation (step 66), as without a cap."""
+    losses = [2.074, 1.53, 0.912, 0.544, 0.324, 0.266, 0.158, 0.127, 0.07, 0.033, 0.019, 0.032]
+    scores = [0.9996, 0.9814, 0.9821, 0.9472, 0.8494, 0.9317, 0.9648, 0.9652, 0.9404, 0.9183, 0.9157, 0.9018]
+    changed = [0, 4, 5, 7, 13, 8, 4, 4, 7, 9, 8, 8]
+    rets = [{"score": s, "changed": c} for s, c in zip(scores, changed)]
+    for cap in (1, None):
+        (chosen_step, last, _, _), _ = _simulate("deciding", losses, rets, 2, cap, start=2.258)
+        assert chosen_step == 11 and last == 12, cap
+
+
 def test_the_cap_does_not_stop_training():
     """More changed probes than the cap at a validation that did not improve is no reason to stop
     (the floor is); patience still is."""
