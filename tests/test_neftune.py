@@ -1,5 +1,5 @@
 """NEFTune (train.neftune_alpha): uniform noise of half-width alpha / sqrt(L * d) on the input
-embeddings in training mode only; evaluation sees none; the MLX backend refuses it in one line."""
+embeddings in training mode only, on both backends; evaluation sees none."""
 
 from __future__ import annotations
 
@@ -57,13 +57,35 @@ def test_off_at_eval_on_in_the_training_step(tiny_model_dir):
     assert abs(noisy.train_step([batch], 0.0).loss - plain.train_step([batch], 0.0).loss) > 1e-3
 
 
-def test_mlx_refuses_neftune_in_one_line(tiny_model_dir):
+def test_mlx_noise_in_training_mode_only_scaled_as_in_the_paper(tiny_model_dir):
+    """The MLX backend draws the same noise (MLX's RNG, not torch's): the same bound and spread
+    checks as above, nothing in eval mode, and the compiled training step sees it."""
     pytest.importorskip("mlx_lm")
-    from mlxft.errors import ConfigError
+    import mlx.core as mx
+    import numpy as np
+
     from tests.helpers.mlx import load_mlx
 
-    with pytest.raises(ConfigError, match="train.neftune_alpha: the MLX backend does not add NEFTune noise"):
-        load_mlx(config(neftune_alpha=ALPHA), tiny_model_dir, train=True)
+    backend = load_mlx(config(neftune_alpha=ALPHA), tiny_model_dir, train=True)
+    emb = backend.model.model.embed_tokens
+    ids = samples()[1].ids
+    x = mx.array([ids])
+    bound = ALPHA / math.sqrt(len(ids) * backend.config["hidden_size"])
+    noise = np.array(emb(x) - emb.weight[x])
+    assert np.abs(noise).max() <= bound * (1 + 1e-6) and np.abs(noise).max() > 0.9 * bound
+    assert abs(float((noise ** 2).mean()) / bound ** 2 - 1 / 3) < 0.05  # as in the torch test
+    backend.model.eval()
+    assert float(np.abs(np.array(emb(x) - emb.weight[x])).max()) == 0.0
+    backend.model.train()
+    plain = load_mlx(config(), tiny_model_dir, train=True)
+    plain.model.update(backend.model.trainable_parameters())  # the same fresh adapter
+    batch = collate(samples(), plain.tokenizer.pad_token_id)
+    # the same float32 computation in both; 1e-6 allows another fusion order between the two compiled graphs
+    assert backend.eval_batch(batch).loss_sum == pytest.approx(plain.eval_batch(batch).loss_sum, rel=1e-6)
+    # alpha 200, as in the torch test: the step's loss moves
+    noisy = load_mlx(config(neftune_alpha=200.0), tiny_model_dir, train=True)
+    noisy.model.update(plain.model.trainable_parameters())
+    assert abs(noisy.train_step([batch], 0.0).loss - plain.train_step([batch], 0.0).loss) > 1e-3
 
 
 def test_negative_alpha_is_refused():

@@ -34,7 +34,7 @@ from mlxft.backends.mlx_gemma import use_weight_dtype_embed_scale
 from mlxft.backends.mlx_inference import MLXInference
 from mlxft.config import Config
 from mlxft.data import Batch
-from mlxft.errors import ConfigError, ModelError
+from mlxft.errors import ModelError
 from mlxft.mlx_lm_config import mlx_lm_fields
 from mlxft.mlx_support import unsupported_reason
 from mlxft.tokenizer import load_tokenizer
@@ -122,8 +122,11 @@ class MLXBackend(MLXInference, MLXDeviceInfo, Backend):
         import mlx.optimizers as optim
 
         if self.cfg.train.neftune_alpha:
-            raise ConfigError("train.neftune_alpha: the MLX backend does not add NEFTune noise; "
-                              "set it to 0 or train with --backend torch")
+            from mlxft.backends.neftune import add_mlx_noise
+
+            gemma = str(self.config.get("model_type", "")).startswith("gemma")
+            add_mlx_noise(self.model.model.embed_tokens, self.cfg.train.neftune_alpha,
+                          self.config["hidden_size"] ** 0.5 if gemma else 1.0)
         block = type(self.model.layers[0])
         if self.cfg.train.grad_checkpoint and not getattr(block, "_mlxft_checkpointed", False):
             from mlx_lm.tuner.trainer import grad_checkpoint

@@ -8,9 +8,12 @@ implementation, L is the padded length of the batch (the tensor's sequence dimen
 noise is added to what the model's input-embedding module returns (for Gemma that is the
 embedding already multiplied by sqrt(d), as in transformers).
 
-The PyTorch backend adds it with a forward hook on the input embeddings that acts only while
-the module is in training mode, so validation, retention scoring and generation (all run in
-eval mode) are noise-free.
+The PyTorch backend adds it with a forward hook on the input embeddings; the MLX backend gives
+the embedding module a subclass whose __call__ adds it (drawn from MLX's random state, which the
+compiled training step carries). Both act only while the module is in training mode, so
+validation, retention scoring and generation (all run in eval mode) are noise-free. mlx-lm's
+Gemma models multiply the embeddings by sqrt(d) after the embedding module, so there the noise
+is divided by that factor first: the same noise as transformers adds after its scaled embedding.
 """
 
 from __future__ import annotations
@@ -33,3 +36,21 @@ def add_torch_hook(embedding, alpha: float):
         return output + output.new_empty(output.shape).uniform_(-bound, bound)
 
     return embedding.register_forward_hook(hook)
+
+
+def add_mlx_noise(embedding, alpha: float, scale_after: float = 1.0) -> None:
+    """Make an mlx.nn embedding module (plain or quantized) add the noise in training mode.
+    `scale_after`: what the model multiplies the embeddings by after this module (Gemma: sqrt(d))."""
+    import mlx.core as mx
+
+    base = type(embedding)
+
+    class NoisyEmbedding(base):
+        def __call__(self, x):
+            out = base.__call__(self, x)
+            if not self.training or alpha <= 0:
+                return out
+            bound = noise_bound(alpha, out.shape[-2], out.shape[-1]) / scale_after
+            return out + mx.random.uniform(-bound, bound, out.shape).astype(out.dtype)
+
+    embedding.__class__ = NoisyEmbedding
