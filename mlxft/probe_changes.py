@@ -14,6 +14,11 @@ against the f32 baseline) flips near-ties only; its whole-answer log-likelihood 
 rounding, far below ln 4 (tests/test_probe_changes.py checks that none is flagged; the measured
 figures for the real models are in docs/retention.md).
 
+Other rules were measured against this one on real tuned adapters (scripts/compare_probe_rules.py:
+the first sentence only, the answer up to its first flipped token, the first flipped token
+alone, any flipped token); each missed a lost fact that this one counts, or counted more
+rewordings, and none counted fewer real changes (docs/retention.md has the table).
+
 At the end of a run the chosen adapter answers the probes again, in one batch, and the answers
 that differ in content from the base's (case and spacing aside) are listed, flagged ones
 first, at most MAX_SHOWN of them: that is what the verdict shows. Only the probes whose base

@@ -3,20 +3,22 @@ no backend, files or clock, so every rule is unit-tested on its own.
 
 At every validation the current adapter is scored on validation loss and, when retention is
 tracked and its value can change the decision, on retention. Adapters that meet the guard
-(retention at least `floor`, at most `max_changed` changed probes) rank above those that do not;
-among them the lowest validation loss wins, otherwise the highest retention. That one
-is kept as RUN/adapter-best (what generate, fuse and export use).
+(retention at least `floor`; at most `max_changed` changed probes among adapters that learned)
+rank above those that do not; among them the lowest validation loss wins, otherwise the highest
+retention (mlxft/guard_policy.py has the tiers). That one is kept as RUN/adapter-best (what
+generate, fuse and export use).
 
 Training stops after `patience` validations without improvement (a fall of at least
-min_improvement), or as soon as the guard is missed at a validation that did not improve. The
-last step never stops early (there is nothing left to stop).
+min_improvement), or as soon as retention is below the floor at a validation that did not
+improve. The cap on changed probes chooses the adapter and does not stop training. The last
+step never stops early (there is nothing left to stop).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlxft.guard_policy import meets_guard, ranks_above, retention_can_decide
+from mlxft.guard_policy import learned_below, meets_floor, ranks_above, retention_can_decide
 
 
 def min_improvement(best: float) -> float:
@@ -48,6 +50,10 @@ class Selection:
     def _floor(self) -> float:
         return self.floor if self.floor is not None else float("-inf")
 
+    def _learned(self, state) -> float:
+        start = (state.initial_val or {}).get("loss")
+        return learned_below(start, state.best_val)
+
     def _improved(self, state, loss: float) -> bool:
         return state.best_val is None or loss < state.best_val - min_improvement(state.best_val)
 
@@ -61,7 +67,7 @@ class Selection:
         patience_ran_out = bool(self.patience) and not improved and state.evals_since_best + 1 >= self.patience
         chosen_val = state.chosen_val if state.chosen_step is not None else None
         return retention_can_decide(loss, improved, patience_ran_out, chosen_val, state.chosen_retention,
-                                    self._floor, self.max_changed)
+                                    self._floor, self.max_changed, self._learned(state))
 
     def observe(self, state, step: int, val: dict, retention: dict | None, last_step: bool) -> Verdict:
         """Record the validation at `step` (`val`: loss and accuracy; `retention`: a dict with
@@ -76,18 +82,18 @@ class Selection:
         else:
             state.evals_since_best += 1
         chosen_val = state.chosen_val if state.chosen_step is not None else None
-        keep = ranks_above(loss, retention, chosen_val, state.chosen_retention, self._floor, self.max_changed)
+        keep = ranks_above(loss, retention, chosen_val, state.chosen_retention, self._floor, self.max_changed,
+                           self._learned(state))
         if keep:
             state.chosen_step, state.chosen_val, state.chosen_retention = step, loss, retention
             state.chosen_accuracy = val.get("accuracy")
         if last_step:
             return Verdict(keep, None)
-        misses_guard = score is not None and not meets_guard(retention, self._floor, self.max_changed)
+        misses_floor = score is not None and not meets_floor(retention, self._floor)
         if self.patience and state.evals_since_best >= self.patience:
             state.stop_reason = (f"validation loss has not improved for {self.patience} evaluations "
                                  f"(best {state.best_val:.4f} at step {state.best_step})")
-        elif misses_guard and not improved:
-            what = (f"retention {score:.3f} fell below retention.floor={self.floor:g}" if score < self._floor else
-                    f"{retention.get('changed')} probe answers changed (retention.max_changed={self.max_changed})")
-            state.stop_reason = f"{what} and validation loss stopped improving"
+        elif misses_floor and not improved:
+            state.stop_reason = (f"retention {score:.3f} fell below retention.floor={self.floor:g} "
+                                 "and validation loss stopped improving")
         return Verdict(keep, state.stop_reason)

@@ -15,8 +15,10 @@ class _Progress:
         pass
 
 
-def _simulate(mode: str, losses: list[float], rets: list[dict], patience: int | None, max_changed: int | None = 1) -> tuple:
-    """The trainer's own _validate over scripted validation losses and retention figures."""
+def _simulate(mode: str, losses: list[float], rets: list[dict], patience: int | None, max_changed: int | None = 1,
+              start: float | None = None) -> tuple:
+    """The trainer's own _validate over scripted validation losses and retention figures
+    (`start`: the untrained adapter's validation loss, as the step-0 validation records it)."""
     from mlxft.config import Config
     from mlxft.selection import Selection
     from mlxft.trainer import Trainer, TrainState
@@ -28,6 +30,7 @@ def _simulate(mode: str, losses: list[float], rets: list[dict], patience: int | 
     trainer.cfg, trainer.state, trainer.total, trainer.writes, trainer._last_val = cfg, TrainState(), len(losses), \
         False, None
     trainer.selection = Selection(patience, cfg.retention.floor, max_changed, mode)
+    trainer.state.initial_val = {"loss": start} if start is not None else None
     trainer.timings, trainer.retention_scored = {"validation_s": 0.0, "retention_s": 0.0}, 0
     trainer.evaluate = lambda: {"loss": losses[trainer.state.step - 1]}
     trainer._score_retention = lambda: rets[trainer.state.step - 1]
@@ -51,8 +54,9 @@ def test_deciding_validations_choose_what_every_validation_chooses():
             losses.append(loss)
             rets.append({"score": score, "changed": rng.choice([0, 0, 1, 2])})
         patience = rng.choice([None, 1, 2, 3])
-        every, n_every = _simulate("every", losses, rets, patience)
-        deciding, n_deciding = _simulate("deciding", losses, rets, patience)
+        start = rng.choice([None, 5.0])  # with a step-0 loss the cap applies among adapters that learned
+        every, n_every = _simulate("every", losses, rets, patience, start=start)
+        deciding, n_deciding = _simulate("deciding", losses, rets, patience, start=start)
         assert deciding == every, (losses, rets, patience)
         assert n_deciding <= n_every
         saved += n_every - n_deciding
@@ -65,6 +69,56 @@ def test_max_changed_joins_the_floor(max_changed, chosen):
     rets = [{"score": 0.95, "changed": c} for c in (0, 1, 2, 3)]
     (chosen_step, *_), _ = _simulate("deciding", [4.0, 3.0, 2.0, 1.0], rets, None, max_changed)
     assert chosen_step == chosen
+
+
+# Validation losses and changed counts shaped like the SmolLM2 faq benchmark run (start 2.26):
+# the untrained adapters change nothing, learning changes a few probes, and late adapters vary.
+FAQ_LOSSES = [2.07, 1.53, 0.91, 0.54, 0.16, 0.13, 0.03]
+
+
+def test_the_cap_chooses_among_adapters_that_learned():
+    """A cap of 1: the lowest-loss adapter within the cap among those that made 90% of the run's
+    fall in validation loss (2.26 -> 0.03: at or below 0.03 + 0.1 * 2.23 = 0.253) is kept, here
+    step 5 (0.16, one change) over step 7 (0.03, three changes)."""
+    rets = [{"score": 0.95, "changed": c} for c in (0, 2, 3, 4, 1, 2, 3)]
+    (chosen_step, *_), _ = _simulate("deciding", FAQ_LOSSES, rets, None, 1, start=2.26)
+    assert chosen_step == 5
+
+
+def test_the_cap_never_keeps_an_adapter_that_has_not_learned():
+    """Only the untrained-looking first adapter (2.07: 8% of the fall) is within the cap: the
+    cap cannot be met by an adapter that learned, so the lowest loss meeting the floor is kept
+    (step 7), not step 1. Before the rule, a cap of 1 kept step 1 (6% on the held-out faq)."""
+    rets = [{"score": 0.95, "changed": c} for c in (0, 4, 5, 7, 4, 4, 8)]
+    (chosen_step, *_), _ = _simulate("deciding", FAQ_LOSSES, rets, None, 1, start=2.26)
+    assert chosen_step == 7
+    # the floor still ranks first: step 7 below it leaves step 6, the lowest loss above it
+    below = rets[:6] + [{"score": 0.85, "changed": 0}]
+    (chosen_step, *_), _ = _simulate("deciding", FAQ_LOSSES, below, None, 1, start=2.26)
+    assert chosen_step == 6
+
+
+def test_the_benchmark_run_that_kept_an_untrained_adapter():
+    """The validation figures of the SmolLM2 faq benchmark run with a cap of 1 (start 2.258;
+    docs/retention.md): the old rule kept its first validation (step 6, 6% held-out accuracy).
+    No adapter that learned changed at most one probe, so now the lowest loss meeting the floor
+    is kept: the 11th validation (step 66), as without a cap."""
+    losses = [2.074, 1.53, 0.912, 0.544, 0.324, 0.266, 0.158, 0.127, 0.07, 0.033, 0.019, 0.032]
+    scores = [0.9996, 0.9814, 0.9821, 0.9472, 0.8494, 0.9317, 0.9648, 0.9652, 0.9404, 0.9183, 0.9157, 0.9018]
+    changed = [0, 4, 5, 7, 13, 8, 4, 4, 7, 9, 8, 8]
+    rets = [{"score": s, "changed": c} for s, c in zip(scores, changed)]
+    for cap in (1, None):
+        (chosen_step, last, _, _), _ = _simulate("deciding", losses, rets, 2, cap, start=2.258)
+        assert chosen_step == 11 and last == 12, cap
+
+
+def test_the_cap_does_not_stop_training():
+    """More changed probes than the cap at a validation that did not improve is no reason to stop
+    (the floor is); patience still is."""
+    losses = [2.0, 1.0, 1.1, 0.5]
+    rets = [{"score": 0.95, "changed": 5}] * 4
+    (chosen_step, last, _, reason), _ = _simulate("every", losses, rets, None, 1, start=2.5)
+    assert last == 4 and reason is None and chosen_step == 4
 
 
 def test_deciding_scoring_on_a_tiny_model(tmp_path, default_model_dir):

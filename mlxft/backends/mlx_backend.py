@@ -121,6 +121,12 @@ class MLXBackend(MLXInference, MLXDeviceInfo, Backend):
     def _prepare_training(self) -> None:
         import mlx.optimizers as optim
 
+        if self.cfg.train.neftune_alpha:
+            from mlxft.backends.neftune import add_mlx_noise
+
+            gemma = str(self.config.get("model_type", "")).startswith("gemma")
+            add_mlx_noise(self.model.model.embed_tokens, self.cfg.train.neftune_alpha,
+                          self.config["hidden_size"] ** 0.5 if gemma else 1.0)
         block = type(self.model.layers[0])
         if self.cfg.train.grad_checkpoint and not getattr(block, "_mlxft_checkpointed", False):
             from mlx_lm.tuner.trainer import grad_checkpoint

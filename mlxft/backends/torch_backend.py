@@ -30,6 +30,7 @@ from pathlib import Path
 from mlxft.backends.base import Backend, StepResult
 from mlxft.backends.common import (adapted_layer_count, max_grad_norm, resolve_lora_targets, short_name,
                                    split_like)
+from mlxft.backends.neftune import add_torch_hook
 from mlxft.backends.torch_device import (EAGER_ATTENTION_MAX_LEN, LOSS_CHUNK, TorchDeviceInfo, pick_device,
                                          pick_dtype, torch_loadable)
 from mlxft.backends.torch_fast import compile_blocks, install_fused_lora
@@ -116,6 +117,8 @@ class TorchBackend(TorchInference, TorchDeviceInfo, Backend):
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.cfg.train.compile:
             self._compiled_blocks = compile_blocks(self._causal_lm().model.layers)
+        if self.cfg.train.neftune_alpha:
+            add_torch_hook(self._causal_lm().get_input_embeddings(), self.cfg.train.neftune_alpha)
         self.optimizer = self.torch.optim.AdamW(self._trainable(), lr=self.cfg.train.learning_rate or 0.0,
                                                 betas=(0.9, 0.999), eps=1e-8, weight_decay=self.cfg.train.weight_decay)
 
