@@ -61,6 +61,7 @@ class TrainConfig:
     method: str = "sft"  # sft | dpo | orpo (preference pairs: mlxft/preference/)
     beta: float | None = None  # DPO's KL weight / ORPO's odds-ratio weight; None: chosen (defaults)
     label_smoothing: float = 0.0  # DPO: share of pairs assumed flipped (conservative DPO)
+    sft_weight: float | None = None  # DPO: weight of the chosen answers' NLL (TRL's "sft" loss); None: chosen
 
 
 @dataclass
@@ -316,6 +317,7 @@ def validate(cfg: Config) -> None:
         (t.method in METHODS, "train.method", f"must be one of {', '.join(METHODS)}"),
         (t.beta is None or t.beta > 0, "train.beta", "must be positive"),
         (0 <= t.label_smoothing < 0.5, "train.label_smoothing", "must be in [0, 0.5)"),
+        (t.sft_weight is None or t.sft_weight >= 0, "train.sft_weight", "must be >= 0"),
         (lo.rank > 0, "lora.rank", "must be positive"),
         (lo.alpha > 0, "lora.alpha", "must be positive"),
         (0 <= lo.dropout < 1, "lora.dropout", "must be in [0, 1)"),
