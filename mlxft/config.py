@@ -62,6 +62,7 @@ class TrainConfig:
     beta: float | None = None  # DPO's KL weight / ORPO's odds-ratio weight; None: chosen (defaults)
     label_smoothing: float = 0.0  # DPO: share of pairs assumed flipped (conservative DPO)
     neftune_alpha: float = 0.0  # NEFTune noise on the input embeddings while training (backends/neftune.py); 0: off
+    sft_weight: float | None = None  # DPO: weight of the chosen answers' NLL (TRL's "sft" loss); None: chosen
 
 
 @dataclass
@@ -318,6 +319,7 @@ def validate(cfg: Config) -> None:
         (t.beta is None or t.beta > 0, "train.beta", "must be positive"),
         (0 <= t.label_smoothing < 0.5, "train.label_smoothing", "must be in [0, 0.5)"),
         (t.neftune_alpha >= 0, "train.neftune_alpha", "must be >= 0 (0: off)"),
+        (t.sft_weight is None or t.sft_weight >= 0, "train.sft_weight", "must be >= 0"),
         (lo.rank > 0, "lora.rank", "must be positive"),
         (lo.alpha > 0, "lora.alpha", "must be positive"),
         (0 <= lo.dropout < 1, "lora.dropout", "must be in [0, 1)"),

@@ -117,7 +117,11 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
         from mlxft.replay import replay_samples
 
         replay = replay_samples(cfg, run, backend.tokenizer, len(train_set)) if world.is_root else None
-        train_set.samples.extend(_share_replay(world, replay))
+        replay = _share_replay(world, replay)
+        if preference:  # NLL-only samples after the pairs (mlxft/preference/trainer.py)
+            train_set.replay = replay
+        else:
+            train_set.samples.extend(replay)
     track = retention.tracker(run, backend) if retention is not None and cfg.retention.enabled and world.is_root \
         else None
     if preference:

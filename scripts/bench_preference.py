@@ -15,6 +15,7 @@ Then:
                          appear nowhere in training or validation); an answer counts when it
                          matches the row's regular expression
     retention            what the run reports (1.0 = the base model's probe answers as likely as before)
+    peak RSS             the training process's, from the kernel (wait4's ru_maxrss)
 
     python scripts/bench_preference.py                        # both models, both sets, sft/dpo/orpo
     python scripts/bench_preference.py --models smollm2 --sets brief --methods dpo
@@ -29,11 +30,11 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 DATA = ROOT / "mlxft" / "recipes" / "data"
 SETS = {"policy": DATA / "dpo", "brief": DATA / "orpo"}
 
@@ -84,14 +85,15 @@ def main() -> None:
     out_root = args.out or Path(tempfile.mkdtemp(prefix="mlxft-bench-preference-"))
     rows = []
     print(f"CPU: {cpu_model()} ({os.cpu_count()} cores); load average at start {os.getloadavg()[0]:.2f}")
-    print("| model | set | method | preference accuracy | judged share | retention | wall s | steps | adapter step |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | set | method | preference accuracy | judged share | retention | wall s | peak RSS MiB | steps "
+          "| adapter step |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for mname in args.models.split(","):
         spec = model_spec(mname)
         for sname in args.sets.split(","):
             folder = SETS[sname]
             share, _ = judged_share(spec, folder)
-            print(f"| {mname} | {sname} | base model | | {share:.0%} | 1.000 | | | |", flush=True)
+            print(f"| {mname} | {sname} | base model | | {share:.0%} | 1.000 | | | | |", flush=True)
             rows.append({"model": mname, "set": sname, "method": "base", "judged": share})
             for method in args.methods.split(","):
                 run = out_root / f"{mname}-{sname}-{method}"
@@ -101,9 +103,9 @@ def main() -> None:
                     cmd += ["--model", spec]
                 for s in args.extra:
                     cmd += ["--set", s]
-                started = time.perf_counter()
-                proc = mlxft(cmd)
-                wall = time.perf_counter() - started
+                from bench_process import timed
+
+                wall, rss, proc = timed([sys.executable, "-m", "mlxft", *cmd], dict(os.environ))
                 (run / "stderr.log").write_text(proc.stderr)
                 summary = json.loads(proc.stdout)
                 share, answers = judged_share(str(run), folder)
@@ -111,13 +113,13 @@ def main() -> None:
                 ret = (summary.get("retention") or {}).get("score")
                 row = {"model": mname, "set": sname, "method": method, "accuracy_base": ev["base"]["accuracy"],
                        "accuracy": ev["tuned"]["accuracy"], "judged": share, "retention": ret,
-                       "wall_s": round(wall, 1), "steps": summary.get("steps"),
+                       "wall_s": round(wall, 1), "peak_rss_mib": round(rss / 2 ** 20), "steps": summary.get("steps"),
                        "total_steps": summary.get("total_steps"), "chosen_step": summary.get("chosen_step"),
                        "defaults": (summary.get("defaults") or None), "answers": answers[:3]}
                 rows.append(row)
                 ret_s = f"{ret:.3f}" if isinstance(ret, float) else "-"
                 print(f"| {mname} | {sname} | {method} | {row['accuracy_base']:.0%} -> {row['accuracy']:.0%} | "
-                      f"{share:.0%} | {ret_s} | {wall:.0f} | {row['steps']}/{row['total_steps']} | "
+                      f"{share:.0%} | {ret_s} | {wall:.0f} | {row['peak_rss_mib']} | {row['steps']}/{row['total_steps']} | "
                       f"{row['chosen_step']} |", flush=True)
     print(f"load average at end {os.getloadavg()[0]:.2f}; runs in {out_root}")
     if args.json:

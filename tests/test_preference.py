@@ -92,7 +92,7 @@ def test_bad_pair_fails_in_one_line_naming_file_and_line(tiny_model_dir, tmp_pat
 def pref_cmd(model, data, out, method="dpo", steps=8, extra=()):
     sets = [f"train.method={method}", f"train.steps={steps}", "train.batch_size=4", "train.learning_rate=1e-2",
             "train.eval_every=4", "train.save_every=1", "train.dtype=float32", "lora.dropout=0.1",
-            "retention.enabled=false", *extra]
+            "retention.enabled=false", "train.sft_weight=0", "data.replay=0", *extra]
     cmd = [sys.executable, "-m", "mlxft", "train", "--model", str(model), "--data", str(data), "--out", str(out)]
     for s in sets:
         cmd += ["--set", s]
@@ -153,13 +153,19 @@ def test_cached_reference_equals_fresh_with_adapter_off(tiny_model_dir, tmp_path
         np.testing.assert_array_equal(reference.compute(backend, ds, batch_size=3, adapter_on=True), with_adapter)
 
 
-def test_killed_dpo_run_resumes_exactly(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("train.sft_weight=1", "data.replay=0.5")], ids=["dpo", "dpo+sft+replay"])
+def test_killed_dpo_run_resumes_exactly(tiny_model_dir, tmp_path, extra):
+    """Also with the SFT term and replay: the base model's replay answers (recorded into the run
+    before step 1) train as NLL-only samples after the pairs, and a resumed run sees the same."""
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
     full = tmp_path / "full"
-    subprocess.run(pref_cmd(tiny_model_dir, data, full), check=True, env=env(), capture_output=True)
+    res = subprocess.run(pref_cmd(tiny_model_dir, data, full, extra=extra), env=env(), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    if extra:
+        assert "replay: " in res.stdout + res.stderr and (full / "replay.jsonl").is_file()
     broken = tmp_path / "broken"
-    proc = subprocess.Popen(pref_cmd(tiny_model_dir, data, broken), env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(pref_cmd(tiny_model_dir, data, broken, extra=extra), env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_steps(broken, 5, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

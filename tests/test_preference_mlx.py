@@ -5,7 +5,8 @@ Tolerance: the two frameworks' float32 forwards of the tiny model differ per tok
 by at most about 1e-4 (the SFT parity test holds mean token losses within 1e-3; measured
 differences are near 1e-5). A summed answer log-probability over at most 40 tokens is then within
 4e-3 (LOGP_ATOL); the DPO margin combines four such sums times beta 0.1, 1.6e-3, and the loss moves
-by at most that (LOSS_ATOL 2e-3); ORPO's per-token means are within 1e-4 and its NLL term too.
+by at most that (LOSS_ATOL 2e-3); ORPO's per-token means are within 1e-4 and its NLL term too,
+as are DPO's SFT term and the replay rows' NLL (per-token means as well).
 """
 
 from __future__ import annotations
@@ -59,16 +60,27 @@ def test_mlx_equals_torch_on_the_same_batch_and_adapter(tiny_model_dir, tmp_path
         np.testing.assert_allclose(a, b, rtol=0, atol=LOGP_ATOL)
     assert np.abs(tuned["torch"][0] - refs["torch"][:, 0]).max() > 0.05  # the adapter changes the policy
 
+    from mlxft.preference.trainer import StepCounts
+
     n_chosen = int(sum(p.chosen.n_targets for p in ds.pairs))
-    for method in ("dpo", "orpo"):
-        objective = Objective(method, beta=0.5)
+    # Two NLL-only replay rows after the pairs (chosen answers of two other pairs stand in).
+    replay = [p.chosen for p in load_pairs(write_jsonl(tmp_path / "more.jsonl", PAIRS[4:6]), tb.tokenizer, 128).pairs]
+    with_replay = collate_pairs(ds.pairs, tb.tokenizer.pad_token_id, replay)
+    counts = StepCounts(len(ds.pairs), n_chosen, sum(s.n_targets for s in replay))
+    cases = [("dpo", 0.0, batch), ("dpo", 1.0, batch), ("orpo", 0.0, batch), ("dpo", 0.5, with_replay),
+             ("orpo", 0.0, with_replay)]
+    for method, sft_weight, b in cases:
+        objective = Objective(method, beta=0.5, sft_weight=sft_weight)
         losses = {}
         for name, ops, be in (("torch", torch_ops, tb), ("mlx", mlx_ops, mb)):
             ref = refs[name] if method == "dpo" else None
-            losses[name] = ops.train_step(be, [PairBatch(batch, ref)], 0.0, objective, len(ds), n_chosen).loss
-        assert abs(losses["mlx"] - losses["torch"]) < LOSS_ATOL, method
-        if method == "dpo":
+            item = PairBatch(b, ref, n_pairs=len(ds.pairs))
+            losses[name] = ops.train_step(be, [item], 0.0, objective, counts).loss
+        assert abs(losses["mlx"] - losses["torch"]) < LOSS_ATOL, (method, sft_weight)
+        if method == "dpo" and b is batch and not sft_weight:
             assert abs(losses["torch"] - np.log(2)) > 10 * LOSS_ATOL  # not the trivial policy = reference value
+        if b is not batch:  # the replay rows add their NLL (several nats per token on a random model)
+            assert losses["torch"] > 1.0
 
 
 def test_qlora_dpo_on_a_4bit_mlx_base(tiny_model_dir, tmp_path):

@@ -89,8 +89,10 @@ def _compare_grads(ours: dict, theirs: dict) -> None:
         assert torch.allclose(ours[name], g, rtol=0, atol=GRAD_RTOL_OF_MAX * biggest), name
 
 
-@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
-def test_dpo_matches_trl(tiny_model_dir, tmp_path, label_smoothing):
+@pytest.mark.parametrize("label_smoothing,sft_weight", [(0.0, 0.0), (0.2, 0.0), (0.0, 0.5)])
+def test_dpo_matches_trl(tiny_model_dir, tmp_path, label_smoothing, sft_weight):
+    """sft_weight w: TRL's combined loss_type=["sigmoid", "sft"] with loss_weights=[1, w] (the
+    chosen answers' NLL per completion token, over the batch, added to DPO's)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
@@ -104,8 +106,10 @@ def test_dpo_matches_trl(tiny_model_dir, tmp_path, label_smoothing):
     # TRL 1.16's "sigmoid" has no label smoothing; its "aot" is the same cDPO expression with
     # the log-ratios sorted across the batch, which is the identity for a batch of one pair.
     n_pairs = 3 if label_smoothing == 0 else 1
+    loss_type = ["sigmoid" if label_smoothing == 0 else "aot"] + (["sft"] if sft_weight else [])
     args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=n_pairs, beta=beta,
-                     loss_type=["sigmoid" if label_smoothing == 0 else "aot"], label_smoothing=label_smoothing,
+                     loss_type=loss_type, loss_weights=[1.0, sft_weight] if sft_weight else None,
+                     label_smoothing=label_smoothing,
                      report_to="none", use_cpu=True, bf16=False, max_length=128, disable_dropout=True,
                      dataset_num_proc=None, precompute_ref_log_probs=False)
     trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(PAIRS[:n_pairs]),
@@ -123,13 +127,17 @@ def test_dpo_matches_trl(tiny_model_dir, tmp_path, label_smoothing):
     with torch_ops.adapter_off(backend):
         rc, rr, _, _ = torch_ops.pair_logps(backend, batch)
     pc, pr, nc, nr = torch_ops.pair_logps(backend, batch)
-    objective = Objective("dpo", beta, label_smoothing)
+    objective = Objective("dpo", beta, label_smoothing, sft_weight=sft_weight)
     backend.optimizer.zero_grad(set_to_none=True)
     ours_loss = torch_ops.backward(backend, [PairBatch(batch, np.stack([rc, rr], 1))], objective,
                                    n_pairs=n_pairs, n_chosen_tokens=int(nc.sum()))
     ours = _lora_grads(backend.model)
 
     assert abs(ours_loss - float(loss.detach())) < LOSS_ATOL
+    if sft_weight:  # the NLL term is there: the loss is well above DPO's alone (at most ~ln 2 here)
+        dpo_alone = float(np.mean(-np.log(1 / (1 + np.exp(-beta * ((pc - rc) - (pr - rr)))))))
+        nll = -pc.sum() / nc.sum()
+        assert abs(ours_loss - (dpo_alone + sft_weight * nll)) < LOSS_ATOL
     assert abs(pc.mean() - metrics["logps/chosen"]) < LOGP_ATOL
     assert abs(pr.mean() - metrics["logps/rejected"]) < LOGP_ATOL
     margin = beta * ((pc - rc) - (pr - rr))

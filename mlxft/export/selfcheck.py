@@ -52,11 +52,13 @@ class Prompt:
 
 
 def conversations(records: list[dict], system: str | None) -> list[Prompt]:
-    """Chat / completions records as (prompt turns, reference answer) pairs, the system prompt
-    inserted as training inserts it."""
+    """Chat / completions records, and preference pairs (their prompt and chosen answer), as
+    (prompt turns, reference answer) pairs, the system prompt inserted as training inserts it."""
     out = []
     for rec in records:
-        if "messages" in rec:
+        if "chosen" in rec and isinstance(rec.get("prompt"), list):  # a pair (mlxft/formats/pairs.py)
+            msgs = [{"role": m["role"], "content": m["content"]} for m in rec["prompt"] + rec["chosen"]]
+        elif "messages" in rec:
             msgs = [{"role": m["role"], "content": m["content"]} for m in rec["messages"]]
         elif "prompt" in rec:
             msgs = [{"role": "user", "content": rec["prompt"]}]

@@ -33,6 +33,8 @@ class Pair:
 
 @dataclass
 class PairDataset:
+    """Pairs, and for a training set the base model's replay answers (NLL-only samples, no
+    rejected answer) mixed in after them: the trainer walks `samples`, pairs first."""
     pairs: list[Pair]
     path: str
     truncated: int = 0
@@ -40,13 +42,14 @@ class PairDataset:
     records: list[dict] = field(default_factory=list)
     cut: list[tuple[bool, bool]] = field(default_factory=list)  # (chosen, rejected) lost scored tokens
     fmt: str = "preference"
+    replay: list[Sample] = field(default_factory=list)
 
-    def __len__(self) -> int:
-        return len(self.pairs)
+    def __len__(self) -> int:  # training items: pairs and replay samples
+        return len(self.pairs) + len(self.replay)
 
     @property
-    def samples(self) -> list[Pair]:  # the name the shared trainer walks
-        return self.pairs
+    def samples(self) -> list[Pair | Sample]:  # the items the shared trainer walks, by index
+        return self.pairs + self.replay
 
 
 def prompt_messages(record: dict, system_prompt: str | None) -> list[dict]:
@@ -120,7 +123,7 @@ def load_pairs(path, tokenizer, max_seq_len: int, system_prompt: str | None = No
 
 def split_pairs(ds: PairDataset, share: float, seed: int) -> tuple[PairDataset, PairDataset]:
     """Hold out a seeded share of the pairs (at least one) for validation."""
-    train, valid = held_out_split(len(ds), share, seed, ds.path, unit="pairs")
+    train, valid = held_out_split(len(ds.pairs), share, seed, ds.path, unit="pairs")
 
     def part(indices, path, truncated=0, skipped=()):
         return PairDataset([ds.pairs[i] for i in indices], path, truncated, list(skipped),
@@ -130,6 +133,7 @@ def split_pairs(ds: PairDataset, share: float, seed: int) -> tuple[PairDataset, 
     return part(train, ds.path, ds.truncated, ds.skipped), part(valid, ds.path + " (held out)")
 
 
-def collate_pairs(pairs: list[Pair], pad_id: int) -> Batch:
-    """One batch of 2n rows: the chosen answers, then the rejected ones in the same order."""
-    return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+def collate_pairs(pairs: list[Pair], pad_id: int, replay: list[Sample] = ()) -> Batch:
+    """One batch of 2n rows: the chosen answers, then the rejected ones in the same order (then
+    the replay samples, one row each)."""
+    return collate([p.chosen for p in pairs] + [p.rejected for p in pairs] + list(replay), pad_id)

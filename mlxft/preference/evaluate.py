@@ -35,11 +35,11 @@ def score_pairs(backend, ds: PairDataset, batch_size: int = 8, max_batches: int 
     """(n, 4) float64: pc, pr, nc, nr per pair of `ds` (no gradients, eval mode)."""
     ops = ops_for(backend)
     pad = backend.tokenizer.pad_token_id
-    order = sorted(range(len(ds)), key=lambda i: len(ds.pairs[i]))
+    order = sorted(range(len(ds.pairs)), key=lambda i: len(ds.pairs[i]))
     batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
     if max_batches:
         batches = batches[:max_batches]
-    rows = np.full((len(ds), 4), np.nan)
+    rows = np.full((len(ds.pairs), 4), np.nan)
     for idx in batches:
         pc, pr, nc, nr = ops.pair_logps(backend, collate_pairs([ds.pairs[i] for i in idx], pad))
         rows[idx] = np.stack([pc, pr, nc, nr], axis=1)

@@ -62,7 +62,9 @@ def adapter_off(backend):
             set_module(backend.model, path, layer)
 
 
-def train_step(backend, micro, lr: float, objective: Objective, n_pairs: int, n_chosen_tokens: int) -> StepResult:
+def train_step(backend, micro, lr: float, objective: Objective, counts) -> StepResult:
+    """One optimizer step over `micro` (PairBatch items: chosen, rejected, then replay rows).
+    `counts`: the whole step's pair, chosen-token and replay-token counts (trainer.StepCounts)."""
     mx = backend.mx
     import mlx.nn as nn
     from mlx.utils import tree_map
@@ -71,20 +73,24 @@ def train_step(backend, micro, lr: float, objective: Objective, n_pairs: int, n_
     backend.model.train()
     backend.optimizer.learning_rate = mx.array(lr, mx.float32)
 
-    def loss_fn(_model, ids, seg, idx, labels, to_rows, counts, ref):
+    def loss_fn(_model, ids, seg, idx, labels, to_rows, row_counts, ref, n):
         sums = row_logps(backend, ids, seg, idx, labels, to_rows)
-        n = sums.shape[0] // 2
-        rc, rr = (ref[:, 0], ref[:, 1]) if ref is not None else (None, None)
-        loss, _, _ = objective.step_loss(MLXOps, sums[:n], sums[n:], counts[:n], counts[n:], rc, rr,
-                                         n_pairs, n_chosen_tokens)
+        loss = mx.array(0.0, mx.float32)
+        if n:
+            rc, rr = (ref[:, 0], ref[:, 1]) if ref is not None else (None, None)
+            loss, _, _ = objective.step_loss(MLXOps, sums[:n], sums[n:2 * n], row_counts[:n],
+                                             row_counts[n:2 * n], rc, rr, counts.pairs, counts.chosen_tokens)
+        if sums.shape[0] > 2 * n:
+            loss = loss + objective.replay_loss(sums[2 * n:], counts.replay_tokens)
         return loss
 
     value_and_grad = nn.value_and_grad(backend.model, loss_fn)
     grads, loss_total = None, mx.array(0.0, mx.float32)
     for item in micro:
         ref = None if item.ref is None else mx.array(np.asarray(item.ref, dtype=np.float32))
-        loss, g = value_and_grad(backend.model, *_inputs(backend, item.batch, count=True), ref)
+        loss, g = value_and_grad(backend.model, *_inputs(backend, item.batch, count=True), ref,
+                                 item.pairs_in_batch)
         grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
         loss_total = loss_total + loss
         mx.eval(loss_total, grads)
-    return backend.apply_gradients(grads, loss_total, n_pairs)
+    return backend.apply_gradients(grads, loss_total, counts.pairs)

@@ -40,8 +40,8 @@ def compute(backend, ds: PairDataset, batch_size: int, adapter_on: bool) -> np.n
     """(n, 2) float64: summed log-probability of (chosen, rejected) per pair, no gradients."""
     ops = ops_for(backend)
     pad = backend.tokenizer.pad_token_id
-    out = np.zeros((len(ds), 2), dtype=np.float64)
-    order = sorted(range(len(ds)), key=lambda i: len(ds.pairs[i]))
+    out = np.zeros((len(ds.pairs), 2), dtype=np.float64)
+    order = sorted(range(len(ds.pairs)), key=lambda i: len(ds.pairs[i]))
     switch = contextlib.nullcontext() if adapter_on else ops.adapter_off(backend)
     with switch:
         for start in range(0, len(order), batch_size):

@@ -10,7 +10,11 @@ Defaults (when the recipe leaves them null), said in the run's one `defaults:` l
 - train.epochs: mlxft's SFT epoch budget for the pair count, at most 3 (preference losses keep
   falling on the training pairs long after held-out pairs stop improving; early stopping ends
   runs sooner);
-- data.replay 0: replay adds SFT samples, which have no rejected answer to pair with.
+- train.sft_weight 1.0 for DPO: the chosen answers' NLL added to DPO's loss (TRL's "sft" loss
+  type, the RPO paper's alpha = 1). DPO alone ranks held-out pairs right but can leave greedy
+  answers as they were: it pushes the rejected answer down more than it lifts the chosen one;
+- data.replay as for SFT: the base model's own answers train as NLL-only samples (they have no
+  rejected answer, so no DPO/ORPO term), so the retention floor has something to hold.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from mlxft.errors import ConfigError, MlxftError
 from mlxft.preference.data import PairDataset, load_pairs, split_pairs
 
 DEFAULT_BETA = 0.1
+DEFAULT_SFT_WEIGHT = 1.0
 DPO_LR_FACTOR = 0.5
 MAX_EPOCHS = 3
 
@@ -49,22 +54,23 @@ def load_pair_data(cfg, tokenizer, skip_bad_lines: bool = False) -> tuple[PairDa
 
 
 def preference_defaults(cfg, n_train: int, hidden_size: int | None) -> str | None:
-    """Fill beta, learning rate, epochs and replay for dpo/orpo; a phrase saying what was chosen."""
+    """Fill beta, the SFT weight (DPO), learning rate and epochs for dpo/orpo; a phrase saying
+    what was chosen."""
     from mlxft.defaults import auto_epochs, auto_learning_rate
 
     t, why = cfg.train, []
     if t.beta is None:
         t.beta = DEFAULT_BETA
         why.append(f"beta {t.beta:g}")
+    if t.method == "dpo" and t.sft_weight is None:
+        t.sft_weight = DEFAULT_SFT_WEIGHT
+        why.append(f"sft_weight {t.sft_weight:g} (NLL of the chosen answers)")
     if t.learning_rate is None:
         t.learning_rate = auto_learning_rate(hidden_size) * (DPO_LR_FACTOR if t.method == "dpo" else 1.0)
         why.append(f"learning rate {t.learning_rate:.1e} ({t.method}, hidden size {hidden_size or 'unknown'})")
     if t.steps is None and t.epochs is None:
         t.epochs = float(min(auto_epochs(n_train), MAX_EPOCHS))
         why.append(f"up to {t.epochs:g} epochs for {n_train} pairs")
-    if cfg.data.replay:
-        cfg.data.replay = 0.0
-        why.append("no replay (pairs)")
     return f"{t.method}: " + ", ".join(why) if why else None
 
 

@@ -62,30 +62,37 @@ def adapter_off(backend):
         yield
 
 
-def backward(backend, micro, objective: Objective, n_pairs: int, n_chosen_tokens: int) -> float:
+def backward(backend, micro, objective: Objective, n_pairs: int, n_chosen_tokens: int,
+             n_replay_tokens: int = 0) -> float:
     """Gradients of this rank's share of the step loss into the trainable weights' .grad (added
-    to what is there); the share's value. `micro`: PairBatch items (.batch, .ref (n, 2) or None)."""
+    to what is there); the share's value. `micro`: PairBatch items (.batch: chosen, rejected,
+    then replay rows; .ref (n, 2) or None; .pairs_in_batch n)."""
     torch = backend.torch
     loss_total = 0.0
     for item in micro:
         with backend._compute():
             sums, counts = row_logps(backend, item.batch, need_grad=True)
-            n = sums.shape[0] // 2
-            rc = rr = None
-            if item.ref is not None:
-                ref = torch.as_tensor(item.ref, dtype=torch.float32, device=backend.device)
-                rc, rr = ref[:, 0], ref[:, 1]
-            loss, _, _ = objective.step_loss(TorchOps, sums[:n], sums[n:], counts[:n], counts[n:], rc, rr,
-                                             n_pairs, n_chosen_tokens)
+            n = item.pairs_in_batch
+            loss = sums.new_zeros(())
+            if n:
+                rc = rr = None
+                if item.ref is not None:
+                    ref = torch.as_tensor(item.ref, dtype=torch.float32, device=backend.device)
+                    rc, rr = ref[:, 0], ref[:, 1]
+                loss, _, _ = objective.step_loss(TorchOps, sums[:n], sums[n:2 * n], counts[:n], counts[n:2 * n],
+                                                 rc, rr, n_pairs, n_chosen_tokens)
+            if sums.shape[0] > 2 * n:
+                loss = loss + objective.replay_loss(sums[2 * n:], n_replay_tokens)
             loss.backward()
         loss_total += float(loss.detach())
     return loss_total
 
 
-def train_step(backend, micro, lr: float, objective: Objective, n_pairs: int, n_chosen_tokens: int) -> StepResult:
-    """One optimizer step over `micro`, clipped, skipped when not finite, as the SFT step."""
+def train_step(backend, micro, lr: float, objective: Objective, counts) -> StepResult:
+    """One optimizer step over `micro`, clipped, skipped when not finite, as the SFT step.
+    `counts`: the whole step's pair, chosen-token and replay-token counts (trainer.StepCounts)."""
     for group in backend.optimizer.param_groups:
         group["lr"] = lr
     backend.optimizer.zero_grad(set_to_none=True)
-    loss_total = backward(backend, micro, objective, n_pairs, n_chosen_tokens)
-    return backend.apply_gradients(loss_total, n_pairs)
+    loss_total = backward(backend, micro, objective, counts.pairs, counts.chosen_tokens, counts.replay_tokens)
+    return backend.apply_gradients(loss_total, counts.pairs)
