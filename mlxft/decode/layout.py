@@ -28,4 +28,12 @@ def column_major(model) -> int:
             continue
         weight.data = weight.data.t().contiguous().t()
         done += 1
+    if done:
+        # The rest are copied too, so that no tensor still views the safetensors file that
+        # from_pretrained mapped: while one does, the mapping stays, and the pages read to make
+        # the transposed copies stay resident beside them (measured: +1 GB RSS on SmolLM2-135M).
+        for tensor in (*model.parameters(), *model.buffers()):
+            transposed = tensor.dim() == 2 and not tensor.is_contiguous() and tensor.t().is_contiguous()
+            if not transposed and not tensor.requires_grad:
+                tensor.data = tensor.data.clone()
     return done
