@@ -122,3 +122,37 @@ def test_torch_cache_grows_past_its_buffer(wide_model_dir):
     alone = [_decode(be, [p], 270)[0][0] for p in prompts]
     assert all(len(a) == 270 for a in alone)
     assert _decode(be, prompts, 270, max_batch=2)[0] == alone
+
+
+def test_column_major_weights_change_no_value(wide_model_dir):
+    """mlxft.decode.layout stores Linear weights transposed: the same values, a loaded inference
+    model holds them that way, and greedy generation gives the same tokens."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from mlxft.decode.layout import column_major
+    from mlxft.inference import load_backend
+
+    rows, cols = (AutoModelForCausalLM.from_pretrained(wide_model_dir, dtype=torch.float32).eval().requires_grad_(False)
+                  for _ in range(2))
+    linears = [m for m in cols.modules() if isinstance(m, torch.nn.Linear)]
+    assert column_major(cols) == len({id(m.weight) for m in linears}) > 0
+    assert all(m.weight.t().is_contiguous() for m in linears) and column_major(cols) == 0
+    for a, b in zip(rows.state_dict().values(), cols.state_dict().values()):
+        assert torch.equal(a, b)
+
+    # One projection: each output is a K-term float32 dot product, summed in another order.
+    # Either order is within gamma_K * sum|x_i w_i| of the exact value (gamma_K = K u / (1 - K u),
+    # u = 2^-24, Higham's bound for recursive summation), so the two differ by at most twice that.
+    lin_rows = next(m for m in rows.modules() if isinstance(m, torch.nn.Linear))
+    k, u = lin_rows.in_features, 2.0 ** -24
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        bound = 2 * (k * u / (1 - k * u)) * (x.abs() @ lin_rows.weight.abs().t())
+        assert ((linears[0](x) - lin_rows(x)).abs() <= bound).all()
+        ids = torch.tensor([[1, 5, 9, 23, 7]])
+        greedy = dict(max_new_tokens=16, do_sample=False, attention_mask=torch.ones_like(ids))
+        assert torch.equal(rows.generate(ids, **greedy), cols.generate(ids, **greedy))
+
+    backend = load_backend(wide_model_dir, None, "torch")
+    assert all(m.weight.t().is_contiguous() for m in backend.model.modules() if isinstance(m, torch.nn.Linear))

@@ -180,6 +180,25 @@ def test_torch_backend_serves_the_same_text(runs):
             assert reply.choices[0].message.content == expected
 
 
+def test_one_run_is_served_with_its_adapter_folded_in(runs):
+    """Serving one run loads its adapter with the model, as `generate` does: on f32 PyTorch the
+    adapter is merged into the weights (no PEFT layers left) and the text is generate's."""
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from mlxft.serve.engine import Engine
+
+    engine = Engine([str(runs[0])], backend="torch")
+    assert engine.preloaded is not None and engine.scheduler.adapter == engine.preloaded
+    assert not any(isinstance(m, BaseTunerLayer) for m in engine.backend.model.modules())
+    with _InProcess(engine) as url:
+        client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+        reply = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": PROMPT}],
+                                               temperature=0, max_tokens=10)
+        assert reply.choices[0].message.content == _generate(runs[0], PROMPT, 10, backend="torch")
+
+
 def test_serve_refuses_runs_of_different_bases(runs, tmp_path, default_model_dir):
     from mlxft.cli import cli
 

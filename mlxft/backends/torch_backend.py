@@ -124,6 +124,10 @@ class TorchBackend(TorchInference, TorchDeviceInfo, Backend):
 
     def _finish_load(self, train: bool) -> None:
         self.model.train(train)
+        if not train and self.device == "cpu":
+            from mlxft.decode.layout import column_major
+
+            column_major(self.model)  # faster decode matmuls on CPU (mlxft/decode/layout.py)
 
     def _lora_config(self, base):
         from peft import LoraConfig

@@ -62,7 +62,12 @@ class Engine:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlxft-generate")
         # Loaded on the generation thread, so all of the model's work happens on one thread
         # (MLX keeps its streams per thread).
-        self.backend = self._worker.submit(load_backend, base.path, None, backend, trust_remote_code).result()
+        # One adapter served: it is loaded with the model, as `mlxft generate` loads a run (on f32
+        # PyTorch folded into the weights, so no LoRA side path runs at each token); several are
+        # switched per batch (mlxft.serve.scheduler).
+        adapters = {m.adapter for m in self.models.values()}
+        self.preloaded = adapters.pop() if len(adapters) == 1 else None
+        self.backend = self._worker.submit(load_backend, base.path, self.preloaded, backend, trust_remote_code).result()
         self.tokenizer = self.backend.tokenizer
         self.base_template = getattr(self.tokenizer, "chat_template", None)
         self.context = model_context(base.path) or 2048
@@ -76,7 +81,8 @@ class Engine:
     def _scheduler(self, max_batch, max_queue, timeout, prompt_cache_bytes):
         from mlxft.serve.scheduler import Scheduler
 
-        scheduler = Scheduler(self.backend, max_batch or 1, max_queue, timeout, prompt_cache_bytes)
+        scheduler = Scheduler(self.backend, max_batch or 1, max_queue, timeout, prompt_cache_bytes,
+                              adapter=self.preloaded)
         if not max_batch:
             scheduler.max_batch = default_max_batch(scheduler.kv_bytes_per_token, self.context)
         return scheduler

@@ -68,13 +68,13 @@ def available_memory() -> int | None:
 
 class Scheduler:
     def __init__(self, backend, max_batch: int, max_queue: int, timeout: float,
-                 prompt_cache_bytes: int = 0, memory_reserve: int = 512 << 20):
+                 prompt_cache_bytes: int = 0, memory_reserve: int = 512 << 20, adapter=None):
         self.backend, self.tokenizer = backend, backend.tokenizer
         self.max_batch, self.max_queue, self.timeout = max_batch, max_queue, timeout
         self.memory_reserve = memory_reserve
         self.decoder = backend.decoder(max_batch=max_batch, prompt_cache_bytes=prompt_cache_bytes)
         self.kv_bytes_per_token = self.decoder.kv_bytes_per_token()
-        self.adapter = None
+        self.adapter = adapter              # the adapter the backend's model has on now
         self._uids = itertools.count()
         self._queue: deque[Ticket] = deque()
         self._active: dict[int, Ticket] = {}
