@@ -5,6 +5,7 @@ answers that never end, short answers and the rendered trained spans are reporte
 import json
 import random
 
+import pytest
 from click.testing import CliRunner
 
 from mlxft.cli import cli
@@ -41,10 +42,12 @@ def check(*args) -> dict:
     return json.loads(res.stdout)
 
 
-def test_quickstart_data_is_clean():
-    r = check(str(QUICKSTART / "train.jsonl"), str(QUICKSTART / "valid.jsonl"), "--max-seq-len", "256")
+@pytest.mark.parametrize("held_out, count", [("valid.jsonl", 10), ("test.jsonl", 20)])
+def test_quickstart_data_is_clean(held_out, count):
+    """Training data against the early-stopping questions and against the held-out test questions."""
+    r = check(str(QUICKSTART / "train.jsonl"), str(QUICKSTART / held_out), "--max-seq-len", "256")
     assert [f["role"] for f in r["files"]] == ["train", "valid"]
-    assert [f["samples"] for f in r["files"]] == [68, 20]
+    assert [f["samples"] for f in r["files"]] == [68, count]
     assert r["exact_duplicates"]["count"] == 0 and r["near_duplicates"]["count"] == 0
     assert r["leakage"]["checked"] and r["leakage"]["exact"] == 0 and r["leakage"]["near"] == 0
     assert r["truncated"]["count"] == 0 and r["never_end"]["count"] == 0 and r["short_answers"]["count"] == 0
