@@ -21,6 +21,7 @@ checkpoints). mlxft may stop early (its default); the tokens each contender trai
 
     python scripts/bench_process.py                      # quickstart data, 3 epochs, SmolLM2
     python scripts/bench_process.py --data bench/data/faq/train.jsonl --epochs 5
+    python scripts/bench_process.py --base ~/.cache/mlxft/models/gemma-3-270m-...   # another model folder
 """
 
 from __future__ import annotations
@@ -96,8 +97,6 @@ def trainer_child(args) -> None:
     print(json.dumps({"tokens": sum(len(s.ids) for s in data.samples) * args.epochs}))
 
 
-
-
 def main() -> None:
     from mlxft.sysinfo import cpu_model
 
@@ -105,6 +104,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=ROOT / "recipes" / "data" / "quickstart" / "train.jsonl")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--base", type=Path, help="a model folder to train (default: the built-in SmolLM2-135M-Instruct), "
+                                              "e.g. the folder `mlxft pull` made from the Gemma 3 270M GGUF")
     ap.add_argument("--only", help="comma-separated contender keys: default,warm,noret,plain,trainer-f32,trainer-bf16")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--trainer-child", action="store_true", help=argparse.SUPPRESS)
@@ -120,7 +121,7 @@ def main() -> None:
     from mlxft.paths import home
     from mlxft.sources.default import default_model_path
 
-    model = default_model_path()
+    model = args.base.resolve() if args.base else default_model_path()
     lr = auto_learning_rate(json.loads((model / "config.json").read_text())["hidden_size"])
     work = Path(tempfile.mkdtemp(prefix="mlxft-bench-process-"))
     # A private MLXFT_HOME sharing the imported model but not the retention/replay caches.
@@ -130,7 +131,7 @@ def main() -> None:
     if (home() / "devicebench.json").exists():
         shutil.copy(home() / "devicebench.json", bench_home / "devicebench.json")
     env = {**os.environ, "MLXFT_HOME": str(bench_home), "MLXFT_NO_PROGRESS": "1"}
-    mlxft = [sys.executable, "-m", "mlxft", "train", "--data", str(args.data), "--set", f"train.epochs={args.epochs}",
+    mlxft = [sys.executable, "-m", "mlxft", "train", "--model", str(model), "--data", str(args.data), "--set", f"train.epochs={args.epochs}",
              "--set", f"train.batch_size={args.batch_size}", "--json"]
     contenders = {
         "default": ("mlxft default (first run, caches empty)", mlxft),
@@ -143,7 +144,7 @@ def main() -> None:
         "trainer-bf16": ("Trainer + PEFT, bf16 autocast", None),
     }
     only = args.only.split(",") if args.only else list(contenders)
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} cores), load average {os.getloadavg()[0]:.2f}; "
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} cores), load average {os.getloadavg()[0]:.2f}; model {model.name}, "
           f"data {args.data.name}, {args.epochs} epochs, batch {args.batch_size}, lr {lr:g}, LoRA r8 on {len(TARGETS)} "
           f"modules of every layer", flush=True)
     results = {}

@@ -101,6 +101,7 @@ def test_qlora_dpo_on_a_4bit_mlx_base(tiny_model_dir, tmp_path):
     res = CliRunner().invoke(cli, ["train", "--model", str(qdir), "--backend", "mlx", "--data", str(data),
                                    "--out", str(run), "--set", "train.method=dpo", "--set", "train.steps=2",
                                    "--set", "train.learning_rate=1e-2", "--set", "retention.enabled=false",
+                                   "--set", "train.sft_weight=0", "--set", "data.replay=0",
                                    "--set", "train.batch_size=4", "--json"])
     assert res.exit_code == 0, res.output
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]

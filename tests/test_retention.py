@@ -103,16 +103,17 @@ def test_baseline_is_recorded_again_when_the_weights_are_rewritten(varied_model,
     calls = count_generate(monkeypatch)
     train(model, tmp_path / "a", unrelated, "train.steps=1", "retention.probes=5")
     calls.clear()
-    train(model, tmp_path / "b", unrelated, "train.steps=1", "retention.probes=5")
-    assert len(calls) == 5  # cached: only the chosen adapter answered
+    second = train(model, tmp_path / "b", unrelated, "train.steps=1", "retention.probes=5")
+    # cached: only the chosen adapter answered, the probes it no longer predicts top-1 throughout
+    assert len(calls) == len(second["retention"]["diverged_ids"])
     weights = model / "model.safetensors"
     tensors = load_file(weights)
     name = next(k for k in tensors if k.endswith("embed_tokens.weight"))
     tensors[name] = tensors[name] * 1.5
     save_file(tensors, weights, metadata={"format": "pt"})
     calls.clear()
-    train(model, tmp_path / "c", unrelated, "train.steps=1", "retention.probes=5")
-    assert len(calls) == 5 + 5  # the rewritten model answered the probes again
+    third = train(model, tmp_path / "c", unrelated, "train.steps=1", "retention.probes=5")
+    assert len(calls) == 5 + len(third["retention"]["diverged_ids"])  # the rewritten model answered again
 
 
 def test_retention_is_the_kept_adapters(varied_model, unrelated, tmp_path):
