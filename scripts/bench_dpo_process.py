@@ -7,8 +7,8 @@ Every contender is one process, timed from start to exit, with its peak RSS from
 (wait4's ru_maxrss). TRL runs with its defaults otherwise: the reference is the same model with
 the adapter disabled, run at every step (precompute_ref_log_probs=False), no evaluation, no
 checkpoints. mlxft runs with its defaults (retention guard, replay of the base model's answers,
-the SFT term) and with TRL's work (retention, replay and the SFT term off); it also validates on
-held-out pairs and checkpoints, which TRL here does not.
+the SFT term) and with TRL's work (retention, replay, the SFT term and early stopping off); it
+also validates on held-out pairs and checkpoints, which TRL here does not.
 
     python scripts/bench_dpo_process.py                  # recipes/data/dpo, 3 epochs, SmolLM2
     python scripts/bench_dpo_process.py --only mlxft-noret,trl-f32 --epochs 1
@@ -100,10 +100,11 @@ def main() -> None:
              f"train.batch_size={args.batch_size}", "--set", "train.max_seq_len=256", "--json"]
     contenders = {
         "mlxft": ("mlxft dpo, defaults (retention on)", mlxft),
-        # TRL's work: plain sigmoid DPO on the pairs alone (no replay samples, no SFT term)
-        "mlxft-noret": ("mlxft dpo, retention.enabled=false, data.replay=0, train.sft_weight=0",
+        # TRL's work: plain sigmoid DPO on the pairs alone (no replay samples, no SFT term), every
+        # step of the epochs (no early stopping)
+        "mlxft-noret": ("mlxft dpo, retention off, replay 0, sft_weight 0, no early stop",
                         mlxft + ["--set", "retention.enabled=false", "--set", "data.replay=0",
-                                 "--set", "train.sft_weight=0"]),
+                                 "--set", "train.sft_weight=0", "--set", "train.early_stop_patience=0"]),
         "trl-f32": ("TRL DPOTrainer + PEFT, float32", None),
         "trl-bf16": ("TRL DPOTrainer + PEFT, bf16 autocast", None),
     }
