@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_process import TARGETS, timed  # noqa: E402
+from bench_process import EQUAL_WORK_SETS, TARGETS, timed  # noqa: E402
 
 DATA = ROOT / "mlxft" / "recipes" / "data" / "dpo"
 
@@ -103,8 +103,7 @@ def main() -> None:
         # TRL's work: plain sigmoid DPO on the pairs alone (no replay samples, no SFT term), every
         # step of the epochs (no early stopping)
         "mlxft-noret": ("mlxft dpo, retention off, replay 0, sft_weight 0, no early stop",
-                        mlxft + ["--set", "retention.enabled=false", "--set", "data.replay=0",
-                                 "--set", "train.sft_weight=0", "--set", "train.early_stop_patience=0"]),
+                        mlxft + EQUAL_WORK_SETS + ["--set", "train.sft_weight=0"]),
         "trl-f32": ("TRL DPOTrainer + PEFT, float32", None),
         "trl-bf16": ("TRL DPOTrainer + PEFT, bf16 autocast", None),
     }

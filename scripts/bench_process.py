@@ -39,6 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# mlxft doing a peer's work: no retention guard, no replay samples, every step of the epochs
+EQUAL_WORK_SETS = ["--set", "retention.enabled=false", "--set", "data.replay=0", "--set", "train.early_stop_patience=0"]
 
 
 def timed(cmd: list[str], env: dict) -> tuple[float, int, subprocess.CompletedProcess]:
@@ -138,8 +140,7 @@ def main() -> None:
         "warm": ("mlxft default (caches filled)", mlxft),
         "noret": ("mlxft, retention.enabled=false", mlxft + ["--set", "retention.enabled=false"]),
         "plain": ("mlxft, retention off, replay 0, no early stop",
-                  mlxft + ["--set", "retention.enabled=false", "--set", "data.replay=0",
-                           "--set", "train.early_stop_patience=0"]),
+                  mlxft + EQUAL_WORK_SETS),
         "trainer-f32": ("Trainer + PEFT, float32", None),
         "trainer-bf16": ("Trainer + PEFT, bf16 autocast", None),
     }
