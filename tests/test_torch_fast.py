@@ -161,43 +161,77 @@ def _plain_loss_sum(backend, hidden, labels):
         torch_backend.fusable_head = real
 
 
-def test_fused_cross_entropy_equals_float64_within_its_rounding():
-    """Loss and gradient to the hidden states, over several chunks, against a float64 evaluation.
-    Bound (Higham's gamma_n = n u / (1 - n u), u = 2**-24): each f32 logit z_tj is a d-term dot
-    product, off by at most gamma_d * (|h_t| . |w_j|); the loss of a position (max + log-sum-exp
-    over V terms - target) moves by at most twice the largest logit error plus gamma_V for the
-    sum of V exponentials; the softmax entries are then off by at most that relative amount, and
-    dL/dh_t = (p_t - onehot) @ W adds a V-term sum: gamma_V * (|p_t - onehot| @ |W|)."""
-    from mlxft.backends.torch_loss import fused_linear_cross_entropy
-
-    gen = torch.Generator().manual_seed(0)
-    T, V, d = 37, 1000, 24
+def _fused_head_case(seed=0, T=37, V=1000, d=24):
+    gen = torch.Generator().manual_seed(seed)
     h64 = torch.randn(T, d, generator=gen, dtype=torch.float64)
     w64 = torch.randn(V, d, generator=gen, dtype=torch.float64) * 0.5
     y = torch.randint(0, V, (T,), generator=gen)
-    h = h64.float().requires_grad_()
-    loss = fused_linear_cross_entropy(h, w64.float(), y, chunk=8)
-    (loss * 0.5).backward()  # the backward scales by the incoming gradient
+    return gen, h64.float().double(), w64.float().double(), y  # exactly representable in f32
 
-    ref_h = h64.float().double().requires_grad_()
-    ref = torch.nn.functional.cross_entropy(ref_h @ w64.float().double().T, y, reduction="sum")
-    ref.backward()
 
+def _fused_head_bounds(h64, w64, y, incoming):
+    """Rounding bounds for the fused head (Higham's gamma_n = n u / (1 - n u), u = 2**-24): each
+    f32 logit z_tj is a d-term dot product, off by at most gamma_d * (|h_t| . |w_j|); the
+    log-probability of a position (target - max - log-sum-exp over V terms) moves by at most
+    twice the largest logit error plus gamma_V for the sum of V exponentials; the softmax entries
+    are then off by at most that relative amount, and d logp_t/dh_t = (onehot - p_t) @ W adds a
+    V-term sum: gamma_V * (|p_t - onehot| @ |W|), both scaled by the position's incoming
+    gradient. Returns (per-position value bound, gradient bound, float64 gradient)."""
+    T, d = h64.shape
+    V = w64.shape[0]
     u = 2.0 ** -24
     gamma = lambda n: n * u / (1 - n * u)  # noqa: E731
     logit_err = gamma(d) * (h64.abs() @ w64.abs().T)  # (T, V)
     per_position = 2 * logit_err.amax(dim=1) + gamma(V)
-    assert abs(float(loss.detach()) - float(ref.detach())) <= float(per_position.sum())
-    # softmax entries off by at most 2 * per_position relative; the V-term product adds gamma_V
     probs = torch.softmax(h64 @ w64.T, dim=1)
     residual = probs.clone()
     residual[torch.arange(T), y] -= 1
-    grad_bound = 0.5 * ((2 * per_position[:, None] * probs) @ w64.abs() + gamma(V) * (residual.abs() @ w64.abs()))
-    err = (h.grad.double() - 0.5 * ref_h.grad).abs()
+    grad_bound = incoming.abs()[:, None] * (
+        (2 * per_position[:, None] * probs) @ w64.abs() + gamma(V) * (residual.abs() @ w64.abs()))
+    return per_position, grad_bound, -incoming[:, None] * (residual @ w64)
+
+
+def test_fused_cross_entropy_equals_float64_within_its_rounding():
+    """The SFT loss (minus the summed log-probabilities): loss and gradient to the hidden states,
+    over several chunks, against a float64 evaluation (bounds: _fused_head_bounds)."""
+    from mlxft.backends.torch_loss import fused_linear_cross_entropy
+
+    _, h64, w64, y = _fused_head_case()
+    h = h64.float().requires_grad_()
+    loss = fused_linear_cross_entropy(h, w64.float(), y, chunk=8)
+    (loss * 0.5).backward()  # the backward scales by the incoming gradient
+
+    ref = torch.nn.functional.cross_entropy(h64 @ w64.T, y, reduction="sum")
+    per_position, grad_bound, want = _fused_head_bounds(h64, w64, y, torch.full((len(y),), -0.5, dtype=torch.float64))
+    assert abs(float(loss.detach()) - float(ref)) <= float(per_position.sum())
+    err = (h.grad.double() - want).abs()
     assert torch.all(err <= grad_bound), float((err / grad_bound).max())
     # the bound is tight enough to catch a real mistake: a gradient 1e-3 relative off fails it
-    assert not torch.all((1e-3 * ref_h.grad).abs() <= grad_bound)
-    assert float(ref_h.grad.norm()) > 0
+    assert not torch.all((1e-3 * want).abs() <= grad_bound)
+    assert float(want.norm()) > 0
+
+
+def test_fused_logp_per_position_with_uneven_incoming_gradients():
+    """The preference step's use: per-position log-probabilities, each position's gradient row
+    scaled by its own incoming gradient (as the per-answer sums and the DPO loss weigh them),
+    against float64 within the same bounds."""
+    from mlxft.backends.torch_loss import fused_linear_logp
+
+    gen, h64, w64, y = _fused_head_case(seed=1)
+    incoming = torch.randn(len(y), generator=gen, dtype=torch.float64)
+    h = h64.float().requires_grad_()
+    logp = fused_linear_logp(h, w64.float(), y, chunk=8)
+    (logp * incoming.float()).sum().backward()
+
+    ref = torch.log_softmax(h64 @ w64.T, dim=1)[torch.arange(len(y)), y]
+    per_position, grad_bound, want = _fused_head_bounds(h64, w64, y, incoming)
+    assert logp.shape == (len(y),) and logp.dtype == torch.float32
+    assert torch.all((logp.double() - ref).abs() <= per_position)
+    err = (h.grad.double() - want).abs()
+    assert torch.all(err <= grad_bound), float((err / grad_bound).max())
+    # a backward that ignored the per-position weights (their mean instead) fails the bound
+    flat = _fused_head_bounds(h64, w64, y, incoming.mean().expand(len(y)))[2]
+    assert not torch.all((flat - want).abs() <= grad_bound)
 
 
 def test_fused_loss_step_equals_the_plain_head(tiny_model_dir, data_file):

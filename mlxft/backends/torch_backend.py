@@ -11,8 +11,9 @@ Speed and memory (measured on a 2-core AVX512-BF16 CPU with SmolLM2-135M; docs/b
   it beats the CPU SDPA kernel's backward, SDPA above it (CPU only; CUDA keeps its choice);
 - the loss only at target positions, lm_head applied LOSS_CHUNK positions at a time, so f32
   logits exist for one chunk at a time (vocabularies are 49k to 262k); in training the head and
-  the cross-entropy are fused (torch_loss.py: one exponential pass, the gradient to the hidden
-  states computed in the forward, the head's matmul never recomputed);
+  the cross-entropy are fused, for the SFT loss and the preference step alike (torch_loss.py:
+  one exponential pass, the gradient to the hidden states computed in the forward, the head's
+  matmul never recomputed);
 - packed batches get a block-diagonal causal mask and per-sample positions (no cross-talk);
 - gradient checkpointing as an option (recomputes each block's forward: less memory, ~30% slower).
 
@@ -34,7 +35,7 @@ from mlxft.backends.neftune import add_torch_hook
 from mlxft.backends.torch_device import (EAGER_ATTENTION_MAX_LEN, LOSS_CHUNK, TorchDeviceInfo, pick_device,
                                          pick_dtype, torch_loadable)
 from mlxft.backends.torch_fast import compile_blocks, install_fused_lora
-from mlxft.backends.torch_loss import fused_linear_cross_entropy, fusable_head
+from mlxft.backends.torch_loss import fusable_head, fused_linear_logp
 from mlxft.backends.torch_inference import TorchInference
 from mlxft.config import Config
 from mlxft.data import Batch
@@ -234,28 +235,33 @@ class TorchBackend(TorchInference, TorchDeviceInfo, Backend):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def _loss_sum(self, hidden, labels, need_grad: bool):
-        """Sum of token cross-entropies, lm_head applied chunk by chunk; under autograd each
-        chunk is checkpointed so its logits are recomputed in backward instead of kept."""
+    def _target_logp(self, hidden, labels, need_grad: bool):
+        """Per-position f32 log-probability of each target: the fused head (torch_loss.py) where
+        it is the same computation, else lm_head chunk by chunk, each chunk checkpointed under
+        autograd so its logits are recomputed in backward instead of kept."""
         torch = self.torch
         import torch.nn.functional as F
         from torch.utils.checkpoint import checkpoint
 
         head, cap = self._head()
-        if need_grad and fusable_head(head, cap):
-            return fused_linear_cross_entropy(hidden, head.weight, labels, LOSS_CHUNK)
+        if fusable_head(head, cap):
+            return fused_linear_logp(hidden, head.weight, labels, LOSS_CHUNK)
 
-        def chunk_loss(h, y):
-            return F.cross_entropy(self._chunk_logits(h, head, cap), y, reduction="sum")
+        def chunk_logp(h, y):
+            return -F.cross_entropy(self._chunk_logits(h, head, cap), y, reduction="none")
 
-        total = hidden.new_zeros((), dtype=torch.float32)
+        parts = []
         for i in range(0, hidden.shape[0], LOSS_CHUNK):
             h, y = hidden[i:i + LOSS_CHUNK], labels[i:i + LOSS_CHUNK]
             if need_grad and hidden.shape[0] > LOSS_CHUNK:
-                total = total + checkpoint(chunk_loss, h, y, use_reentrant=False)
+                parts.append(checkpoint(chunk_logp, h, y, use_reentrant=False))
             else:
-                total = total + chunk_loss(h, y)
-        return total
+                parts.append(chunk_logp(h, y))
+        return torch.cat(parts) if parts else hidden.new_zeros((0,), dtype=torch.float32)
+
+    def _loss_sum(self, hidden, labels, need_grad: bool):
+        """Sum of token cross-entropies (the SFT loss before dividing by the target count)."""
+        return -self._target_logp(hidden, labels, need_grad).sum()
 
     def train_step(self, batches: list[Batch], lr: float, n_total: int | None = None) -> StepResult:
         if n_total is None:

@@ -1,6 +1,6 @@
-"""The training loss's fused LM head: cross-entropy over the target positions, with the gradient
-to the hidden states computed in the forward, chunk by chunk, as Liger's and Unsloth's fused
-linear cross-entropy do.
+"""The training loss's fused LM head: the log-probability of each target (the SFT loss is minus
+their sum, the preference step sums them per answer), with the gradient to the hidden states
+computed in the forward, chunk by chunk, as Liger's and Unsloth's fused linear cross-entropy do.
 
 The plain path (TorchBackend._loss_sum) runs `lm_head`, casts the logits to f32, and lets
 autograd keep what `log_softmax` and `nll_loss` need; on chunks beyond the first it checkpoints
@@ -13,7 +13,7 @@ each chunk's logits are used once while they are in cache-sized memory:
     dL/dh = (e / s - onehot(y)) @ W
 
 so one exponential pass serves the loss and its gradient, the head's matmul is never recomputed,
-and the backward only scales the stored dL/dh by the incoming gradient. The matmuls run in the
+and the backward only scales each stored row of dL/dh by its position's incoming gradient. The matmuls run in the
 same dtype as the plain path's (the autocast dtype when autocast is on, else the weight's).
 
 It applies where it is the same computation: the head is frozen and has no bias, and no final
@@ -42,15 +42,15 @@ def _matmul_dtype(hidden, weight):
 def _make_function():
     import torch
 
-    class FusedLinearCrossEntropy(torch.autograd.Function):
-        """Sum of token cross-entropies of `hidden @ weight.T` against `labels`."""
+    class FusedLinearLogProb(torch.autograd.Function):
+        """Per position, log softmax(`hidden @ weight.T`) at `labels`."""
 
         @staticmethod
         def forward(ctx, hidden, weight, labels, chunk):
             dtype = _matmul_dtype(hidden, weight)
             w = weight.to(dtype)
             grad = torch.empty_like(hidden) if hidden.requires_grad else None
-            total = hidden.new_zeros((), dtype=torch.float32)
+            logp = hidden.new_empty((hidden.shape[0],), dtype=torch.float32)
             with torch.autocast(hidden.device.type, enabled=False):
                 for i in range(0, hidden.shape[0], chunk):
                     h, y = hidden[i:i + chunk].to(dtype), labels[i:i + chunk]
@@ -59,28 +59,35 @@ def _make_function():
                     m = z.amax(dim=-1, keepdim=True)
                     z.sub_(m).exp_()
                     s = z.sum(dim=-1, keepdim=True)
-                    total += (m[:, 0] + s[:, 0].log() - target).sum()
-                    if grad is not None:
-                        z.div_(s)
-                        z[torch.arange(z.shape[0], device=z.device), y] -= 1
+                    logp[i:i + chunk] = target - m[:, 0] - s[:, 0].log()
+                    if grad is not None:  # d logp / dh = (onehot(y) - softmax) @ W
+                        z.div_(s).neg_()
+                        z[torch.arange(z.shape[0], device=z.device), y] += 1
                         grad[i:i + chunk] = (z.to(dtype) @ w).to(hidden.dtype)
             ctx.save_for_backward(grad)
-            return total
+            return logp
 
         @staticmethod
-        def backward(ctx, grad_total):
+        def backward(ctx, grad_logp):
             (grad,) = ctx.saved_tensors
-            return grad * grad_total.to(grad.dtype), None, None, None
+            return grad * grad_logp.to(grad.dtype)[:, None], None, None, None
 
-    return FusedLinearCrossEntropy
+    return FusedLinearLogProb
 
 
 _FUNCTION = None
 
 
-def fused_linear_cross_entropy(hidden, weight, labels, chunk: int):
-    """Sum over positions of cross-entropy(hidden @ weight.T, labels); see the module docstring."""
+def fused_linear_logp(hidden, weight, labels, chunk: int):
+    """Per position log-probability of `labels` under softmax(hidden @ weight.T), f32; see the
+    module docstring. Each position's value depends on its own hidden state only, so the stored
+    gradient row times the incoming gradient of that position is the exact backward."""
     global _FUNCTION
     if _FUNCTION is None:
         _FUNCTION = _make_function()
     return _FUNCTION.apply(hidden, weight, labels, chunk)
+
+
+def fused_linear_cross_entropy(hidden, weight, labels, chunk: int):
+    """Sum over positions of cross-entropy(hidden @ weight.T, labels): the SFT loss."""
+    return -fused_linear_logp(hidden, weight, labels, chunk).sum()

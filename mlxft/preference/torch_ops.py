@@ -1,8 +1,9 @@
 """The preference step on the PyTorch backend: per-answer summed log-probabilities from one
-forward of the [chosen; rejected] batch (LM head only at target positions, in checkpointed
-chunks as the SFT loss), the objective, backward, the same clipping, non-finite guard and
-all-reduce as the backend's SFT step; and the reference: the same model with the adapter
-switched off (PEFT's disable_adapter), so no second copy of the weights exists."""
+forward of the [chosen; rejected] batch (the SFT loss's per-target log-probabilities,
+TorchBackend._target_logp: the fused LM head where it applies), the objective, backward, the
+same clipping, non-finite guard and all-reduce as the backend's SFT step; and the reference:
+the same model with the adapter switched off (PEFT's disable_adapter), so no second copy of the
+weights exists."""
 
 from __future__ import annotations
 
@@ -15,27 +16,10 @@ from mlxft.preference.losses import Objective, TorchOps
 def row_logps(backend, batch, need_grad: bool):
     """(summed log-probability of the targets per row, target count per row) as tensors."""
     torch = backend.torch
-    import torch.nn.functional as F
-    from torch.utils.checkpoint import checkpoint
-
-    from mlxft.backends.torch_backend import LOSS_CHUNK
-
     hidden, labels = backend._hidden(batch)
-    head, cap = backend._head()
+    logp = backend._target_logp(hidden, labels, need_grad)
     rows = torch.from_numpy(batch.loss_mask[:, 1:]).bool().nonzero()[:, 0].to(backend.device)
-
-    def chunk_logp(h, y):
-        return -F.cross_entropy(backend._chunk_logits(h, head, cap), y, reduction="none")
-
-    parts = []
-    for i in range(0, hidden.shape[0], LOSS_CHUNK):
-        h, y = hidden[i:i + LOSS_CHUNK], labels[i:i + LOSS_CHUNK]
-        if need_grad and hidden.shape[0] > LOSS_CHUNK:
-            parts.append(checkpoint(chunk_logp, h, y, use_reentrant=False))
-        else:
-            parts.append(chunk_logp(h, y))
     n_rows = batch.input_ids.shape[0]
-    logp = torch.cat(parts) if parts else hidden.new_zeros((0,), dtype=torch.float32)
     sums = torch.zeros(n_rows, dtype=torch.float32, device=backend.device).index_add(0, rows, logp.float())
     counts = torch.from_numpy(batch.loss_mask[:, 1:].sum(-1)).to(backend.device, torch.float32)
     return sums, counts
