@@ -1,5 +1,6 @@
 """Measured matmul speed of this machine per backend and dtype, for `mlxft doctor --bench` and
-the model-FLOPs-utilisation (MFU) estimate in training progress.
+the model-FLOPs-utilisation (MFU) estimate in training progress; and a cache for other figures
+of this machine (the decode speed per weight dtype of mlxft.decode.weights).
 
 The shape (512 x 576) @ (576 x 1536) is a small model's MLP projection over a batch of tokens,
 closer to what LoRA training runs than a square 1024 product. Each figure is the best of a few
@@ -91,8 +92,26 @@ def _write_cache(entries: dict) -> None:
         pass  # a read-only home only loses the cache
 
 
+def forget_figures(marker: str) -> int:
+    """Drop the cached figures whose key contains `marker` (measured again when next needed);
+    returns how many."""
+    cache = _read_cache()
+    stale = [key for key in cache if marker in key]
+    if stale:
+        try:
+            path = _cache_file()
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({k: v for k, v in cache.items() if k not in stale}, indent=1, sort_keys=True))
+            tmp.replace(path)
+        except OSError:
+            return 0
+    return len(stale)
+
+
 def matmul_gflops(m: int = SHAPE[0], k: int = SHAPE[1], n: int = SHAPE[2]) -> list[dict]:
-    """GFLOPS of an (m x k) @ (k x n) product per available backend and dtype (refreshes the cache)."""
+    """GFLOPS of an (m x k) @ (k x n) product per available backend and dtype. At the default shape
+    (`doctor --bench`) it refreshes the cache and drops the decode figures of
+    mlxft.decode.weights, measured again at the next load."""
     rows, cache = [], {}
     shape = (m, k, n)
     try:
@@ -114,8 +133,21 @@ def matmul_gflops(m: int = SHAPE[0], k: int = SHAPE[1], n: int = SHAPE[2]) -> li
     except ImportError:
         pass
     if shape == SHAPE:
+        forget_figures("/decode-weights/")
         _write_cache(cache)
     return rows
+
+
+def cached_figure(name: str, measure):
+    """A figure of this machine (per torch version and thread count) under `name`: cached, else
+    `measure()`d and cached."""
+    key = _key("torch", name, "cpu")
+    cached = _read_cache().get(key)
+    if cached is not None:
+        return cached
+    value = measure()
+    _write_cache({key: value})
+    return value
 
 
 def peak_gflops(backend: str, dtype: str, device: str = "cpu") -> float | None:

@@ -7,13 +7,13 @@ from mlxft.templates import format_messages, format_prompt  # noqa: F401 (the na
 
 
 def load_for_inference(model_spec: str | None, backend: str = "auto", adapter: str = "best",
-                       trust_remote_code: bool = False, seed: int = 0):
+                       trust_remote_code: bool = False, seed: int = 0, weights: str = "float32"):
     """Return (backend instance, ResolvedModel) ready to generate or evaluate. The backend seeds
     its framework's RNG with `seed` as it loads, so sampled generations repeat per seed."""
     from mlxft.sources import resolve_model
 
     resolved = resolve_model(model_spec, adapter=adapter)
-    engine = load_backend(resolved.path, resolved.adapter, backend, trust_remote_code, seed)
+    engine = load_backend(resolved.path, resolved.adapter, backend, trust_remote_code, seed, weights)
     from mlxft.templates import for_inference
 
     engine.chat_setup = for_inference(engine.tokenizer, resolved.run)  # the template a run trained with
@@ -21,8 +21,11 @@ def load_for_inference(model_spec: str | None, backend: str = "auto", adapter: s
 
 
 def load_backend(model_path, adapter=None, backend: str = "auto", trust_remote_code: bool = False,
-                 seed: int = 0):
-    """A backend with the model at `model_path` (plus `adapter`) loaded for inference."""
+                 seed: int = 0, weights: str = "float32"):
+    """A backend with the model at `model_path` (plus `adapter`) loaded for inference. `weights`:
+    on PyTorch on a CPU, the dtype the Linear weights are kept in for generation (auto, float32,
+    bfloat16, float16; auto is measured: mlxft.decode.weights);
+    scoring and checks keep the float32 default. MLX ignores it."""
     from mlxft.backends.select import choose_backend, make_backend
 
     name, _ = choose_backend(backend)
@@ -31,8 +34,16 @@ def load_backend(model_path, adapter=None, backend: str = "auto", trust_remote_c
     cfg.train.dtype = "float32" if name == "torch" else "auto"
     engine = make_backend(name, cfg)
     engine.trust_remote_code = trust_remote_code
+    if name == "torch":
+        engine.inference_weights = weights
     engine.load(model_path, adapter=adapter, train=False)
     return engine
+
+
+def weights_note(backend) -> str:
+    """', bfloat16 weights (auto: ...)' when generation does not run on the float32 weights."""
+    dtype = getattr(backend, "weights_dtype", "float32")
+    return "" if dtype == "float32" else f", {dtype} weights ({backend.weights_reason})"
 
 
 def model_context(path) -> int | None:

@@ -8,7 +8,8 @@ in --clients (up to 16), on loopback.
     python scripts/bench_serve.py --url http://127.0.0.1:8080/v1 --model NAME   # a server already running
 
 Servers (each started on a free loopback port, with --threads compute threads):
-- mlxft: `mlxft serve RUN` (continuous batching, --max-batch as the server picks it);
+- mlxft: `mlxft serve RUN` (continuous batching, --max-batch as the server picks it, --dtype auto);
+- mlxft-f16: the same with `--dtype float16` (float16 weights, float32 activations);
 - llamacpp: mlxft's own f16 GGUF export of RUN (`mlxft export --quant f16`, adapter fused) in
   llama-cpp-python's `Llama` behind a small streaming HTTP loop (below: --llamacpp-server), one
   request at a time;
@@ -77,12 +78,14 @@ def start(cmd: list[str], env: dict, health: str, log: Path) -> subprocess.Popen
     sys.exit(f"server did not start within 900 s: {' '.join(cmd)}")
 
 
-def start_mlxft(models: list[str], backend: str, threads: int, work: Path, max_batch: int | None):
+def start_mlxft(models: list[str], backend: str, threads: int, work: Path, max_batch: int | None,
+                dtype: str = "auto"):
     port = free_port()
-    cmd = [sys.executable, "-m", "mlxft", "serve", *models, "--port", str(port), "--backend", backend]
+    cmd = [sys.executable, "-m", "mlxft", "serve", *models, "--port", str(port), "--backend", backend,
+           "--dtype", dtype]
     if max_batch:
         cmd += ["--max-batch", str(max_batch)]
-    proc = start(cmd, threads_env(threads), f"http://127.0.0.1:{port}/health", work / "mlxft-serve.log")
+    proc = start(cmd, threads_env(threads), f"http://127.0.0.1:{port}/health", work / f"mlxft-serve-{dtype}.log")
     return proc, f"http://127.0.0.1:{port}/v1", None
 
 
@@ -154,7 +157,7 @@ class MemorySampler(threading.Thread):
             time.sleep(0.05)
 
 
-SERVERS = ("mlxft", "llamacpp", "llama-server", "mlx-lm")
+SERVERS = ("mlxft", "mlxft-f16", "llamacpp", "llama-server", "mlx-lm")
 PROMPT = "Tell me about {topic}."
 PROMPT_HOLDER = [PROMPT]  # --prompt
 COMPLETIONS = [False]     # --completions: /v1/completions with the prompt as raw text (a base model)
@@ -302,8 +305,9 @@ def main() -> None:
     for name in servers if not args.url else ["url"]:
         if name == "url":
             proc, url, model = None, args.url, None
-        elif name == "mlxft":
-            proc, url, model = start_mlxft(models, args.backend, args.threads, work, args.max_batch)
+        elif name in ("mlxft", "mlxft-f16"):
+            dtype = "float16" if name == "mlxft-f16" else "auto"
+            proc, url, model = start_mlxft(models, args.backend, args.threads, work, args.max_batch, dtype)
         elif name == "llamacpp":
             proc, url, model = start_llamacpp(models[0], args.threads, work)
         elif name == "llama-server":

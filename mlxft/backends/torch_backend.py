@@ -33,7 +33,7 @@ from mlxft.backends.common import (adapted_layer_count, max_grad_norm, resolve_l
                                    split_like)
 from mlxft.backends.neftune import add_torch_hook
 from mlxft.backends.torch_device import (EAGER_ATTENTION_MAX_LEN, LOSS_CHUNK, TorchDeviceInfo, pick_device,
-                                         pick_dtype, torch_loadable)
+                                         pick_dtype, pick_inference_weights, torch_loadable)
 from mlxft.backends.torch_fast import compile_blocks, install_fused_lora
 from mlxft.backends.torch_loss import fusable_head, fused_linear_logp
 from mlxft.backends.torch_inference import TorchInference
@@ -61,6 +61,10 @@ class TorchBackend(TorchInference, TorchDeviceInfo, Backend):
         self._attn_default = None
         self._tuner_layers = []
         self._compiled_blocks = 0  # under train.compile
+        # Generation (set by mlxft.inference.load_backend): the dtype asked for the Linear
+        # weights (mlxft.decode.weights); then what it resolved to and why.
+        self.inference_weights = "float32"
+        self.weights_dtype, self.weights_reason = "float32", ""
 
     # ------------------------------------------------------------------ loading
 
@@ -129,6 +133,14 @@ class TorchBackend(TorchInference, TorchDeviceInfo, Backend):
             from mlxft.decode.layout import column_major
 
             column_major(self.model)  # faster decode matmuls on CPU (mlxft/decode/layout.py)
+        if (not train and self.device == "cpu" and self.dtype == self.torch.float32
+                and self.inference_weights != "float32" and not self._tuner_layers):
+            from mlxft.decode.weights import store_linear_weights
+
+            self.weights_dtype, self.weights_reason = pick_inference_weights(
+                self.model, self.model_path, self.inference_weights)
+            if self.weights_dtype != "float32":
+                store_linear_weights(self.model, getattr(self.torch, self.weights_dtype))
 
     def _lora_config(self, base):
         from peft import LoraConfig

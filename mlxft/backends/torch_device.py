@@ -1,7 +1,7 @@
 """The PyTorch backend's device policy and figures: which device and dtype (bf16 on a CPU only
-where a bf16 matmul is measured faster than f32), the folder transformers can load (MLX-quantized
-weights dequantized first), and what the backend reports: device, dtype, peak memory and the
-FLOPs per token for the MFU figure."""
+where a bf16 matmul is measured faster than f32; for generation, the weights' dtype), the folder
+transformers can load (MLX-quantized weights dequantized first), and what the backend reports:
+device, dtype, peak memory and the FLOPs per token for the MFU figure."""
 
 from __future__ import annotations
 
@@ -45,6 +45,29 @@ def pick_dtype(requested: str, device: str):
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_bf16_pays()[0] else torch.float32
+
+
+def pick_inference_weights(model, model_path, requested: str) -> tuple[str, str]:
+    """The dtype generation keeps the Linear weights in (mlxft.decode.weights), and why. `auto`:
+    measured on this model's shapes and this CPU, cached in MLXFT_HOME/devicebench.json, so only
+    the first load of a model of these shapes pays the few seconds it takes."""
+    if requested != "auto":
+        return requested, "asked for"
+    import json
+
+    from mlxft.decode.weights import choose_weight_dtype, measure_weight_dtypes
+    from mlxft.devicebench import cached_figure
+
+    try:
+        config = json.loads((model_path / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    config = config.get("text_config") or config
+    shape = "-".join(str(config.get(k)) for k in ("model_type", "hidden_size", "intermediate_size",
+                                                  "num_hidden_layers", "vocab_size"))
+    seconds = cached_figure(f"decode-weights/{shape}", lambda: measure_weight_dtypes(model))
+    dtype, why = choose_weight_dtype(seconds)
+    return dtype, f"auto: {why}"
 
 
 def torch_loadable(model_path: Path) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from mlxft.commands.options import adapter_option, backend_option, trust_remote_code_option
+from mlxft.commands.options import adapter_option, backend_option, trust_remote_code_option, weights_option
 
 HELP_LINE = "Type a message and press Enter. /reset clears the conversation, /exit (or Ctrl-D) quits."
 
@@ -89,9 +89,10 @@ def _use_llama_cpp(model_or_run, engine_choice) -> bool:
               help="Context length; the oldest turns are dropped when the conversation outgrows it.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for sampling (--temperature > 0): the same seed gives the same answer.")
+@weights_option()
 @trust_remote_code_option()
 def chat(model_or_run, system, max_tokens, temperature, top_p, backend, adapter, engine, n_ctx, seed,
-         trust_remote_code):
+         weights, trust_remote_code):
     """Chat with MODEL_OR_RUN in the terminal (default: the built-in SmolLM2-135M-Instruct).
 
     A run directory means its base model plus its best adapter; a .gguf file runs through
@@ -113,10 +114,11 @@ def chat(model_or_run, system, max_tokens, temperature, top_p, backend, adapter,
             session = _LlamaCppChat(model_or_run, system, max_tokens, temperature, top_p, n_ctx, seed)
         label = f"{model_or_run} (llama.cpp)"
     else:
-        from mlxft.inference import load_for_inference, run_system_prompt
+        from mlxft.inference import load_for_inference, run_system_prompt, weights_note
 
         with ui.console.status("Loading model"):
-            loaded, resolved = load_for_inference(model_or_run, backend, adapter, trust_remote_code, seed=seed)
+            loaded, resolved = load_for_inference(model_or_run, backend, adapter, trust_remote_code, seed=seed,
+                                                  weights=weights)
         if system is None:
             system = run_system_prompt(resolved)
         context = n_ctx
@@ -126,7 +128,8 @@ def chat(model_or_run, system, max_tokens, temperature, top_p, backend, adapter,
         if limit:
             context = min(context, limit)
         session = _BackendChat(loaded, system, max_tokens, temperature, top_p, context)
-        label = f"{resolved.spec} ({loaded.name}{', adapter ' + adapter if resolved.adapter else ''})"
+        adapter_note = f", adapter {adapter}" if resolved.adapter else ""
+        label = f"{resolved.spec} ({loaded.name}{adapter_note}{weights_note(loaded)})"
 
     interactive = sys.stdin.isatty()
     ui.info(f"[bold]mlxft chat[/bold] {label}")

@@ -7,7 +7,8 @@ import sys
 
 import click
 
-from mlxft.commands.options import adapter_option, backend_option, json_option, trust_remote_code_option
+from mlxft.commands.options import (adapter_option, backend_option, json_option, trust_remote_code_option,
+                                    weights_option)
 
 
 @click.command()
@@ -27,10 +28,11 @@ from mlxft.commands.options import adapter_option, backend_option, json_option, 
               help="Which adapter of a run to use.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for sampling (--temperature > 0): the same seed gives the same answer.")
+@weights_option()
 @trust_remote_code_option()
 @json_option("Print {prompt, text, tokens} as JSON instead of streaming.")
 def generate(model_or_run, prompt, prompts_file, max_tokens, temperature, top_p, system, raw, backend, adapter,
-             seed, trust_remote_code, as_json):
+             seed, weights, trust_remote_code, as_json):
     """Generate text from MODEL_OR_RUN (default: the built-in SmolLM2-135M-Instruct).
 
     A run directory means its base model plus its best adapter. The answer streams to stdout.
@@ -38,13 +40,17 @@ def generate(model_or_run, prompt, prompts_file, max_tokens, temperature, top_p,
     import json
 
     from mlxft import ui
-    from mlxft.inference import TokenPrinter, format_prompt, load_for_inference, run_stop_ids, run_system_prompt
+    from mlxft.inference import (TokenPrinter, format_prompt, load_for_inference, run_stop_ids, run_system_prompt,
+                                 weights_note)
 
     if (prompt is None) == (prompts_file is None):
         raise click.UsageError("give exactly one of --prompt and --prompts-file")
     prompts = read_prompts(prompts_file) if prompts_file else None
     with ui.console.status("Loading model"):
-        engine, resolved = load_for_inference(model_or_run, backend, adapter, trust_remote_code, seed)
+        engine, resolved = load_for_inference(model_or_run, backend, adapter, trust_remote_code, seed, weights)
+    note = weights_note(engine)
+    if note:
+        ui.info(f"generating with{note[1:]}")
     if system is None:
         system = run_system_prompt(resolved)
     if prompts is not None:

@@ -27,6 +27,20 @@ def backend_option(default: str | None = "auto", help: str = "Compute backend (a
                         show_default=default is not None, help=help)
 
 
+def weights_option(extra: str = ""):
+    """--dtype: the dtype the PyTorch backend keeps the Linear weights in to generate on a CPU
+    (mlxft.decode.weights)."""
+    from mlxft.decode.weights import WEIGHT_DTYPES
+
+    return click.option("--dtype", "weights", type=click.Choice(list(WEIGHT_DTYPES)),
+                        default="auto", show_default=True,
+                        help="PyTorch on a CPU: the dtype the weights are kept in to generate (activations stay "
+                             "float32). auto: measured on this model and CPU, a 16-bit dtype only where it decodes "
+                             "one stream and a batch of 8 no slower than float32 and one of them clearly faster "
+                             "(the same choice in generate, chat and serve, so they give the same text); float32 "
+                             "is the model exactly as trained. MLX ignores it. " + extra)
+
+
 def adapter_option(help: str = "Which adapter of a run to use: the best by validation, or the last saved."):
     return click.option("--adapter", type=click.Choice(["best", "last"]), default="best", show_default=True,
                         help=help)

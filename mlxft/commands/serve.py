@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from mlxft.commands.options import adapter_option, backend_option, trust_remote_code_option
+from mlxft.commands.options import adapter_option, backend_option, trust_remote_code_option, weights_option
 
 
 def _loopback(host: str) -> bool:
@@ -55,9 +55,10 @@ def _check_port_free(host: str, port: int) -> None:
               help="Seconds a request may take, waiting included, before it is ended (504).")
 @click.option("--prompt-cache-mb", type=click.IntRange(0, 1 << 20), default=512, show_default=True,
               help="Memory for KV caches of earlier prompts, reused for a shared prefix (0: off).")
+@weights_option(extra="Several runs served at once keep float32 (their adapters are switched, not merged).")
 @trust_remote_code_option()
 def serve(models, host, port, api_key, backend, adapter, max_batch, max_queue, timeout, prompt_cache_mb,
-          trust_remote_code):
+          weights, trust_remote_code):
     """Serve MODEL_OR_RUN (default: the built-in SmolLM2-135M-Instruct) over the OpenAI API:
     /v1/models, /v1/chat/completions and /v1/completions, streamed or not.
 
@@ -92,10 +93,12 @@ def serve(models, host, port, api_key, backend, adapter, max_batch, max_queue, t
 
     with ui.console.status("Loading model"):
         engine = Engine(list(models), backend=backend, adapter=adapter, trust_remote_code=trust_remote_code,
-                        max_batch=max_batch, max_queue=max_queue, timeout=timeout, prompt_cache_mb=prompt_cache_mb)
+                        max_batch=max_batch, max_queue=max_queue, timeout=timeout, prompt_cache_mb=prompt_cache_mb,
+                        weights=weights)
     shown = f"[{host}]" if ":" in host else host
     ui.info(f"[bold]mlxft serve[/bold] {engine.base.path.name} on {engine.backend.name} "
-            f"(context {engine.context}, batch up to {engine.max_batch}): models {', '.join(engine.models)}")
+            f"(context {engine.context}, batch up to {engine.max_batch}{engine.weights_note()}): "
+            f"models {', '.join(engine.models)}")
     ui.info(f"OpenAI base URL: http://{shown}:{port}/v1" + ("  (API key required)" if api_key else "")
             + "  Ctrl-C stops.")
     uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)

@@ -35,7 +35,7 @@ def _model_id(spec: str | None, resolved) -> str:
 class Engine:
     def __init__(self, specs: list[str | None], backend: str = "auto", adapter: str = "best",
                  trust_remote_code: bool = False, max_batch: int | None = None, max_queue: int = 64,
-                 timeout: float = 600.0, prompt_cache_mb: int = 512):
+                 timeout: float = 600.0, prompt_cache_mb: int = 512, weights: str = "float32"):
         from mlxft.inference import load_backend, model_context, run_system_prompt
         from mlxft.sources import resolve_model
         from mlxft.templates import recorded
@@ -67,7 +67,10 @@ class Engine:
         # switched per batch (mlxft.serve.scheduler).
         adapters = {m.adapter for m in self.models.values()}
         self.preloaded = adapters.pop() if len(adapters) == 1 else None
-        self.backend = self._worker.submit(load_backend, base.path, self.preloaded, backend, trust_remote_code).result()
+        if self.preloaded is None and any(m.adapter for m in self.models.values()):
+            weights = "float32"  # adapters switched per batch: PEFT layers over float32 weights
+        self.backend = self._worker.submit(load_backend, base.path, self.preloaded, backend, trust_remote_code,
+                                           0, weights).result()
         self.tokenizer = self.backend.tokenizer
         self.base_template = getattr(self.tokenizer, "chat_template", None)
         self.context = model_context(base.path) or 2048
@@ -86,6 +89,11 @@ class Engine:
         if not max_batch:
             scheduler.max_batch = default_max_batch(scheduler.kv_bytes_per_token, self.context)
         return scheduler
+
+    def weights_note(self) -> str:
+        from mlxft.inference import weights_note
+
+        return weights_note(self.backend)
 
     def find(self, name: str) -> ServedModel | None:
         return self.models.get(name) or self.models.get(self.aliases.get(name, ""))
