@@ -24,8 +24,8 @@ def load_backend(model_path, adapter=None, backend: str = "auto", trust_remote_c
                  seed: int = 0, weights: str = "float32"):
     """A backend with the model at `model_path` (plus `adapter`) loaded for inference. `weights`:
     on PyTorch on a CPU, the dtype the Linear weights are kept in for generation (auto, float32,
-    bfloat16, float16; auto is measured: mlxft.decode.weights);
-    scoring and checks keep the float32 default. MLX ignores it."""
+    bfloat16, float16; auto is measured: mlxft.decode.weights). Scoring and checks keep the
+    float32 default. MLX ignores it."""
     from mlxft.backends.select import choose_backend, make_backend
 
     name, _ = choose_backend(backend)

@@ -2,19 +2,21 @@
 their sum, the preference step sums them per answer), with the gradient to the hidden states
 computed in the forward, chunk by chunk, as Liger's and Unsloth's fused linear cross-entropy do.
 
-The plain path (TorchBackend._loss_sum) runs `lm_head`, casts the logits to f32, and lets
-autograd keep what `log_softmax` and `nll_loss` need; on chunks beyond the first it checkpoints
-and recomputes the head's matmul in the backward. Its elementwise work over the (targets x
-vocabulary) logits is the log-softmax forward, its backward and the casts between them. Here
-each chunk's logits are used once while they are in cache-sized memory:
+The plain path (TorchBackend._target_logp, where the head is not fusable) runs `lm_head`, casts
+the logits to f32, and lets autograd keep what `log_softmax` and `nll_loss` need; with more than
+one chunk under autograd it checkpoints each and recomputes the head's matmul in the backward.
+Its elementwise work over the (targets x vocabulary) logits is the log-softmax forward, its
+backward and the casts between them. Here each chunk's logits are used once while they are in
+cache-sized memory:
 
     z = h @ W.T (f32)     m = max z     e = exp(z - m)     s = sum e
     loss = m + log s - z[y]
     dL/dh = (e / s - onehot(y)) @ W
 
 so one exponential pass serves the loss and its gradient, the head's matmul is never recomputed,
-and the backward only scales each stored row of dL/dh by its position's incoming gradient. The matmuls run in the
-same dtype as the plain path's (the autocast dtype when autocast is on, else the weight's).
+and the backward only scales each stored row of dL/dh by its position's incoming gradient. The
+matmuls run in the same dtype as the plain path's (the autocast dtype when autocast is on, else
+the weight's).
 
 It applies where it is the same computation: the head is frozen and has no bias, and no final
 logit soft-capping (Gemma 2); elsewhere the plain path runs.
