@@ -79,33 +79,19 @@ def _read_cache() -> dict:
         return {}
 
 
-def _write_cache(entries: dict) -> None:
+def _write_cache(entries: dict, drop: str | None = None) -> None:
+    """Add `entries` to the cache, first dropping the figures whose key contains `drop` (they are
+    measured again when next needed)."""
     try:
         path = _cache_file()
         path.parent.mkdir(parents=True, exist_ok=True)
-        cache = _read_cache()
+        cache = {k: v for k, v in _read_cache().items() if drop is None or drop not in k}
         cache.update(entries)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
         tmp.replace(path)
     except OSError:
         pass  # a read-only home only loses the cache
-
-
-def forget_figures(marker: str) -> int:
-    """Drop the cached figures whose key contains `marker` (measured again when next needed);
-    returns how many."""
-    cache = _read_cache()
-    stale = [key for key in cache if marker in key]
-    if stale:
-        try:
-            path = _cache_file()
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({k: v for k, v in cache.items() if k not in stale}, indent=1, sort_keys=True))
-            tmp.replace(path)
-        except OSError:
-            return 0
-    return len(stale)
 
 
 def matmul_gflops(m: int = SHAPE[0], k: int = SHAPE[1], n: int = SHAPE[2]) -> list[dict]:
@@ -133,8 +119,7 @@ def matmul_gflops(m: int = SHAPE[0], k: int = SHAPE[1], n: int = SHAPE[2]) -> li
     except ImportError:
         pass
     if shape == SHAPE:
-        forget_figures("/decode-weights/")
-        _write_cache(cache)
+        _write_cache(cache, drop="/decode-weights/")
     return rows
 
 

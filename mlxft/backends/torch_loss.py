@@ -89,7 +89,3 @@ def fused_linear_logp(hidden, weight, labels, chunk: int):
         _FUNCTION = _make_function()
     return _FUNCTION.apply(hidden, weight, labels, chunk)
 
-
-def fused_linear_cross_entropy(hidden, weight, labels, chunk: int):
-    """Sum over positions of cross-entropy(hidden @ weight.T, labels): the SFT loss."""
-    return -fused_linear_logp(hidden, weight, labels, chunk).sum()

@@ -89,6 +89,7 @@ def serve(models, host, port, api_key, backend, adapter, max_batch, max_queue, t
     import uvicorn
 
     from mlxft.serve.app import create_app
+    from mlxft.inference import weights_note
     from mlxft.serve.engine import Engine
 
     with ui.console.status("Loading model"):
@@ -97,7 +98,7 @@ def serve(models, host, port, api_key, backend, adapter, max_batch, max_queue, t
                         weights=weights)
     shown = f"[{host}]" if ":" in host else host
     ui.info(f"[bold]mlxft serve[/bold] {engine.base.path.name} on {engine.backend.name} "
-            f"(context {engine.context}, batch up to {engine.max_batch}{engine.weights_note()}): "
+            f"(context {engine.context}, batch up to {engine.max_batch}{weights_note(engine.backend)}): "
             f"models {', '.join(engine.models)}")
     ui.info(f"OpenAI base URL: http://{shown}:{port}/v1" + ("  (API key required)" if api_key else "")
             + "  Ctrl-C stops.")

@@ -90,11 +90,6 @@ class Engine:
             scheduler.max_batch = default_max_batch(scheduler.kv_bytes_per_token, self.context)
         return scheduler
 
-    def weights_note(self) -> str:
-        from mlxft.inference import weights_note
-
-        return weights_note(self.backend)
-
     def find(self, name: str) -> ServedModel | None:
         return self.models.get(name) or self.models.get(self.aliases.get(name, ""))
 
