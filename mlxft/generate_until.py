@@ -16,18 +16,18 @@ from __future__ import annotations
 import contextlib
 from typing import Callable
 
-GENERATE_BATCH = 16
-
 
 def generate_until(backend, prompts: list[list[int]], max_tokens: int, until: Callable[[list[int]], bool],
-                   max_batch: int = GENERATE_BATCH) -> list[tuple[list[int], str]]:
+                   max_batch: int | None = None) -> list[tuple[list[int], str]]:
     """Greedy ids after each prompt (stop ids not included) and why the row ended: "until" (the
-    rule held at its last token), "stop" (the model's own stop token) or "length" (the budget)."""
+    rule held at its last token), "stop" (the model's own stop token) or "length" (the budget).
+    `max_batch` defaults to the rows the backend's own generate_batch runs."""
     make = getattr(backend, "decoder", None)
     if make is None:
         return [_cut(ids, max_tokens, until) for ids in backend.generate_batch(prompts, max_tokens, temperature=0.0)]
     from mlxft.decode.base import SeqRequest
 
+    max_batch = max_batch or backend.generate_rows
     stops = frozenset(backend.stop_ids())
     results: list[list[int]] = [[] for _ in prompts]
     ends: list[str] = ["length"] * len(prompts)

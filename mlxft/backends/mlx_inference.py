@@ -16,6 +16,8 @@ GENERATE_BATCH = 16   # rows decoded side by side in generate_batch (mlx-lm Batc
 class MLXInference:
     """MLXBackend's inference methods (a mixin over the backend's model and compiled functions)."""
 
+    generate_rows = GENERATE_BATCH
+
     def eval_batch(self, batch: Batch) -> EvalResult:
         mx = self.mx
         fns = self._build()
