@@ -2,7 +2,8 @@
 side with continuous refill give the tokens each gives alone (greedy, and sampled with a seed),
 equal to the framework's own one-sequence generation (transformers' generate, mlx-lm's
 generate_step); stop ids end a row without the stop token; the prompt cache reuses a prefix and
-changes no token; the PyTorch cache layer grows past its 256-position buffer correctly.
+changes no token; prompts prefilled together from cached prefixes of different lengths give
+their own tokens; the PyTorch cache layer grows past its 256-position buffer correctly.
 
 The tiny model is built with a wide weight init (0.3), so its greedy answers differ from prompt
 to prompt and from token to token; with the default init it repeats one token, which would make
@@ -111,6 +112,30 @@ def test_prompt_cache_reuses_prefix_and_changes_nothing(backend):
     cached, decoder = _decode(backend, prompts + prompts[:2], 16, max_batch=2, prompt_cache_bytes=64 << 20)
     assert cached == plain + plain[:2]
     assert decoder.stats["cached_tokens"] > 0
+
+
+@pytest.mark.parametrize("budget", [2048, 4])
+def test_torch_prompts_prefilled_together_from_different_cached_prefixes(wide_model_dir, monkeypatch, budget):
+    """Five waiting prompts share one prefill pass (or, under a small token budget, several):
+    some start from a cached prefix of another length, one is shorter than the others' new part
+    and is left-padded; each gets the tokens it gets alone."""
+    from mlxft.backends.common import eval_mode
+    from mlxft.decode import torch_decoder
+    from mlxft.inference import load_backend
+
+    monkeypatch.setattr(torch_decoder, "PREFILL_TOKENS", budget)
+    be = load_backend(wide_model_dir, None, "torch")
+    prompts = _prompts(be)
+    alone = [_decode(be, [p], 12)[0][0] for p in prompts]
+    decoder = be.decoder(prompt_cache_bytes=64 << 20)
+    with eval_mode(be.model):
+        generate_many(decoder, [prompts[1], prompts[3]], 12)  # the cache holds prompts 1 and 3
+        warm = dict(decoder.stats)
+        together = generate_many(decoder, prompts, 12, max_batch=5)
+    assert together == alone
+    assert decoder.stats["cached_tokens"] > warm["cached_tokens"]
+    passes = decoder.stats["prefills"] - warm["prefills"]
+    assert (passes == 1) if budget == 2048 else (passes > 1)
 
 
 def test_torch_cache_grows_past_its_buffer(wide_model_dir):
