@@ -79,3 +79,23 @@ def test_quant_auto_measures_and_writes_the_smallest_within_tolerance(run_dir, t
     assert chosen["mean_kl"] <= auto["tolerance"] and chosen["bytes"] == data["bytes"]
     assert all(not r["within"] for r in auto["table"][:-1])  # every smaller type tried was over tolerance
     assert not list(tmp_path.glob(".auto.gguf*"))  # candidates and the intermediate are gone
+
+
+def test_top1_excepts_near_ties_only():
+    """A swap between two tokens 0.1 nats apart is rounding's doing and passes the q8_0 bound; a
+    swap at a position with a 3-nat lead is not excused; the margin follows the type's KL bound."""
+    import numpy as np
+
+    from mlxft.export.selfcheck import TOLERANCES, compare_logits, tie_margin
+
+    tie = tie_margin(TOLERANCES["q8_0"][0])
+    assert 0.45 < tie < 0.5 and tie_margin(TOLERANCES["f16"][0]) < tie < tie_margin(TOLERANCES["q4_k_m"][0])
+    ref = np.zeros((4, 8))
+    ref[:2, 0], ref[:2, 1] = 5.0, 4.9      # near-ties: token 0 leads by 0.1 nats
+    ref[2:, 0], ref[2:, 1] = 5.0, 2.0      # decisive: a 3-nat lead
+    near = ref.copy()
+    near[:2, 1] = 5.05                     # both near-ties swapped
+    assert compare_logits(ref, near)[1] == 0.5 and compare_logits(ref, near, tie)[1] == 1.0
+    far = near.copy()
+    far[2, 1] = 5.5                        # and one decisive position swapped
+    assert compare_logits(ref, far, tie)[1] == 0.75

@@ -5,7 +5,8 @@ conversations (or, for a plain model, mlxft's general probe prompts):
     tokens   llama.cpp's token ids == the training tokenizer's, on every prompt and conversation
              (chat template applied, special tokens parsed), and the same BOS behaviour
     answers  greedy answers to the first N prompts, llama.cpp vs the backend, text for text
-    top-1 / KL  next-token agreement and mean KL(backend || llama.cpp) over the conversations
+    top-1 / KL  next-token agreement (near-ties that rounding can swap excepted: tie_margin)
+             and mean KL(backend || llama.cpp) over the conversations
     stops    every end-of-turn token the run trained with is end-of-generation for llama.cpp,
              and llama.cpp stops wherever the backend stopped with the same answer
 
@@ -88,11 +89,24 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def compare_logits(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
-    """(mean KL(ref || got) in nats, share of positions with the same top-1 token)."""
+def compare_logits(ref: np.ndarray, got: np.ndarray, tie: float = 0.0) -> tuple[float, float]:
+    """(mean KL(ref || got) in nats, share of positions where `got`'s top-1 token is `ref`'s, or
+    is within `tie` nats of it in `ref`'s own log-probabilities: a near-tie rounding can swap)."""
     lr, lg = _log_softmax(ref), _log_softmax(got)
     kl = (np.exp(lr) * (lr - lg)).sum(-1)
-    return float(kl.mean()), float((ref.argmax(-1) == got.argmax(-1)).mean())
+    if tie <= 0:
+        return float(kl.mean()), float((ref.argmax(-1) == got.argmax(-1)).mean())
+    behind = lr.max(-1) - np.take_along_axis(lr, got.argmax(-1)[:, None], -1)[:, 0]
+    return float(kl.mean()), float((behind <= tie).mean())
+
+
+def tie_margin(max_kl: float) -> float:
+    """The near-tie margin (nats) for a type allowed a mean KL of `max_kl`: a small perturbation
+    of the log-probabilities with RMS r costs about r**2 / 2 nats of KL, so the type's bound
+    allows r = sqrt(2 * max_kl), and two picks within 2r of each other can swap by rounding
+    alone. q8_0: 0.49 nats. Measured on Gemma 3 270M q8_0 (AMD EPYC, AVX2, llama.cpp's 8-bit
+    activations): the 14 flips of 192 positions were 0.003-0.42 nats behind but one (1.13)."""
+    return 2 * float(np.sqrt(2 * max_kl))
 
 
 def trained_context(path: Path) -> int | None:
@@ -223,19 +237,27 @@ def run_selfcheck(gguf_path: Path, engine, chat: ChatSetup, quant: str, records:
                  "stopped": stopped_both, "should_stop": stopped_backend}
         stops["ok"] = stops["end_of_generation"] and stopped_both == stopped_backend
 
-        kls, agree, positions = [], [], 0
+        tie = tie_margin(kl_max)
+        kls, agree, agree_near, positions = [], [], [], 0
         for text in (full_texts or prompt_texts)[:n_texts]:
             ids = list(tok(text, add_special_tokens=False)["input_ids"])[:MAX_TOKENS_PER_TEXT]
             if len(ids) < 2:
                 continue
-            kl, top1 = compare_logits(engine.logits(ids), llm.logits(ids))
+            ref, got = engine.logits(ids), llm.logits(ids)
+            kl, top1 = compare_logits(ref, got)
+            agree_near.append(compare_logits(ref, got, tie)[1] * len(ids))
             kls.append(kl * len(ids))
             agree.append(top1 * len(ids))
             positions += len(ids)
         mean_kl = sum(kls) / positions if positions else float("nan")
         top1 = sum(agree) / positions if positions else float("nan")
-        logit_check = {"mean_kl": mean_kl, "top1": top1, "positions": positions, "max_kl": kl_max,
-                       "min_top1": top1_min, "ok": positions > 0 and mean_kl <= kl_max and top1 >= top1_min}
+        top1_near = sum(agree_near) / positions if positions else float("nan")
+        # The top-1 bound holds for picks outside near-ties: which of two nearly equal tokens wins
+        # depends on how the CPU's kernels round (llama.cpp rounds activations to 8 bits for
+        # quantized types, differently on each instruction set), not on the export.
+        logit_check = {"mean_kl": mean_kl, "top1": top1, "top1_beyond_ties": top1_near, "tie_nats": tie,
+                       "positions": positions, "max_kl": kl_max, "min_top1": top1_min,
+                       "ok": positions > 0 and mean_kl <= kl_max and top1_near >= top1_min}
     finally:
         llm.close()
     checks = {"tokens": tokens, "answers": answer_check, "logits": logit_check, "stops": stops}
@@ -252,7 +274,8 @@ def summary_line(result: dict) -> str:
 
     parts = [f"tokens {t['equal']}/{t['total']} equal ({mark(t)})",
              f"answers {a['same']}/{a['total']} same ({mark(a)})",
-             f"top-1 {lg['top1']:.1%}, KL {lg['mean_kl']:.4f} ({mark(lg)})",
+             f"top-1 {lg['top1']:.1%} ({lg['top1_beyond_ties']:.1%} beyond near-ties), "
+             f"KL {lg['mean_kl']:.4f} ({mark(lg)})",
              f"stops {s['stopped']}/{s['should_stop']} at {', '.join(s['tokens'])} ({mark(s)})"]
     if "modelfile" in result:
         ok = result["modelfile"]["ok"]
