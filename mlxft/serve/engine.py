@@ -117,10 +117,9 @@ class Engine:
 
 def default_max_batch(kv_bytes_per_token: int, context: int, cap: int = 16) -> int:
     """Rows that fit in half the memory free now, each sized for a full context (at most 4096
-    tokens), between 1 and `cap`. The cap is for waiting, not for speed: new requests are
-    prefilled one at a time before they join, so past 16 rows a late arrival's first token waits
-    long, while the aggregate rate can still grow (Intel Xeon, 1 thread, SmolLM2-135M f32: 108
-    tokens/s at 16 rows, 196 at 32; docs/serve.md)."""
+    tokens), between 1 and `cap`. The cap of 16 is the batch the load check measured
+    (docs/serve.md); more rows raise the aggregate rate (generate_batch runs 32) while each
+    client's own rate falls, so going past it is the user's call (--max-batch)."""
     from mlxft.serve.scheduler import available_memory
 
     free = available_memory()
