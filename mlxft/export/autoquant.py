@@ -33,7 +33,7 @@ def measure_kl(path: Path, engine, texts_ids: list[list[int]]) -> tuple[float, f
     try:
         kl_sum = top1_sum = n = 0.0
         for ids in texts_ids:
-            kl, top1 = compare_logits(engine.logits(ids), llm.logits(ids))
+            kl, top1, _ = compare_logits(engine.logits(ids), llm.logits(ids))
             kl_sum, top1_sum, n = kl_sum + kl * len(ids), top1_sum + top1 * len(ids), n + len(ids)
     finally:
         llm.close()

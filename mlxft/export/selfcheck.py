@@ -89,15 +89,15 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def compare_logits(ref: np.ndarray, got: np.ndarray, tie: float = 0.0) -> tuple[float, float]:
-    """(mean KL(ref || got) in nats, share of positions where `got`'s top-1 token is `ref`'s, or
-    is within `tie` nats of it in `ref`'s own log-probabilities: a near-tie rounding can swap)."""
+def compare_logits(ref: np.ndarray, got: np.ndarray, tie: float = 0.0) -> tuple[float, float, float]:
+    """(mean KL(ref || got) in nats, share of positions with the same top-1 token, share where
+    `got`'s top-1 token is within `tie` nats of `ref`'s in `ref`'s own log-probabilities: a
+    near-tie rounding can swap)."""
     lr, lg = _log_softmax(ref), _log_softmax(got)
     kl = (np.exp(lr) * (lr - lg)).sum(-1)
-    if tie <= 0:
-        return float(kl.mean()), float((ref.argmax(-1) == got.argmax(-1)).mean())
-    behind = lr.max(-1) - np.take_along_axis(lr, got.argmax(-1)[:, None], -1)[:, 0]
-    return float(kl.mean()), float((behind <= tie).mean())
+    pick = got.argmax(-1)
+    behind = lr.max(-1) - np.take_along_axis(lr, pick[:, None], -1)[:, 0]
+    return float(kl.mean()), float((ref.argmax(-1) == pick).mean()), float((behind <= tie).mean())
 
 
 def tie_margin(max_kl: float) -> float:
@@ -243,9 +243,8 @@ def run_selfcheck(gguf_path: Path, engine, chat: ChatSetup, quant: str, records:
             ids = list(tok(text, add_special_tokens=False)["input_ids"])[:MAX_TOKENS_PER_TEXT]
             if len(ids) < 2:
                 continue
-            ref, got = engine.logits(ids), llm.logits(ids)
-            kl, top1 = compare_logits(ref, got)
-            agree_near.append(compare_logits(ref, got, tie)[1] * len(ids))
+            kl, top1, near = compare_logits(engine.logits(ids), llm.logits(ids), tie)
+            agree_near.append(near * len(ids))
             kls.append(kl * len(ids))
             agree.append(top1 * len(ids))
             positions += len(ids)
