@@ -1,6 +1,7 @@
 """Measured matmul speed of this machine per backend and dtype, for `mlxft doctor --bench` and
 the model-FLOPs-utilisation (MFU) estimate in training progress; and a cache for other figures
-of this machine (the decode speed per weight dtype of mlxft.decode.weights).
+of this machine (the decode speed per weight dtype of mlxft.decode.weights, and on packed
+weights, mlxft.decode.packed).
 
 The shape (512 x 576) @ (576 x 1536) is a small model's MLP projection over a batch of tokens,
 closer to what LoRA training runs than a square 1024 product. Each figure is the best of a few
@@ -79,13 +80,13 @@ def _read_cache() -> dict:
         return {}
 
 
-def _write_cache(entries: dict, drop: str | None = None) -> None:
-    """Add `entries` to the cache, first dropping the figures whose key contains `drop` (they are
-    measured again when next needed)."""
+def _write_cache(entries: dict, drop: tuple[str, ...] = ()) -> None:
+    """Add `entries` to the cache, first dropping the figures whose key contains one of `drop`
+    (they are measured again when next needed)."""
     try:
         path = _cache_file()
         path.parent.mkdir(parents=True, exist_ok=True)
-        cache = {k: v for k, v in _read_cache().items() if drop is None or drop not in k}
+        cache = {k: v for k, v in _read_cache().items() if not any(d in k for d in drop)}
         cache.update(entries)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
@@ -97,7 +98,7 @@ def _write_cache(entries: dict, drop: str | None = None) -> None:
 def matmul_gflops(m: int = SHAPE[0], k: int = SHAPE[1], n: int = SHAPE[2]) -> list[dict]:
     """GFLOPS of an (m x k) @ (k x n) product per available backend and dtype. At the default shape
     (`doctor --bench`) it refreshes the cache and drops the decode figures of
-    mlxft.decode.weights, measured again at the next load."""
+    mlxft.decode.weights and mlxft.decode.packed, measured again at the next load."""
     rows, cache = [], {}
     shape = (m, k, n)
     try:
@@ -119,7 +120,7 @@ def matmul_gflops(m: int = SHAPE[0], k: int = SHAPE[1], n: int = SHAPE[2]) -> li
     except ImportError:
         pass
     if shape == SHAPE:
-        _write_cache(cache, drop="/decode-weights/")
+        _write_cache(cache, drop=("/decode-weights/", "/decode-packed/"))
     return rows
 
 

@@ -41,9 +41,13 @@ def load_backend(model_path, adapter=None, backend: str = "auto", trust_remote_c
 
 
 def weights_note(backend) -> str:
-    """', bfloat16 weights (auto: ...)' when generation does not run on the float32 weights."""
+    """', bfloat16 weights (auto: ...)' when generation does not run on the float32 weights, and
+    ', packed weights for batches (...)' when batched steps use mlxft.decode.packed."""
     dtype = getattr(backend, "weights_dtype", "float32")
-    return "" if dtype == "float32" else f", {dtype} weights ({backend.weights_reason})"
+    note = "" if dtype == "float32" else f", {dtype} weights ({backend.weights_reason})"
+    if getattr(backend, "packed", False):
+        note += f", packed weights for batches (auto: {backend.packed_reason})"
+    return note
 
 
 def model_context(path) -> int | None:

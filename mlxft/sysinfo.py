@@ -23,6 +23,15 @@ def total_memory_bytes() -> int | None:
         return None
 
 
+def available_memory() -> int | None:
+    """Memory the OS could hand out now without swapping (psutil's `available`); None without psutil."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
 def free_disk_bytes(path) -> int:
     from pathlib import Path
 

@@ -53,21 +53,40 @@ def pick_inference_weights(model, model_path, requested: str) -> tuple[str, str]
     the first load of a model of these shapes pays the few seconds it takes."""
     if requested != "auto":
         return requested, "asked for"
-    import json
-
     from mlxft.decode.weights import choose_weight_dtype, measure_weight_dtypes
     from mlxft.devicebench import cached_figure
+
+    seconds = cached_figure(f"decode-weights/{_shape_key(model_path)}", lambda: measure_weight_dtypes(model))
+    dtype, why = choose_weight_dtype(seconds)
+    return dtype, f"auto: {why}"
+
+
+def pick_packed_weights(model, model_path) -> tuple[bool, str]:
+    """Whether batched decode steps use oneDNN-packed copies of the float32 Linear weights
+    (mlxft.decode.packed), and why: measured on this model's shapes and this CPU, cached in
+    MLXFT_HOME/devicebench.json beside the weight dtype's figures. Never where the copy would take
+    more than a quarter of the memory free now: the KV cache of a full batch needs the rest."""
+    from mlxft.decode.packed import choose_packed, measure_packed, packed_bytes
+    from mlxft.devicebench import cached_figure
+    from mlxft.sysinfo import available_memory
+
+    extra, free = packed_bytes(model), available_memory()
+    if free is not None and extra > free // 4:
+        return False, f"a {extra / 2**20:.0f} MiB packed copy would take over a quarter of the free memory"
+    return choose_packed(cached_figure(f"decode-packed/{_shape_key(model_path)}", lambda: measure_packed(model)))
+
+
+def _shape_key(model_path) -> str:
+    """model_type-hidden-intermediate-layers-vocab from the model's config.json."""
+    import json
 
     try:
         config = json.loads((model_path / "config.json").read_text())
     except (OSError, ValueError):
         config = {}
     config = config.get("text_config") or config
-    shape = "-".join(str(config.get(k)) for k in ("model_type", "hidden_size", "intermediate_size",
-                                                  "num_hidden_layers", "vocab_size"))
-    seconds = cached_figure(f"decode-weights/{shape}", lambda: measure_weight_dtypes(model))
-    dtype, why = choose_weight_dtype(seconds)
-    return dtype, f"auto: {why}"
+    return "-".join(str(config.get(k)) for k in ("model_type", "hidden_size", "intermediate_size",
+                                                 "num_hidden_layers", "vocab_size"))
 
 
 def torch_loadable(model_path: Path) -> Path:

@@ -120,7 +120,7 @@ def default_max_batch(kv_bytes_per_token: int, context: int, cap: int = 16) -> i
     tokens), between 1 and `cap`. The cap of 16 is the batch the load check measured
     (docs/serve.md); more rows raise the aggregate rate (generate_batch runs 32) while each
     client's own rate falls, so going past it is the user's call (--max-batch)."""
-    from mlxft.serve.scheduler import available_memory
+    from mlxft.sysinfo import available_memory
 
     free = available_memory()
     if free is None:

@@ -21,6 +21,7 @@ from typing import Callable
 
 from mlxft.decode.base import SeqRequest
 from mlxft.serve.text import TextStream
+from mlxft.sysinfo import available_memory
 
 
 @dataclass
@@ -56,14 +57,6 @@ class Ticket:
     started: float = 0.0
     stream: TextStream | None = None
     generated: int = 0
-
-
-def available_memory() -> int | None:
-    try:
-        import psutil
-    except ImportError:
-        return None
-    return int(psutil.virtual_memory().available)
 
 
 class Scheduler:

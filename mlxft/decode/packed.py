@@ -1,0 +1,136 @@
+"""Frozen float32 Linear weights also held in oneDNN's packed layout, for decode steps of several
+rows on a CPU.
+
+PyTorch's default CPU GEMM runs the few-row products of a batched decode step poorly: on an AMD
+EPYC with AVX2, SmolLM2-135M, an 8-row step took 158 ms at one thread and 180 ms at two (the
+second thread went unused at 8 rows), against 75 ms for one row. oneDNN's inner-product kernel
+on a weight reordered once into its own blocked layout (torch.ops.mkldnn, the kernel inductor's
+CPU freezing pass uses) took the 8-row step to 118 and 95 ms; one row ran slower on it (75 -> 90
+ms). So a PackedLinear multiplies one row with its dense weight, as before, and two or more with
+the packed copy (docs/serve.md has the figures). The copy doubles the Linear weights' memory, so
+it is made only where a measurement on this model and CPU says it pays (`measure_packed`,
+`choose_packed`; cached like the weight dtype's).
+
+Rows are independent in oneDNN's product: a row's output does not depend on which rows share its
+batch (tests/test_decode_packed.py). Against the dense one-row product the float32 sums may round
+differently in the last bits, as they already did between PyTorch's own kernels for 1 and 8 rows.
+"""
+
+from __future__ import annotations
+
+_CLASSES: dict = {}
+PROBE_ROWS = 8        # a server's batch
+PROBE_STEPS = 4       # timed decode steps per variant (after one untimed each)
+PROBE_PROMPT = 16     # tokens of context each probe row has
+MIN_SPEEDUP = 1.15    # packed must be this much faster at PROBE_ROWS rows to be kept
+
+
+def _packed_linear():
+    if "linear" not in _CLASSES:
+        import torch
+        import torch.nn.functional as F
+
+        class PackedLinear(torch.nn.Linear):
+            """nn.Linear that multiplies two or more rows with `packed_weight` (oneDNN's layout of
+            the same values). A subclass, so code that reads `.weight` sees the dense weight."""
+
+            def forward(self, x):
+                rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+                if rows < 2 or not self.use_packed or torch.is_grad_enabled():
+                    return F.linear(x, self.weight, self.bias)
+                y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), self.packed_weight,
+                                                       self.bias, "none", [None], "")
+                return y.reshape(*x.shape[:-1], y.shape[-1])
+
+        _CLASSES["linear"] = PackedLinear
+    return _CLASSES["linear"]
+
+
+def pack_linear_weights(model) -> int:
+    """Give every frozen float32 nn.Linear of `model` a packed copy of its weight; returns how many.
+    Raises RuntimeError (or AttributeError) where this PyTorch build has no oneDNN inner product."""
+    import torch
+
+    cls = _packed_linear()
+    done = 0
+    for module in model.modules():
+        if type(module) is not torch.nn.Linear or module.weight.requires_grad or module.weight.dtype != torch.float32:
+            continue
+        module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach().contiguous(), None)
+        module.use_packed = True
+        module.__class__ = cls
+        done += 1
+    return done
+
+
+def unpack_linear_weights(model) -> None:
+    """Undo pack_linear_weights: plain nn.Linear again, the packed copies freed."""
+    import torch
+
+    cls = _packed_linear()
+    for module in model.modules():
+        if type(module) is cls:
+            del module.packed_weight, module.use_packed
+            module.__class__ = torch.nn.Linear
+
+
+def _use_packed(model, on: bool) -> None:
+    cls = _packed_linear()
+    for module in model.modules():
+        if type(module) is cls:
+            module.use_packed = on
+
+
+def measure_packed(model) -> dict[str, float]:
+    """Seconds per decode step of PROBE_ROWS rows on the dense and on the packed weights, through
+    the real decoder (mlxft.decode.torch_decoder); the two take turns step by step so a load that
+    comes and goes weighs on both. Each figure is the best of PROBE_STEPS. Packs the model for the
+    measurement and leaves it unpacked; {} where this build cannot pack."""
+    import time
+
+    import torch
+
+    from mlxft.decode.base import SeqRequest
+    from mlxft.decode.torch_decoder import TorchDecoder
+
+    try:
+        pack_linear_weights(model)
+    except (RuntimeError, AttributeError):
+        unpack_linear_weights(model)
+        return {}
+    best = {"dense": float("inf"), "packed": float("inf")}
+    try:
+        decoder = TorchDecoder(model)
+        for uid in range(PROBE_ROWS):
+            decoder.insert(SeqRequest(uid, [(uid + i) % 100 + 1 for i in range(PROBE_PROMPT)], 2 * PROBE_STEPS + 4))
+        while decoder.pending:
+            decoder.step()
+        for turn in range(PROBE_STEPS + 1):
+            for name in (("dense", "packed") if turn % 2 else ("packed", "dense")):
+                _use_packed(model, name == "packed")
+                start = time.perf_counter()
+                decoder.step()
+                if turn:  # the first turn warms both up
+                    best[name] = min(best[name], time.perf_counter() - start)
+    except RuntimeError:  # a kernel this build lacks for these shapes
+        return {}
+    finally:
+        unpack_linear_weights(model)
+        del torch
+    return best
+
+
+def packed_bytes(model) -> int:
+    """What pack_linear_weights would add: the bytes of the frozen float32 Linear weights."""
+    import torch
+
+    return sum(m.weight.numel() * 4 for m in model.modules()
+               if type(m) is torch.nn.Linear and not m.weight.requires_grad and m.weight.dtype == torch.float32)
+
+
+def choose_packed(seconds: dict[str, float]) -> tuple[bool, str]:
+    """(pack?, the reason in words) from measure_packed's figures."""
+    if not seconds:
+        return False, "oneDNN's packed weights do not run on this build"
+    speedup = seconds["dense"] / seconds["packed"]
+    return speedup >= MIN_SPEEDUP, f"{PROBE_ROWS}-row decode step {speedup:.2f}x on packed weights here"
