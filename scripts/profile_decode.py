@@ -49,9 +49,11 @@ def load(model_path: str, dtype: str):
 def prompts(tokenizer, batch: int) -> list[list[int]]:
     topics = ("rivers", "mountains", "bread", "trains", "bees", "clocks", "maps", "violins",
               "tea", "glass", "winter", "robots", "islands", "paper", "bridges", "owls")
-    return [tokenizer.apply_chat_template([{"role": "user", "content": f"Tell me about {topics[i % 16]}."}],
-                                          add_generation_prompt=True, tokenize=True, return_dict=False)
-            for i in range(batch)]
+    texts = [f"Tell me about {topics[i % 16]}." for i in range(batch)]
+    if not tokenizer.chat_template:  # a base model (Gemma 3 270M): the plain text
+        return [tokenizer(t)["input_ids"] for t in texts]
+    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False) for t in texts]
 
 
 def decoder_with_rows(model, ids: list[list[int]], tokens: int):
@@ -99,8 +101,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32,bfloat16", help="comma-separated: float32, bfloat16")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=24, help="decode steps timed (and as many profiled)")
-    ap.add_argument("--layout", default="rows,columns",
-                    help="comma-separated weight layouts: rows (nn.Linear's own), columns (mlxft.decode.layout)")
+    ap.add_argument("--layout", default="rows,columns,packed",
+                    help="comma-separated weight layouts: rows (nn.Linear's own), columns (mlxft.decode.layout), "
+                         "packed (columns, and oneDNN-packed copies for two or more rows: mlxft.decode.packed)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.model:
@@ -117,11 +120,14 @@ def main() -> None:
     names = [g for g, _ in GROUPS] + ["other ops", "python+dispatch"]
     print(f"{'dtype':>9} {'layout':>7} {'batch':>5} {'ms/step':>8} {'tok/s':>7}  " + " ".join(f"{n:>15}" for n in names))
     from mlxft.decode.layout import column_major
+    from mlxft.decode.packed import pack_linear_weights
 
     for dtype, layout in ((d, l) for d in args.dtype.split(",") for l in args.layout.split(",")):
         model = load(path, dtype)
-        if layout == "columns":
+        if layout in ("columns", "packed"):
             column_major(model)
+        if layout == "packed":
+            pack_linear_weights(model)
         for batch in (int(b) for b in args.batch.split(",")):
             r = measure(model, prompts(tokenizer, batch), args.tokens)
             step = r["step_s"]

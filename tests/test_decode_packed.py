@@ -141,3 +141,21 @@ def test_no_packed_copy_where_it_would_crowd_the_memory(model_dir, monkeypatch, 
     assert tight.packed is False and "over a quarter of the free memory" in tight.packed_reason and not calls
     monkeypatch.setattr(sysinfo, "available_memory", lambda: 4 * need)
     assert _load(model_dir, "auto").packed is True and calls == [1]
+
+
+@pytest.mark.parametrize("f16_batch, want", [(0.25, ("float32", True)), (0.10, ("float16", False))])
+def test_float16_only_where_no_slower_for_a_batch_than_packed_float32(model_dir, monkeypatch, tmp_path, f16_batch, want):
+    """float16 that beats plain float32 at 1 and 8 rows (Gemma 3 270M on an AMD EPYC with AVX2:
+    1.38x and 1.33x) is still slower for a batch than float32 on packed weights (2.4x there)."""
+    from mlxft.decode import packed, weights
+
+    monkeypatch.setenv("MLXFT_HOME", str(tmp_path / "fresh-home"))
+    monkeypatch.setattr(weights, "measure_weight_dtypes", lambda model: {"float32": [0.1, 0.3], "float16": [0.07, f16_batch]})
+    monkeypatch.setattr(packed, "measure_packed", lambda model: {"dense": 0.3, "packed": 0.12})
+    be = _load(model_dir, "auto")
+    assert (be.weights_dtype, be.packed) == want
+    if want[0] == "float32":
+        assert be.weights_reason == ("auto: float16 1.43x float32's speed for one row, "
+                                     "but 0.48x float32's on packed weights for 8 rows")
+    else:
+        assert be.packed_reason == "float16 is as fast for a batch"

@@ -33,8 +33,7 @@ from mlxft.backends.common import (adapted_layer_count, max_grad_norm, resolve_l
                                    split_like)
 from mlxft.backends.neftune import add_torch_hook
 from mlxft.backends.torch_device import (EAGER_ATTENTION_MAX_LEN, LOSS_CHUNK, TorchDeviceInfo, pick_device,
-                                         pick_dtype, pick_inference_weights, pick_packed_weights,
-                                         torch_loadable)
+                                         pick_dtype, pick_inference_weights, torch_loadable)
 from mlxft.backends.torch_fast import compile_blocks, install_fused_lora
 from mlxft.backends.torch_loss import fusable_head, fused_linear_logp
 from mlxft.backends.torch_inference import TorchInference
@@ -139,16 +138,14 @@ class TorchBackend(TorchInference, TorchDeviceInfo, Backend):
                 and self.inference_weights != "float32" and not self._tuner_layers):
             from mlxft.decode.weights import store_linear_weights
 
-            self.weights_dtype, self.weights_reason = pick_inference_weights(
+            self.weights_dtype, self.weights_reason, self.packed, self.packed_reason = pick_inference_weights(
                 self.model, self.model_path, self.inference_weights)
             if self.weights_dtype != "float32":
                 store_linear_weights(self.model, getattr(self.torch, self.weights_dtype))
-            elif self.inference_weights == "auto":
-                self.packed, self.packed_reason = pick_packed_weights(self.model, self.model_path)
-                if self.packed:
-                    from mlxft.decode.packed import pack_linear_weights
+            elif self.packed:
+                from mlxft.decode.packed import pack_linear_weights
 
-                    pack_linear_weights(self.model)
+                pack_linear_weights(self.model)
 
     def _lora_config(self, base):
         from peft import LoraConfig

@@ -47,33 +47,39 @@ def pick_dtype(requested: str, device: str):
     return torch.bfloat16 if cpu_bf16_pays()[0] else torch.float32
 
 
-def pick_inference_weights(model, model_path, requested: str) -> tuple[str, str]:
-    """The dtype generation keeps the Linear weights in (mlxft.decode.weights), and why. `auto`:
-    measured on this model's shapes and this CPU, cached in MLXFT_HOME/devicebench.json, so only
-    the first load of a model of these shapes pays the few seconds it takes."""
+def pick_inference_weights(model, model_path, requested: str) -> tuple[str, str, bool, str]:
+    """How generation holds the Linear weights, and why: (dtype, why, packed, why packed). The dtype
+    is mlxft.decode.weights'; `packed` says whether steps of several rows use oneDNN-packed copies
+    of the float32 weights (mlxft.decode.packed). `auto` measures both on this model's shapes and
+    this CPU (cached in MLXFT_HOME/devicebench.json, so only the first load of a model of these
+    shapes pays the seconds it takes) and keeps float16 only where it is no slower for a batch
+    than float32 with the packed copies. Packed copies are never made where they would take more
+    than a quarter of the memory free now: the KV cache of a full batch needs the rest."""
     if requested != "auto":
-        return requested, "asked for"
+        return requested, "asked for", False, ""
+    from mlxft.decode.packed import PROBE_ROWS, choose_packed, measure_packed, packed_bytes
     from mlxft.decode.weights import choose_weight_dtype, measure_weight_dtypes
-    from mlxft.devicebench import cached_figure
-
-    seconds = cached_figure(f"decode-weights/{_shape_key(model_path)}", lambda: measure_weight_dtypes(model))
-    dtype, why = choose_weight_dtype(seconds)
-    return dtype, f"auto: {why}"
-
-
-def pick_packed_weights(model, model_path) -> tuple[bool, str]:
-    """Whether batched decode steps use oneDNN-packed copies of the float32 Linear weights
-    (mlxft.decode.packed), and why: measured on this model's shapes and this CPU, cached in
-    MLXFT_HOME/devicebench.json beside the weight dtype's figures. Never where the copy would take
-    more than a quarter of the memory free now: the KV cache of a full batch needs the rest."""
-    from mlxft.decode.packed import choose_packed, measure_packed, packed_bytes
+    from mlxft.decode.weights import PROBE_ROWS as DTYPE_ROWS
     from mlxft.devicebench import cached_figure
     from mlxft.sysinfo import available_memory
 
+    shape = _shape_key(model_path)
+    seconds = cached_figure(f"decode-weights/{shape}", lambda: measure_weight_dtypes(model))
+    dtype, why = choose_weight_dtype(seconds)
+    why = f"auto: {why}"
     extra, free = packed_bytes(model), available_memory()
     if free is not None and extra > free // 4:
-        return False, f"a {extra / 2**20:.0f} MiB packed copy would take over a quarter of the free memory"
-    return choose_packed(cached_figure(f"decode-packed/{_shape_key(model_path)}", lambda: measure_packed(model)))
+        return dtype, why, False, f"a {extra / 2**20:.0f} MiB packed copy would take over a quarter of the free memory"
+    packed_seconds = cached_figure(f"decode-packed/{shape}", lambda: measure_packed(model))
+    packed, packed_why = choose_packed(packed_seconds)
+    if packed and dtype != "float32":
+        batch = seconds[dtype][DTYPE_ROWS.index(PROBE_ROWS)]
+        if batch <= packed_seconds["packed"]:
+            return dtype, why, False, f"{dtype} is as fast for a batch"
+        why = (f"auto: {dtype} {seconds['float32'][0] / seconds[dtype][0]:.2f}x float32's speed for one row, but "
+               f"{packed_seconds['packed'] / batch:.2f}x float32's on packed weights for {PROBE_ROWS} rows")
+        dtype = "float32"
+    return dtype, why, packed, packed_why
 
 
 def _shape_key(model_path) -> str:

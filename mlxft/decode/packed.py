@@ -11,9 +11,10 @@ the packed copy (docs/serve.md has the figures). The copy doubles the Linear wei
 it is made only where a measurement on this model and CPU says it pays (`measure_packed`,
 `choose_packed`; cached like the weight dtype's).
 
-Rows are independent in oneDNN's product: a row's output does not depend on which rows share its
-batch (tests/test_decode_packed.py). Against the dense one-row product the float32 sums may round
-differently in the last bits, as they already did between PyTorch's own kernels for 1 and 8 rows.
+A row's output from the packed product stays within float32 rounding of the dense product
+whichever rows share its batch (tests/test_decode_packed.py; measured bitwise equal on one CPU).
+Against the dense one-row product the sums may round differently in the last bits, as they
+already did between PyTorch's own kernels for 1 and 8 rows.
 """
 
 from __future__ import annotations
@@ -88,8 +89,6 @@ def measure_packed(model) -> dict[str, float]:
     measurement and leaves it unpacked; {} where this build cannot pack."""
     import time
 
-    import torch
-
     from mlxft.decode.base import SeqRequest
     from mlxft.decode.torch_decoder import TorchDecoder
 
@@ -116,7 +115,6 @@ def measure_packed(model) -> dict[str, float]:
         return {}
     finally:
         unpack_linear_weights(model)
-        del torch
     return best
 
 
