@@ -21,8 +21,6 @@ from __future__ import annotations
 
 _CLASSES: dict = {}
 PROBE_ROWS = 8        # a server's batch
-PROBE_STEPS = 4       # timed decode steps per variant (after one untimed each)
-PROBE_PROMPT = 16     # tokens of context each probe row has
 MIN_SPEEDUP = 1.15    # packed must be this much faster at PROBE_ROWS rows to be kept
 
 
@@ -47,6 +45,14 @@ def _packed_linear():
     return _CLASSES["linear"]
 
 
+def _packable(module) -> bool:
+    """A frozen float32 nn.Linear (not a subclass: 16-bit and PEFT layers keep their own forward)."""
+    import torch
+
+    return (type(module) is torch.nn.Linear and not module.weight.requires_grad
+            and module.weight.dtype == torch.float32)
+
+
 def pack_linear_weights(model) -> int:
     """Give every frozen float32 nn.Linear of `model` a packed copy of its weight; returns how many.
     Raises RuntimeError (or AttributeError) where this PyTorch build has no oneDNN inner product."""
@@ -54,9 +60,7 @@ def pack_linear_weights(model) -> int:
 
     cls = _packed_linear()
     done = 0
-    for module in model.modules():
-        if type(module) is not torch.nn.Linear or module.weight.requires_grad or module.weight.dtype != torch.float32:
-            continue
+    for module in filter(_packable, model.modules()):
         module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach().contiguous(), None)
         module.use_packed = True
         module.__class__ = cls
@@ -83,47 +87,28 @@ def _use_packed(model, on: bool) -> None:
 
 
 def measure_packed(model) -> dict[str, float]:
-    """Seconds per decode step of PROBE_ROWS rows on the dense and on the packed weights, through
-    the real decoder (mlxft.decode.torch_decoder); the two take turns step by step so a load that
-    comes and goes weighs on both. Each figure is the best of PROBE_STEPS. Packs the model for the
-    measurement and leaves it unpacked; {} where this build cannot pack."""
-    import time
-
-    from mlxft.decode.base import SeqRequest
-    from mlxft.decode.torch_decoder import TorchDecoder
+    """Seconds per decode step of PROBE_ROWS rows on the dense and on the packed weights, the two
+    taking turns on one decoder (mlxft.decode.weights.best_step_seconds, as the dtype probe does).
+    Packs the model for the measurement and leaves it unpacked; {} where this build cannot pack."""
+    from mlxft.decode.weights import best_step_seconds
 
     try:
         pack_linear_weights(model)
     except (RuntimeError, AttributeError):
         unpack_linear_weights(model)
         return {}
-    best = {"dense": float("inf"), "packed": float("inf")}
     try:
-        decoder = TorchDecoder(model)
-        for uid in range(PROBE_ROWS):
-            decoder.insert(SeqRequest(uid, [(uid + i) % 100 + 1 for i in range(PROBE_PROMPT)], 2 * PROBE_STEPS + 4))
-        while decoder.pending:
-            decoder.step()
-        for turn in range(PROBE_STEPS + 1):
-            for name in (("dense", "packed") if turn % 2 else ("packed", "dense")):
-                _use_packed(model, name == "packed")
-                start = time.perf_counter()
-                decoder.step()
-                if turn:  # the first turn warms both up
-                    best[name] = min(best[name], time.perf_counter() - start)
+        return best_step_seconds(model, PROBE_ROWS, {"dense": lambda: _use_packed(model, False),
+                                                     "packed": lambda: _use_packed(model, True)})
     except RuntimeError:  # a kernel this build lacks for these shapes
         return {}
     finally:
         unpack_linear_weights(model)
-    return best
 
 
 def packed_bytes(model) -> int:
     """What pack_linear_weights would add: the bytes of the frozen float32 Linear weights."""
-    import torch
-
-    return sum(m.weight.numel() * 4 for m in model.modules()
-               if type(m) is torch.nn.Linear and not m.weight.requires_grad and m.weight.dtype == torch.float32)
+    return sum(m.weight.numel() * 4 for m in filter(_packable, model.modules()))
 
 
 def choose_packed(seconds: dict[str, float]) -> tuple[bool, str]:

@@ -72,12 +72,7 @@ def measure_weight_dtypes(model) -> dict[str, list[float]]:
     take turns step by step on one decoder (the KV cache is float32 either way), so a load that
     comes and goes weighs on both alike; each figure is the best of PROBE_STEPS. `model` ends
     as it began."""
-    import time
-
     import torch
-
-    from mlxft.decode.base import SeqRequest
-    from mlxft.decode.torch_decoder import TorchDecoder
 
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
     f32 = [(m.weight, m.bias) for m in linears]
@@ -93,20 +88,7 @@ def measure_weight_dtypes(model) -> dict[str, list[float]]:
     seconds = {name: [] for name in kinds}
     try:
         for rows in PROBE_ROWS:
-            decoder = TorchDecoder(model)
-            for uid in range(rows):
-                prompt = [(uid + i) % 100 + 1 for i in range(PROBE_PROMPT)]
-                decoder.insert(SeqRequest(uid, prompt, 2 * PROBE_STEPS + 4))
-            best = dict.fromkeys(kinds, float("inf"))
-            for turn in range(PROBE_STEPS + 1):
-                for name in (kinds if turn % 2 else reversed(list(kinds))):
-                    use(name)
-                    while decoder.pending:  # prefill (untimed), then one decode step per turn
-                        decoder.step()
-                    start = time.perf_counter()
-                    decoder.step()
-                    if turn:  # the first turn warms both up
-                        best[name] = min(best[name], time.perf_counter() - start)
+            best = best_step_seconds(model, rows, {name: (lambda n=name: use(n)) for name in kinds})
             for name in kinds:
                 seconds[name].append(best[name])
     except RuntimeError:  # no float16 kernel in this build of PyTorch for this CPU
@@ -114,6 +96,33 @@ def measure_weight_dtypes(model) -> dict[str, list[float]]:
     finally:
         use("float32")
     return seconds
+
+
+def best_step_seconds(model, rows: int, variants: dict) -> dict[str, float]:
+    """The best of PROBE_STEPS decode-step times of `rows` rows of PROBE_PROMPT tokens of context,
+    through the real decoder (mlxft.decode.torch_decoder), for each variant: `variants` maps a
+    name to a callable that switches `model` to it. The variants take turns step by step on one
+    decoder, so a load that comes and goes weighs on all alike; the first turn warms them up."""
+    import time
+
+    from mlxft.decode.base import SeqRequest
+    from mlxft.decode.torch_decoder import TorchDecoder
+
+    decoder = TorchDecoder(model)
+    for uid in range(rows):
+        prompt = [(uid + i) % 100 + 1 for i in range(PROBE_PROMPT)]
+        decoder.insert(SeqRequest(uid, prompt, 2 * PROBE_STEPS + 4))
+    best = dict.fromkeys(variants, float("inf"))
+    for turn in range(PROBE_STEPS + 1):
+        for name in (variants if turn % 2 else reversed(list(variants))):
+            variants[name]()
+            while decoder.pending:  # prefill (untimed), then one decode step per turn
+                decoder.step()
+            start = time.perf_counter()
+            decoder.step()
+            if turn:
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
 def choose_weight_dtype(seconds: dict[str, list[float]]) -> tuple[str, str]:
