@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -70,6 +71,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5,
+                    help="unprofiled steps timed for the MFU figure (their median; one step alone moved 20%%+)")
     ap.add_argument("--compile", action="store_true", help="train.compile: the compiled step (mlxft/backends/torch_fast.py)")
     ap.add_argument("--no-fuse", action="store_true", help="PEFT's own LoRA forward (the step before fused LoRA)")
     ap.add_argument("--no-fused-loss", action="store_true",
@@ -113,9 +116,12 @@ def main() -> None:
     from mlxft.devicebench import _torch_gflops
 
     ceiling = _torch_gflops(backend.dtype_name())  # measured now, at this thread count and load
-    t = time.perf_counter()
-    backend.train_step([batch], 1e-4)
-    plain_step = time.perf_counter() - t
+    timed = []
+    for _ in range(max(args.steps, 1)):
+        t = time.perf_counter()
+        backend.train_step([batch], 1e-4)
+        timed.append(time.perf_counter() - t)
+    plain_step = statistics.median(timed)
     per_token = backend.flops_per_token()
     vocab = backend._causal_lm().config.vocab_size
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -140,7 +146,8 @@ def main() -> None:
     print(f"step wall {wall:.3f} s (profiler on; load average {load[0]:.1f}: absolute times are not comparable "
           f"across minutes, shares are)")
     print(f"warm-up steps (unprofiled) {', '.join(f'{w:.2f}' for w in warmup)} s")
-    print(f"MFU of one unprofiled step: {batch.n_tokens / plain_step:.1f} tokens/s x {per_token:.3g} FLOPs/token / "
+    print(f"unprofiled steps {', '.join(f'{w:.2f}' for w in timed)} s")
+    print(f"MFU of the median unprofiled step: {batch.n_tokens / plain_step:.1f} tokens/s x {per_token:.3g} FLOPs/token / "
           f"ceiling {ceiling:.1f} GFLOPS ({backend.dtype_name()} matmul, measured just before) = "
           f"{batch.n_tokens / plain_step * per_token / ceiling / 1e9:.0%}")
     print("| part | s | share |\n|---|---:|---:|")

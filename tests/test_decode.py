@@ -138,6 +138,26 @@ def test_torch_prompts_prefilled_together_from_different_cached_prefixes(wide_mo
     assert (passes == 1) if budget == 2048 else (passes > 1)
 
 
+def test_torch_prefill_hands_the_head_a_contiguous_last_position(wide_model_dir):
+    """A prefill of several rows hands the LM head a contiguous [rows, 1, hidden] input: on a
+    non-contiguous slice, torch's bf16 linear on CPU copies the head weight once per row (+1.6 GB
+    for 32 rows of SmolLM2, measured), and the guard's generation ran at that peak."""
+    from mlxft.inference import load_backend
+
+    be = load_backend(wide_model_dir, None, "torch")
+    seen = []
+    head = be._causal_lm().get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda module, args: seen.append((tuple(args[0].shape),
+                                                                             args[0].is_contiguous())))
+    try:
+        _decode(be, _prompts(be), 3)
+    finally:
+        hook.remove()
+    prefills = [shape for shape, _ in seen if shape[0] > 1 and shape[1] == 1]
+    assert prefills and all(contiguous for _, contiguous in seen)
+    assert all(shape[1] == 1 for shape, _ in seen)  # the head still sees the last position only
+
+
 def test_torch_cache_grows_past_its_buffer(wide_model_dir):
     """270 new tokens cross the 256-position buffer step of GrowingLayer while rows come and go."""
     from mlxft.inference import load_backend
