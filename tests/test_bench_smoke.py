@@ -30,9 +30,9 @@ def test_bench_train_runs(tiny_model_dir, tmp_path):
 
 
 def test_profile_step_runs_and_its_shares_cover_the_step(tiny_model_dir):
-    """scripts/profile_step.py profiles one step of the tiny model (and times three for the MFU); its categories, the overhead
-    included, add up to the whole step (each share is printed rounded to 1%, so 7 of them sum to
-    within 7 points of 100)."""
+    """scripts/profile_step.py profiles one step of the tiny model (and times three for the MFU);
+    its categories, the overhead included, add up to the whole step (each share is printed
+    rounded to 1%, so 7 of them sum to within 7 points of 100)."""
     import re
 
     script = SCRIPT.parent / "profile_step.py"
