@@ -92,9 +92,11 @@ class RetentionConfig:
     # measured on SmolLM2 (docs/retention.md), 4 to 13 of 24 probes counted as changed from the
     # second validation on while the mean stayed at 0.90-0.98, so a cap of 1 kept an untrained adapter.
     max_changed: int | None = None
-    # deciding: score retention only at validations where it can change the kept adapter or the
-    # stop (mlxft/guard_policy.py); every: at every validation.
-    score_at: str = "deciding"
+    # lazy: keep every validated adapter as a candidate and score retention where the stop needs
+    # it and, after training, for the candidates still in the running, lowest validation loss
+    # first (mlxft/candidates.py); deciding: at the validations where it can change the kept
+    # adapter or the stop (mlxft/guard_policy.py); every: at every validation.
+    score_at: str = "lazy"
 
 
 @dataclass
@@ -336,7 +338,8 @@ def validate(cfg: Config) -> None:
         (cfg.retention.floor is None or 0 <= cfg.retention.floor <= 1, "retention.floor", "must be between 0 and 1"),
         (cfg.retention.max_changed is None or cfg.retention.max_changed >= 0, "retention.max_changed",
          "must be >= 0 or null"),
-        (cfg.retention.score_at in ("deciding", "every"), "retention.score_at", "must be deciding or every"),
+        (cfg.retention.score_at in ("lazy", "deciding", "every"), "retention.score_at",
+         "must be lazy, deciding or every"),
         (cfg.data.replay_cut in ("sentence", "first_sentence"), "data.replay_cut", "must be sentence or first_sentence"),
     ]
     for ok, key, why in checks:

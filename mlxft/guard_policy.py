@@ -15,8 +15,9 @@ higher mean retention. The cap thus chooses among adapters that learned, and nev
 adapter that has barely trained merely because training had not yet changed anything (the
 untrained adapter changes no probe). With no cap (max_changed null) tiers 2 and 1 are one.
 
-Scoring retention costs a forward pass over every probe answer, so with retention.score_at:
-deciding (the default) it is scored only where its value can change what happens:
+Scoring retention costs a forward pass over every probe answer. The default, retention.score_at:
+lazy, scores it after training for the candidates still in the running (mlxft/candidates.py).
+With score_at: deciding it is scored during training only where its value can change what happens:
 
 - no adapter is chosen yet, or the chosen one is not in tier 2 (then a candidate in a higher
   tier, or with a higher mean, could replace it whatever its validation loss);

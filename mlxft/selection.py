@@ -12,13 +12,25 @@ Training stops after `patience` validations without improvement (a fall of at le
 min_improvement), or as soon as retention is below the floor at a validation that did not
 improve. The cap on changed probes chooses the adapter and does not stop training. The last
 step never stops early (there is nothing left to stop).
+
+With score_at "lazy" (the default) no adapter is chosen during training: every validated
+adapter becomes a candidate (mlxft/candidates.py), retention is scored at the validations that
+did not improve (the floor's stop reads it) and for at most MAX_UNSCORED candidates waiting, and
+`resolve` picks the adapter after training, scoring the candidates still in the running lowest
+loss first.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mlxft import candidates
 from mlxft.guard_policy import learned_below, meets_floor, ranks_above, retention_can_decide
+
+# Candidates waiting unscored (each an adapter on disk) before a validation that improved scores
+# its own adapter anyway: bounds the disk a lazy run holds to this many adapters, plus the few
+# scored ones still in the running.
+MAX_UNSCORED = 6
 
 
 def min_improvement(best: float) -> float:
@@ -32,6 +44,8 @@ def min_improvement(best: float) -> float:
 class Verdict:
     keep: bool               # this adapter ranks above the one kept so far: keep it
     stop_reason: str | None  # why training should stop now, or None
+    candidate: bool = False  # score_at lazy: keep this adapter as a candidate (mlxft/candidates.py)
+    dropped: tuple = ()      # score_at lazy: steps of candidates no longer in the running
 
 
 @dataclass
@@ -44,7 +58,7 @@ class Selection:
     patience: int | None
     floor: float | None
     max_changed: int | None = None
-    score_at: str = "every"   # retention.score_at: "every" validation, or only where "deciding"
+    score_at: str = "every"   # retention.score_at: "every" validation, only where "deciding", or "lazy"
 
     @property
     def _floor(self) -> float:
@@ -65,6 +79,10 @@ class Selection:
             return True
         improved = self._improved(state, loss)
         patience_ran_out = bool(self.patience) and not improved and state.evals_since_best + 1 >= self.patience
+        if self.score_at == "lazy":
+            if not improved:
+                return not patience_ran_out
+            return len(candidates.unscored(state.candidates)) >= MAX_UNSCORED
         chosen_val = state.chosen_val if state.chosen_step is not None else None
         return retention_can_decide(loss, improved, patience_ran_out, chosen_val, state.chosen_retention,
                                     self._floor, self.max_changed, self._learned(state))
@@ -81,14 +99,22 @@ class Selection:
             state.evals_since_best = 0
         else:
             state.evals_since_best += 1
-        chosen_val = state.chosen_val if state.chosen_step is not None else None
-        keep = ranks_above(loss, retention, chosen_val, state.chosen_retention, self._floor, self.max_changed,
-                           self._learned(state))
-        if keep:
-            state.chosen_step, state.chosen_val, state.chosen_retention = step, loss, retention
-            state.chosen_accuracy = val.get("accuracy")
+        if self.score_at == "lazy":
+            keep = False
+            state.candidates.append({"step": step, "loss": loss, "accuracy": val.get("accuracy"),
+                                     "scored": retention is not None, "retention": retention})
+            dropped = candidates.prune(state.candidates, self._floor, self.max_changed)
+            candidate = step not in dropped
+        else:
+            chosen_val = state.chosen_val if state.chosen_step is not None else None
+            keep = ranks_above(loss, retention, chosen_val, state.chosen_retention, self._floor, self.max_changed,
+                               self._learned(state))
+            if keep:
+                state.chosen_step, state.chosen_val, state.chosen_retention = step, loss, retention
+                state.chosen_accuracy = val.get("accuracy")
+            candidate, dropped = False, []
         if last_step:
-            return Verdict(keep, None)
+            return Verdict(keep, None, candidate, tuple(dropped))
         misses_floor = score is not None and not meets_floor(retention, self._floor)
         if self.patience and state.evals_since_best >= self.patience:
             state.stop_reason = (f"validation loss has not improved for {self.patience} evaluations "
@@ -96,4 +122,26 @@ class Selection:
         elif misses_floor and not improved:
             state.stop_reason = (f"retention {score:.3f} fell below retention.floor={self.floor:g} "
                                  "and validation loss stopped improving")
-        return Verdict(keep, state.stop_reason)
+        return Verdict(keep, state.stop_reason, candidate, tuple(dropped))
+
+    # ------------------------------------------------------------------ score_at: lazy
+
+    def next_to_score(self, state) -> int | None:
+        """After training: the step of the candidate to score next, or None when the choice is settled."""
+        c = candidates.next_to_score(state.candidates)
+        return c["step"] if c else None
+
+    def scored(self, state, step: int, retention: dict | None) -> list[int]:
+        """Record the retention of candidate `step`; return the steps of candidates dropped."""
+        for c in state.candidates:
+            if c["step"] == step:
+                c["scored"], c["retention"] = True, retention
+        return candidates.prune(state.candidates, self._floor, self.max_changed)
+
+    def resolve(self, state) -> int | None:
+        """Choose among the scored candidates (call once next_to_score is None); return its step."""
+        best = candidates.choose(state.candidates, self._floor, self.max_changed, self._learned(state))
+        if best is not None:
+            state.chosen_step, state.chosen_val = best["step"], best["loss"]
+            state.chosen_retention, state.chosen_accuracy = best["retention"], best["accuracy"]
+        return state.chosen_step

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mlxft import checkpoint
-from mlxft.atomic import write_errors
+from mlxft.atomic import atomic_dir, write_errors
 from mlxft.backends.base import Backend
 from mlxft.config import Config
 from mlxft.data import Batch, BatchOrder, Dataset, shard
@@ -51,6 +52,7 @@ class TrainState:
     chosen_retention: dict | None = None
     initial_val: dict | None = None     # validation figures of the untrained adapter (step 0)
     stop_reason: str | None = None
+    candidates: list = field(default_factory=list)  # retention.score_at lazy (mlxft/candidates.py)
 
 
 def batches_per_epoch(n_samples: int, batch_size: int) -> int:
@@ -83,8 +85,12 @@ class Trainer:
         if unresolved:
             raise ConfigError(f"train.{unresolved[0]}: not set", "resolve the config first (mlxft.defaults.resolve)")
         self.retention, self.on_step = retention, on_step
+        # Every rank must call _score_retention at the same validations; in a distributed world
+        # only rank 0 holds the tracker, so the config alone says whether retention is tracked.
+        tracked = cfg.retention.enabled and (retention is not None or self.world.distributed)
         self.selection = Selection(cfg.train.early_stop_patience, cfg.retention.floor, cfg.retention.max_changed,
-                                   cfg.retention.score_at)
+                                   cfg.retention.score_at if tracked else "every")
+        self._stale_candidates: list[int] = []  # dropped candidates, deleted once a checkpoint no longer lists them
         self.order = BatchOrder(train_set.samples, cfg.train.batch_size, cfg.seed)
         self.total = total_steps(cfg, len(train_set))
         self.warmup = warmup_steps(cfg.train.warmup, self.total)
@@ -144,13 +150,17 @@ class Trainer:
         # Every rank took part in this checkpoint (its state was gathered), so every rank records
         # it: a stop on this step must not send the other ranks into a second save alone.
         self.saved_step = self.state.step
+        self._delete_candidates(self._stale_candidates)
+        self._stale_candidates = []
 
     def restore_checkpoint(self) -> None:
         self.state = TrainState(**checkpoint.restore(self.resume_from, self.backend, self.world))
         self.saved_step = self.state.step
         if self.writes:
             # Keep only the records up to the checkpoint, so the resumed curve continues it exactly.
-            rows = [r for r in self.run.metrics() if r.get("step", 0) <= self.state.step]
+            # (retention records of candidates scored at an interruption go: they are scored again)
+            rows = [r for r in self.run.metrics()
+                    if r.get("step", 0) <= self.state.step and r.get("type") != "retention"]
             with open(self.run.metrics_file, "w") as fh:
                 fh.writelines(json.dumps(r) + "\n" for r in rows)
 
@@ -217,6 +227,12 @@ class Trainer:
                         raise self._peer_lost(exc, step) from None
                     if stopped_early:
                         break
+        except Interrupted:
+            if self.selection.score_at == "lazy":
+                # The best adapter so far, for a run that is not resumed; the candidates stay
+                # for one that is (its checkpoint lists them).
+                self._choose_candidate(final=False)
+            raise
         finally:
             signal.signal(signal.SIGINT, old_int)
             signal.signal(signal.SIGTERM, old_term)
@@ -225,6 +241,8 @@ class Trainer:
         if self.writes:
             with write_errors("adapter", self.run.last_adapter):
                 self.backend.save_adapter(self.run.last_adapter)
+        if self.selection.score_at == "lazy":
+            self._choose_candidate()
         s = self.state
         return {"steps": s.step, "total_steps": self.total, "best_val_loss": s.best_val,
                 "best_step": s.best_step, "last_val_loss": self._last_val, "tokens": s.tokens,
@@ -318,6 +336,60 @@ class Trainer:
         if verdict.keep and self.writes:
             with write_errors("best adapter", self.run.best_adapter):
                 self.backend.save_adapter(self.run.best_adapter)
+        if verdict.candidate and self.writes:
+            with write_errors("candidate adapter", self._candidate_dir(step)):
+                self.backend.save_adapter(self._candidate_dir(step))
+        self._stale_candidates.extend(verdict.dropped)
         if verdict.stop_reason:
             progress.message(f"early stop at step {step}: {verdict.stop_reason}")
         return verdict.stop_reason is not None
+
+    # ------------------------------------------------------------------ retention.score_at: lazy
+
+    @property
+    def _candidates_dir(self) -> Path:
+        return self.run.path / "candidates"
+
+    def _candidate_dir(self, step: int) -> Path:
+        return self._candidates_dir / f"step-{step}"
+
+    def _delete_candidates(self, steps) -> None:
+        if self.writes:
+            for step in steps:
+                shutil.rmtree(self._candidate_dir(step), ignore_errors=True)
+
+    def _choose_candidate(self, final: bool = True) -> None:
+        """After training: score the candidates still in the running, lowest validation loss
+        first, until the choice is settled (mlxft/candidates.py), and keep the chosen one as
+        RUN/adapter-best. The model then holds the chosen adapter (or the last step's, when no
+        other was loaded). `final`: remove RUN/candidates/ afterwards. Every rank runs this, as
+        scoring is collective."""
+        sel, s = self.selection, self.state
+        # A checkpoint resumed after its run ended can list candidates already cleared away.
+        s.candidates = [c for c in s.candidates if self._candidate_dir(c["step"]).is_dir()]
+        loaded = False
+        metrics = MetricsWriter(self.run.metrics_file) if self.writes else None
+        try:
+            while (step := sel.next_to_score(s)) is not None:
+                if self.writes:
+                    self.backend.load_adapter_weights(self._candidate_dir(step))
+                loaded = True
+                started = time.perf_counter()
+                ret = self._score_retention()
+                self.timings["retention_s"] += time.perf_counter() - started
+                self.retention_scored += ret is not None
+                if metrics and ret:
+                    metrics.write({"type": "retention", "step": step, "retention": ret.get("score"),
+                                   "changed": ret.get("changed")})
+                sel.scored(s, step, ret)
+        finally:
+            if metrics is not None:
+                metrics.close()
+        chosen = sel.resolve(s)
+        if chosen is not None and self.writes:
+            with write_errors("best adapter", self.run.best_adapter), atomic_dir(self.run.best_adapter) as tmp:
+                shutil.copytree(self._candidate_dir(chosen), tmp, dirs_exist_ok=True)
+            if loaded:
+                self.backend.load_adapter_weights(self.run.best_adapter)
+        if final and self.writes:
+            shutil.rmtree(self._candidates_dir, ignore_errors=True)

@@ -1,5 +1,7 @@
-"""Scoring retention only at the validations where it can change a decision (the default) keeps
-the same adapter and stops at the same step as scoring it at every validation."""
+"""Scoring retention only at the validations where it can change a decision keeps the same
+adapter and stops at the same step as scoring it at every validation; scoring it lazily (the
+default, mlxft/candidates.py) keeps the best adapter by the run's final figures and stops at
+the same step."""
 
 from __future__ import annotations
 
@@ -15,52 +17,129 @@ class _Progress:
         pass
 
 
+class _Backend:
+    """Saves and loads "adapters" that only record the step whose weights they hold."""
+
+    def __init__(self):
+        self.holds = 0
+
+    def save_adapter(self, path):
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "step").write_text(str(self.holds))
+
+    def load_adapter_weights(self, path):
+        self.holds = int((path / "step").read_text())
+
+
 def _simulate(mode: str, losses: list[float], rets: list[dict], patience: int | None, max_changed: int | None = 1,
-              start: float | None = None) -> tuple:
-    """The trainer's own _validate over scripted validation losses and retention figures
-    (`start`: the untrained adapter's validation loss, as the step-0 validation records it)."""
+              start: float | None = None, run_dir=None) -> tuple:
+    """The trainer's own _validate (and, for lazy, its choice after training) over scripted
+    validation losses and retention figures; `start`: the untrained adapter's validation loss, as
+    the step-0 validation records it. With `run_dir` the trainer writes its adapters there
+    (lazy needs it)."""
     from mlxft.config import Config
-    from mlxft.selection import Selection
+    from mlxft.runs import Run
+    from mlxft.selection import MAX_UNSCORED, Selection
     from mlxft.trainer import Trainer, TrainState
 
     cfg = Config()
     cfg.retention.floor, cfg.retention.max_changed, cfg.retention.score_at = 0.9, max_changed, mode
     cfg.train.early_stop_patience = patience
     trainer = object.__new__(Trainer)
-    trainer.cfg, trainer.state, trainer.total, trainer.writes, trainer._last_val = cfg, TrainState(), len(losses), \
-        False, None
+    trainer.cfg, trainer.state, trainer.total, trainer._last_val = cfg, TrainState(), len(losses), None
+    trainer.writes, trainer.run, trainer.backend = run_dir is not None, Run(run_dir) if run_dir else None, _Backend()
     trainer.selection = Selection(patience, cfg.retention.floor, max_changed, mode)
     trainer.state.initial_val = {"loss": start} if start is not None else None
-    trainer.timings, trainer.retention_scored = {"validation_s": 0.0, "retention_s": 0.0}, 0
+    trainer.timings, trainer.retention_scored, trainer._stale_candidates = {"validation_s": 0.0, "retention_s": 0.0}, 0, []
     trainer.evaluate = lambda: {"loss": losses[trainer.state.step - 1]}
-    trainer._score_retention = lambda: rets[trainer.state.step - 1]
+    trainer._score_retention = lambda: rets[trainer.backend.holds - 1]
     for step in range(1, len(losses) + 1):
-        trainer.state.step = step
-        if trainer._validate(step, None, _Progress()):
+        trainer.state.step = trainer.backend.holds = step
+        stop = trainer._validate(step, None, _Progress())
+        trainer._delete_candidates(trainer._stale_candidates)  # as the checkpoint after each step does
+        trainer._stale_candidates = []
+        if mode == "lazy":
+            waiting = [c for c in trainer.state.candidates if not c["scored"]]
+            assert len(waiting) <= MAX_UNSCORED
+            assert {p.name for p in (run_dir / "candidates").iterdir()} == {f"step-{c['step']}"
+                                                                             for c in trainer.state.candidates}
+        if stop:
             break
+    if mode == "lazy":
+        trainer._choose_candidate()
+        assert not (run_dir / "candidates").exists()
+        chosen = trainer.state.chosen_step
+        assert chosen is None or int((run_dir / "adapter-best" / "step").read_text()) == chosen
     s = trainer.state
     return (s.chosen_step, s.step, s.chosen_retention, s.stop_reason), trainer.retention_scored
+
+
+def _random_run(rng):
+    n = rng.randint(3, 14)
+    loss, losses, rets, score = 5.0, [], [], 1.0
+    for _ in range(n):
+        loss *= rng.choice([0.7, 0.9, 0.995, 1.0, 1.05, 1.2])
+        score = min(1.0, max(0.0, score + rng.uniform(-0.06, 0.03)))
+        losses.append(loss)
+        rets.append({"score": score, "changed": rng.choice([0, 0, 1, 2])})
+    return losses, rets, rng.choice([None, 1, 2, 3]), rng.choice([None, 5.0])
 
 
 def test_deciding_validations_choose_what_every_validation_chooses():
     rng = random.Random(0)
     saved = 0
     for _ in range(300):
-        n = rng.randint(3, 14)
-        loss, losses, rets, score = 5.0, [], [], 1.0
-        for _ in range(n):
-            loss *= rng.choice([0.7, 0.9, 0.995, 1.0, 1.05, 1.2])
-            score = min(1.0, max(0.0, score + rng.uniform(-0.06, 0.03)))
-            losses.append(loss)
-            rets.append({"score": score, "changed": rng.choice([0, 0, 1, 2])})
-        patience = rng.choice([None, 1, 2, 3])
-        start = rng.choice([None, 5.0])  # with a step-0 loss the cap applies among adapters that learned
+        losses, rets, patience, start = _random_run(rng)  # start: with a step-0 loss the cap applies among adapters that learned
         every, n_every = _simulate("every", losses, rets, patience, start=start)
         deciding, n_deciding = _simulate("deciding", losses, rets, patience, start=start)
         assert deciding == every, (losses, rets, patience)
         assert n_deciding <= n_every
         saved += n_every - n_deciding
     assert saved > 0  # the rule does skip validations, or this test shows nothing
+
+
+def test_lazy_scoring_keeps_what_every_validation_keeps_without_a_cap(tmp_path):
+    """No cap (the default): the same adapter, retention and stop as scoring every validation,
+    in fewer scorings than deciding; at most MAX_UNSCORED candidates wait on disk (_simulate)."""
+    rng = random.Random(1)
+    n_lazy = n_deciding = 0
+    for i in range(300):
+        losses, rets, patience, start = _random_run(rng)
+        every, _ = _simulate("every", losses, rets, patience, None, start=start)
+        lazy, scored = _simulate("lazy", losses, rets, patience, None, start=start, run_dir=tmp_path / str(i))
+        assert lazy == every, (losses, rets, patience)
+        n_lazy += scored
+        n_deciding += _simulate("deciding", losses, rets, patience, None, start=start)[1]
+    assert n_lazy < 0.8 * n_deciding  # 780 against 1086 scorings
+
+
+def test_lazy_scoring_keeps_the_best_by_the_final_tiers_with_a_cap(tmp_path):
+    """With a cap the adapter kept is the best of all validations by the guard's tiers read with
+    the run's final "learned" bound: what scoring every validation and ranking at the end keeps."""
+    from mlxft.guard_policy import learned_below, ranks_above
+    from mlxft.selection import min_improvement
+
+    rng = random.Random(2)
+    differs = 0
+    for i in range(300):
+        losses, rets, patience, start = _random_run(rng)
+        every, _ = _simulate("every", losses, rets, patience, 1, start=start)
+        lazy, _ = _simulate("lazy", losses, rets, patience, 1, start=start, run_dir=tmp_path / str(i))
+        last = every[1]
+        assert lazy[1:2] + lazy[3:] == every[1:2] + every[3:]  # the same stop
+        best_loss = None  # the run's best validation loss: its last real improvement
+        for loss in losses[:last]:
+            if best_loss is None or loss < best_loss - min_improvement(best_loss):
+                best_loss = loss
+        learned = learned_below(start, best_loss) if start is not None else float("inf")
+        best = None
+        for step in range(1, last + 1):
+            if best is None or ranks_above(losses[step - 1], rets[step - 1], losses[best - 1], rets[best - 1],
+                                           0.9, 1, learned):
+                best = step
+        assert lazy[0] == best and lazy[2] == rets[best - 1], (losses, rets, patience, start)
+        differs += lazy[0] != every[0]
+    assert differs > 0  # the running choice of scoring every validation does read older bounds
 
 
 @pytest.mark.parametrize("max_changed, chosen", [(1, 2), (None, 4)])
@@ -135,13 +214,17 @@ def test_deciding_scoring_on_a_tiny_model(tmp_path, default_model_dir):
         {"role": "user", "content": "What is the capital of France?"},
         {"role": "assistant", "content": "The capital of France is Paris."}]}])
     out = {}
-    for mode in ("every", "deciding"):
+    for mode in ("every", "deciding", "lazy"):
         cfg = build_config(None, ["train.dtype=float32", "data.replay=0", "retention.probes=6",
                                   "retention.max_new_tokens=8", "train.steps=16", "train.eval_every=1",
                                   "train.learning_rate=3e-2", "retention.floor=0.97", f"retention.score_at={mode}"],
                            {"model": str(model), "backend": "torch", "data": {"train": str(data), "valid": str(valid)}})
         out[mode] = train_run(cfg, tmp_path / mode)
-    every, deciding = out["every"], out["deciding"]
-    assert deciding["chosen_step"] == every["chosen_step"] and deciding["steps"] == every["steps"]
-    assert deciding["retention"]["score"] == pytest.approx(every["retention"]["score"], abs=1e-6)
-    assert deciding["retention_scored"] <= every["retention_scored"] == every["steps"]
+    every = out["every"]
+    for mode in ("deciding", "lazy"):
+        got = out[mode]
+        assert got["chosen_step"] == every["chosen_step"] and got["steps"] == every["steps"], mode
+        assert got["retention"]["score"] == pytest.approx(every["retention"]["score"], abs=1e-6), mode
+    assert out["deciding"]["retention_scored"] <= every["retention_scored"] == every["steps"]
+    assert out["lazy"]["retention_scored"] <= out["deciding"]["retention_scored"]
+    assert not (tmp_path / "lazy" / "candidates").exists()

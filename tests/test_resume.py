@@ -34,9 +34,15 @@ def train_cmd(model, data, out, steps=14, extra=()):
     return cmd
 
 
-@pytest.mark.parametrize("extra", [(), ("lora.dropout=0",),
+# guard: retention scored lazily (the default), so candidate adapters wait in RUN/candidates/
+# across the kill and are chosen among after the resumed run ends.
+GUARD = ("lora.dropout=0", "retention.enabled=true", "retention.probes=4", "retention.max_new_tokens=4",
+         "retention.floor=0.5", "data.replay=0")
+
+
+@pytest.mark.parametrize("extra", [(), ("lora.dropout=0",), GUARD,
                                    pytest.param(("lora.dropout=0", "train.compile=true"), marks=pytest.mark.slow)],
-                         ids=["dropout", "fused-lora", "fused-lora-compiled"])
+                         ids=["dropout", "fused-lora", "guard", "fused-lora-compiled"])
 def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, data_file, tmp_path, extra):
     full = tmp_path / "full"
     subprocess.run(train_cmd(tiny_model_dir, data_file, full, extra=extra), check=True, env=env(), capture_output=True)
@@ -60,6 +66,10 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, data_file, tmp
         assert_same_training(full, broken, lr=1e-2, steps=14)
         return
     assert train_losses(broken) == train_losses(full), f"killed after step {kill_at}"
+    if extra == GUARD:
+        chosen = [json.loads((d / "run.json").read_text())["results"]["retention"] for d in (full, broken)]
+        assert chosen[0]["score"] == chosen[1]["score"] and chosen[0]["adapter"] == chosen[1]["adapter"]
+        assert not (broken / "candidates").exists()
     for which in ("adapter", "adapter-best"):
         a, b = adapter_tensors(full / which), adapter_tensors(broken / which)
         assert a.keys() == b.keys()
