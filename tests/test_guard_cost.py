@@ -1,6 +1,7 @@
 """The guard's cheaper parts: at the end of a run only the probes whose base answer the chosen
 adapter no longer predicts top-1 throughout are regenerated, since greedy decoding gives every
-other probe the base's answer token for token."""
+other probe the base's answer token for token. And what the `time:` line charges to the replay
+steps (mlxft/guard_cost.py)."""
 
 from __future__ import annotations
 
@@ -54,3 +55,18 @@ def test_only_diverged_probes_are_regenerated_and_the_rest_keep_the_base_answer(
     every = probe_changes.chosen_answers(cfg, None, backend, summary, baseline, set())
     only = probe_changes.chosen_answers(cfg, None, backend, summary, baseline, set(), diverged)
     assert only == every and every
+
+
+def test_replay_steps_are_charged_for_steps_beyond_the_unguarded_budget_and_for_longer_batches():
+    from mlxft.guard_cost import replay_steps_seconds
+
+    # Replay half the samples, as long as the user's: a run that stopped within the unguarded
+    # run's budget (170 of 340 planned steps) cost nothing more per step ...
+    assert replay_steps_seconds(100.0, 117, 340, 68, 136, 5000, 10000) == 0.0
+    # ... one that ran all 340 steps took 170 steps the unguarded run would not have.
+    assert replay_steps_seconds(340.0, 340, 340, 68, 136, 5000, 10000) == pytest.approx(170.0)
+    # Replay answers twice as long as the user's samples: a mixed batch holds 1.5x the tokens of
+    # a batch of user samples, so a third of each step's time is replay's.
+    assert replay_steps_seconds(90.0, 100, 340, 68, 136, 2 * 5000, 3 * 5000) == pytest.approx(30.0)
+    assert replay_steps_seconds(90.0, 100, 340, 0, 68, 0, 5000) == 0.0  # no replay
+
