@@ -19,7 +19,7 @@ A step's cost grows with its tokens, and training batches are grouped by length
 that the unguarded run may stop at another step; the benchmark (scripts/bench_forgetting.py)
 measures both runs whole for that. Measured on the quickstart (docs/retention.md), charging
 every replay token, as this did before, put the replay steps at 56 s when whole runs showed
-the guard's whole cost at 13 s: the guarded run stopped about where the unguarded one did.
+the guard's whole cost at 13 to 40 s: the guarded run stopped about where the unguarded one did.
 """
 
 from __future__ import annotations

@@ -60,8 +60,11 @@ SETTINGS: dict[str, list[str]] = {
     "no-guard": ["retention.enabled=false", "data.replay=0"],
     # Cheaper replay: a quarter share, answers cut to their first sentence.
     "replay-0.25-first": ["data.replay=0.25", "data.replay_cut=first_sentence"],
-    # Retention scored at every validation (the old behaviour) instead of where it decides.
+    # Retention scored at every validation (the old behaviour) instead of lazily.
     "score-every": ["retention.score_at=every"],
+    # Retention scored at the validations where it can change the running choice (the default
+    # before lazy scoring).
+    "score-deciding": ["retention.score_at=deciding"],
 }
 
 

@@ -77,11 +77,14 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_model_dir, data_file, tmp
             assert (a[k] == b[k]).all(), (which, k)
 
 
-def test_sigint_checkpoints_and_exits_130(tiny_model_dir, data_file, tmp_path):
+@pytest.mark.parametrize("extra", [(), GUARD], ids=["plain", "guard"])
+def test_sigint_checkpoints_and_exits_130(tiny_model_dir, data_file, tmp_path, extra):
+    """With the guard, the candidates validated so far are chosen among at the interruption
+    (RUN/adapter-best for a run that is not resumed) and stay for the resumed run."""
     run = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(tiny_model_dir, data_file, run, steps=400), env=env(),
+    proc = subprocess.Popen(train_cmd(tiny_model_dir, data_file, run, steps=400, extra=extra), env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_steps(run, 3, proc)
+    wait_for_steps(run, 5 if extra else 3, proc)  # past the step-4 validation
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
@@ -89,6 +92,9 @@ def test_sigint_checkpoints_and_exits_130(tiny_model_dir, data_file, tmp_path):
     state = json.loads((run / "checkpoint" / "trainer.json").read_text())["state"]
     assert 3 <= state["step"] < 400
     assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+    if extra:
+        assert (run / "adapter-best" / "adapter_config.json").is_file()
+        assert (run / "candidates").is_dir()
     # And the checkpoint really resumes (two more steps are enough to show it).
     cfg = (run / "config.yaml").read_text().replace("steps: 400", f"steps: {state['step'] + 2}")
     (run / "config.yaml").write_text(cfg)
@@ -97,6 +103,7 @@ def test_sigint_checkpoints_and_exits_130(tiny_model_dir, data_file, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     steps = [s for s, _ in train_losses(run)[0]]
     assert steps == list(range(1, state["step"] + 3))
+    assert not (run / "candidates").exists()
 
 
 def test_resume_of_finished_or_missing_run_is_a_clear_error(tmp_path):
