@@ -29,21 +29,29 @@ def texts(tmp_path):
     return write_jsonl(tmp_path / "d.jsonl", [{"text": f"sample number {i} of the set"} for i in range(8)])
 
 
+@pytest.mark.parametrize("score_at", ["lazy", "every"])
 @pytest.mark.parametrize("floor, chosen", [(0.9, 2), (0.0, 4)])
-def test_floor_changes_the_chosen_adapter(tiny_model_dir, tmp_path, texts, monkeypatch, floor, chosen):
+def test_floor_changes_the_chosen_adapter(tiny_model_dir, tmp_path, texts, monkeypatch, floor, chosen, score_at):
     """Validation keeps improving while retention falls: with the floor at 0.9 the adapter kept
-    is the last one at or above it (step 2), without a floor the lowest validation loss (step 4)."""
+    is the last one at or above it (step 2), without a floor the lowest validation loss (step 4).
+    Scored lazily, only the candidates from the lowest loss down to the first that meets the
+    floor are scored, after training."""
     script_validation(monkeypatch, [6.0, 5.0, 4.0, 3.0, 2.0], [0.99, 0.95, 0.85, 0.80])
     summary = _train(tiny_model_dir, tmp_path, texts, "train.steps=4", "train.eval_every=1",
-                     f"retention.floor={floor}")
+                     f"retention.floor={floor}", f"retention.score_at={score_at}")
     assert summary["steps"] == 4 and summary["chosen_step"] == chosen
     assert summary["retention"]["score"] == {2: 0.95, 4: 0.80}[chosen]
     assert summary["verdict"]["kept"] is (floor == 0.0 or summary["retention"]["score"] >= floor)
     meta = json.loads((tmp_path / "run" / "run.json").read_text())
     assert meta["results"]["chosen_step"] == chosen
-    valid = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
-             if r["type"] == "valid"]
-    assert [r.get("retention") for r in valid] == [None, 0.99, 0.95, 0.85, 0.80]
+    records = list(map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()))
+    valid = [r.get("retention") for r in records if r["type"] == "valid"]
+    after = [r["step"] for r in records if r["type"] == "retention"]
+    if score_at == "every":
+        assert valid == [None, 0.99, 0.95, 0.85, 0.80] and after == []
+    else:
+        assert valid == [None] * 5 and after == {2: [4, 3, 2], 4: [4]}[chosen]
+        assert not (tmp_path / "run" / "candidates").exists()
 
 
 def test_below_the_floor_and_not_improving_stops(tiny_model_dir, tmp_path, texts, monkeypatch):
