@@ -292,7 +292,8 @@ def before_training(cfg, run, backend, n_train: int = 0) -> None:
 
 def tracker(run, backend):
     """A callable scoring the backend's current adapter against the run's baseline (the trainer
-    calls it at every validation), or None when the run has no baseline."""
+    calls it where retention.score_at asks: at validations, and for candidate adapters after
+    training), or None when the run has no baseline."""
     path = run.path / BASELINE_FILE
     if not path.is_file():
         return None

@@ -2,7 +2,7 @@
 no backend, files or clock, so every rule is unit-tested on its own.
 
 At every validation the current adapter is scored on validation loss and, when retention is
-tracked and its value can change the decision, on retention. Adapters that meet the guard
+tracked and retention.score_at asks for it, on retention. Adapters that meet the guard
 (retention at least `floor`; at most `max_changed` changed probes among adapters that learned)
 rank above those that do not; among them the lowest validation loss wins, otherwise the highest
 retention (mlxft/guard_policy.py has the tiers). That one is kept as RUN/adapter-best (what
