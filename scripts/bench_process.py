@@ -13,6 +13,9 @@ checkpoints, writing the adapter), with its peak RSS from the kernel (wait4's ru
     trainer f32 / bf16     Trainer + PEFT: float32, and float32 weights under bf16 autocast
                            (`bf16=True`); the faster one is the peer's best setting
 
+Where torch sees a CUDA device, every contender trains on it (mlxft's torch backend picks it,
+and Trainer is not held to the CPU); the header names the GPU.
+
 Trainer gets mlxft's tokenization (same chat template, same masked targets), LoRA r/alpha on the
 same modules of every layer, the same batch size, AdamW at the learning rate mlxft chose,
 cosine schedule with 5% warm-up (transformers 5 has no `group_by_length` any more), no
@@ -90,13 +93,22 @@ def trainer_child(args) -> None:
         output_dir=str(args.out), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0,
         max_grad_norm=1.0, optim="adamw_torch", bf16=args.trainer_dtype == "bf16",
-        logging_steps=10 ** 9, save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True,
+        logging_steps=10 ** 9, save_strategy="no", eval_strategy="no", report_to=[],
+        use_cpu=not torch.cuda.is_available(),  # the device mlxft's torch backend picks too
         remove_unused_columns=False, disable_tqdm=True, seed=0)
     trainer = Trainer(model=model, args=targs, train_dataset=rows,
                       data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
     trainer.train()
     model.save_pretrained(str(args.out / "adapter"))
     print(json.dumps({"tokens": sum(len(s.ids) for s in data.samples) * args.epochs}))
+
+
+def gpu_name() -> str | None:
+    """The CUDA device both contenders train on, if any (mlxft's torch backend and Trainer each
+    take it when torch sees one)."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
 def main() -> None:
@@ -145,7 +157,8 @@ def main() -> None:
         "trainer-bf16": ("Trainer + PEFT, bf16 autocast", None),
     }
     only = args.only.split(",") if args.only else list(contenders)
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} cores), load average {os.getloadavg()[0]:.2f}; model {model.name}, "
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} cores), {gpu_name() or 'no GPU'}, load average "
+          f"{os.getloadavg()[0]:.2f}; model {model.name}, "
           f"data {args.data.name}, {args.epochs} epochs, batch {args.batch_size}, lr {lr:g}, LoRA r8 on {len(TARGETS)} "
           f"modules of every layer", flush=True)
     results = {}
@@ -189,7 +202,7 @@ def main() -> None:
             print(f"{results[key]['label']} / retention off: {results[key]['wall_s'] / results['noret']['wall_s']:.2f}x")
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"cpu": cpu_model(), "results": results}, indent=1))
+        args.json.write_text(json.dumps({"cpu": cpu_model(), "gpu": gpu_name(), "results": results}, indent=1))
     shutil.rmtree(work, ignore_errors=True)
 
 
