@@ -157,7 +157,8 @@ def main() -> None:
         "trainer-bf16": ("Trainer + PEFT, bf16 autocast", None),
     }
     only = args.only.split(",") if args.only else list(contenders)
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} cores), {gpu_name() or 'no GPU'}, load average "
+    gpu = gpu_name()
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} cores), {gpu or 'no GPU'}, load average "
           f"{os.getloadavg()[0]:.2f}; model {model.name}, "
           f"data {args.data.name}, {args.epochs} epochs, batch {args.batch_size}, lr {lr:g}, LoRA r8 on {len(TARGETS)} "
           f"modules of every layer", flush=True)
@@ -202,7 +203,7 @@ def main() -> None:
             print(f"{results[key]['label']} / retention off: {results[key]['wall_s'] / results['noret']['wall_s']:.2f}x")
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"cpu": cpu_model(), "gpu": gpu_name(), "results": results}, indent=1))
+        args.json.write_text(json.dumps({"cpu": cpu_model(), "gpu": gpu, "results": results}, indent=1))
     shutil.rmtree(work, ignore_errors=True)
 
 
