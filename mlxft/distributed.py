@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import signal
 import sys
 import tarfile
 from pathlib import Path
@@ -31,6 +32,18 @@ class PeerLost(MlxftError):
     def __init__(self, message: str, hint: str | None = None, detail: str = ""):
         super().__init__(message, hint)
         self.detail = detail
+
+
+def let_one_terminate_pass() -> None:
+    """After this rank lost contact with another: let one SIGTERM pass, so the rank lives to say
+    which checkpoint is intact and how to resume. mlx.launch and torchrun terminate every
+    surviving rank as soon as one dies, often before the survivor has printed its error; a
+    second SIGTERM still ends the process."""
+
+    def first(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    signal.signal(signal.SIGTERM, first)
 
 
 def launcher_in_env(environ=None) -> str | None:

@@ -27,7 +27,7 @@ from mlxft.atomic import atomic_dir, write_errors
 from mlxft.backends.base import Backend
 from mlxft.config import Config
 from mlxft.data import Batch, BatchOrder, Dataset, shard
-from mlxft.distributed import PeerLost, resume_command
+from mlxft.distributed import PeerLost, let_one_terminate_pass, resume_command
 from mlxft.errors import ConfigError, Interrupted, MlxftError
 from mlxft.progress import TrainProgress
 from mlxft.runs import MetricsWriter, Run
@@ -199,7 +199,7 @@ class Trainer:
         metrics = MetricsWriter(self.run.metrics_file) if self.writes else None
         old_int = signal.signal(signal.SIGINT, self._on_signal)
         old_term = signal.signal(signal.SIGTERM, self._on_signal)
-        stopped_early = False
+        stopped_early = peer_lost = False
         self._last_val = self.state.best_val
         if self.state.step == 0 and self.state.initial_val is None and self.valid_set.samples:
             self.state.initial_val = self.evaluate()
@@ -224,6 +224,7 @@ class Trainer:
                                 self.save_checkpoint()
                             raise Interrupted(step)
                     except PeerLost as exc:
+                        peer_lost = True
                         raise self._peer_lost(exc, step) from None
                     if stopped_early:
                         break
@@ -235,7 +236,10 @@ class Trainer:
             raise
         finally:
             signal.signal(signal.SIGINT, old_int)
-            signal.signal(signal.SIGTERM, old_term)
+            if peer_lost:
+                let_one_terminate_pass()
+            else:
+                signal.signal(signal.SIGTERM, old_term)
             if metrics is not None:
                 metrics.close()
         if self.writes:

@@ -138,6 +138,37 @@ def test_poisoned_weights_never_reach_a_checkpoint(tiny_model_dir, tmp_path):
     assert _checkpoint_step_and_finite(run) == (3, True)
 
 
+def test_lost_peer_reports_before_the_launchers_terminate(tiny_model_dir, tmp_path):
+    """A rank that loses its peer names the intact checkpoint, and the SIGTERM that mlx.launch or
+    torchrun sends the survivors right after does not kill it before it has printed that: the
+    first SIGTERM passes, a second one ends the process."""
+    import signal
+
+    from mlxft.distributed import PeerLost
+    from mlxft.trainer import Trainer
+
+    cfg, backend, train_set, valid_set, run = _faults_setup(tiny_model_dir, tmp_path)
+    real_loss, calls = backend._loss_sum, {"n": 0}
+
+    def dropped(hidden, labels, need_grad):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise PeerLost("lost contact", detail="Connection reset by peer")
+        return real_loss(hidden, labels, need_grad)
+
+    backend._loss_sum = dropped
+    try:
+        with pytest.raises(PeerLost, match=r"during step 4 \(Connection reset by peer\); the last "
+                                           r"checkpoint \(step 3\) in .* is intact"):
+            Trainer(cfg, run, backend, train_set, valid_set).train()
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler), "a launcher's SIGTERM would kill the rank before its report"
+        handler(signal.SIGTERM, None)  # the launcher's terminate: passes, and arms the default
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def fill(folder: Path, leave: int) -> None:
     """Write a ballast file until only about `leave` bytes are free."""
     import shutil
