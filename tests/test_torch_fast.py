@@ -36,7 +36,7 @@ def data_file(tmp_path):
     return p
 
 
-def backend_for(model_dir, data_file, **sets):
+def backend_for(model_dir, data_file, fresh=False, **sets):
     from mlxft.backends.torch_backend import TorchBackend
 
     base = ["train.batch_size=4", "train.dtype=float32", "lora.rank=8", "lora.alpha=16", "lora.dropout=0",
@@ -44,6 +44,8 @@ def backend_for(model_dir, data_file, **sets):
     cfg = build_config(None, base, {"model": str(model_dir), "data": {"train": str(data_file)}})
     b = TorchBackend(cfg)
     b.load(model_dir)
+    if fresh:
+        return b
     # PEFT starts lora_B at zero, which leaves lora_A's gradient zero; give B values (same seed,
     # so the same values in every backend built here) so both gradients are compared.
     gen = torch.Generator().manual_seed(1)
@@ -261,3 +263,38 @@ def test_fused_loss_falls_back_for_a_trainable_or_capped_head():
     assert not fusable_head(head, 30.0)  # Gemma 2's final_logit_softcapping
     assert not fusable_head(head.requires_grad_(True), None)
     assert not fusable_head(torch.nn.Linear(4, 10).requires_grad_(False), None)  # a bias
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fresh_adapter_runs_as_the_base_with_the_same_bits(tiny_model_dir, data_file, monkeypatch, dtype):
+    """Before training, scoring and generation skip the all-zero LoRA path: same scores and
+    answers as running it, and training afterwards still reaches the adapter."""
+    import contextlib
+
+    import mlxft.backends.torch_inference as inference
+
+    b = backend_for(tiny_model_dir, data_file, fresh=True, **{"train.dtype": dtype})
+    batch = batches(b, data_file)[0]
+    prompts = [[int(t) for t in batch.input_ids[i][:12]] for i in range(3)]
+    with b._inference():
+        assert all(m.disable_adapters for m in b._tuner_layers)
+    skipped = ([(r.loss_sum, r.n_correct) for r in b.row_scores(batch)], b.generate_batch(prompts, 12))
+    monkeypatch.setattr(inference, "fresh_lora_skipped", lambda layers: contextlib.nullcontext())
+    run = ([(r.loss_sum, r.n_correct) for r in b.row_scores(batch)], b.generate_batch(prompts, 12))
+    assert skipped == run
+    monkeypatch.undo()
+    assert not any(m.disable_adapters for m in b._tuner_layers)
+    assert all(p.requires_grad for p in b._trainable())
+    loss_and_grads(b, batch)
+    assert all(p.grad is not None for n, p in b.model.named_parameters() if "lora_B" in n)
+
+
+def test_trained_or_dora_adapter_is_never_skipped(tiny_model_dir, data_file):
+    trained = backend_for(tiny_model_dir, data_file)
+    dora = backend_for(tiny_model_dir, data_file, fresh=True, **{"lora.type": "dora"})
+    one = backend_for(tiny_model_dir, data_file, fresh=True)
+    with torch.no_grad():
+        next(p for n, p in one.model.named_parameters() if "lora_B" in n).view(-1)[0] = 1e-3
+    for b in (trained, dora, one):
+        with b._inference():
+            assert not any(m.disable_adapters for m in b._tuner_layers)

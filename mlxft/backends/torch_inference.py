@@ -27,8 +27,9 @@ class TorchInference:
 
     @contextlib.contextmanager
     def _inference(self):
-        """No dropout and no gradients; the model goes back to training mode afterwards."""
-        with eval_mode(self.model), self.torch.no_grad():
+        """No dropout and no gradients; the model goes back to training mode afterwards. A fresh
+        adapter runs as the base model it still is (fresh_lora_skipped)."""
+        with eval_mode(self.model), self.torch.no_grad(), fresh_lora_skipped(getattr(self, "_tuner_layers", ())):
             yield
 
     def eval_batch(self, batch: Batch) -> EvalResult:
@@ -132,3 +133,37 @@ class TorchInference:
         self.model.set_adapter(name)
         self.model.eval()
         self._tuner_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def fresh_lora_skipped(layers):
+    """Run LoRA layers whose every B matrix is still zero (a fresh adapter: the base model's
+    answers, replay and first validation are computed before training) as their base layers.
+    Their low-rank path adds exactly zero, so the outputs are the same bits, and it cost a
+    quarter of a decode step: SmolLM2-135M, bf16, 22 rows, 66 ms a token against 51 ms with the
+    adapter off (Intel Xeon with AMX, 2 threads). Plain LoRA only: a fresh DoRA layer rescales by
+    a norm ratio that rounds. Layers already switched off, or any B not zero, leave all as is."""
+    import torch
+
+    live = [m for m in layers if not m.disable_adapters and not m.merged]
+    if not live or len(live) < len(layers) or not all(_zero_plain_lora(m, torch) for m in live):
+        yield
+        return
+    grads = [(p, p.requires_grad) for m in live for p in m.parameters()]
+    for m in live:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in live:
+            m.enable_adapters(True)
+        for p, needed in grads:
+            p.requires_grad_(needed)
+
+
+def _zero_plain_lora(layer, torch) -> bool:
+    names = layer.active_adapters
+    if any(n not in getattr(layer, "lora_B", {}) or n in getattr(layer, "lora_variant", {})
+           or getattr(layer, "use_dora", {}).get(n) for n in names):
+        return False
+    return not any(bool(torch.count_nonzero(layer.lora_B[n].weight)) for n in names)
