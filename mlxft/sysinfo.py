@@ -1,4 +1,4 @@
-"""Process memory, machine memory, free disk space and CPU model readings."""
+"""Process memory, machine memory, free disk space, and CPU and GPU model readings."""
 
 from __future__ import annotations
 
@@ -50,3 +50,12 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def gpu_model() -> str | None:
+    """The first CUDA device's name as torch sees it; None without torch or a CUDA device."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None

@@ -103,16 +103,8 @@ def trainer_child(args) -> None:
     print(json.dumps({"tokens": sum(len(s.ids) for s in data.samples) * args.epochs}))
 
 
-def gpu_name() -> str | None:
-    """The CUDA device both contenders train on, if any (mlxft's torch backend and Trainer each
-    take it when torch sees one)."""
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-
-
 def main() -> None:
-    from mlxft.sysinfo import cpu_model
+    from mlxft.sysinfo import cpu_model, gpu_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=ROOT / "recipes" / "data" / "quickstart" / "train.jsonl")
@@ -157,7 +149,7 @@ def main() -> None:
         "trainer-bf16": ("Trainer + PEFT, bf16 autocast", None),
     }
     only = args.only.split(",") if args.only else list(contenders)
-    gpu = gpu_name()
+    gpu = gpu_model()  # both contenders train on it when torch sees one
     print(f"CPU: {cpu_model()} ({os.cpu_count()} cores), {gpu or 'no GPU'}, load average "
           f"{os.getloadavg()[0]:.2f}; model {model.name}, "
           f"data {args.data.name}, {args.epochs} epochs, batch {args.batch_size}, lr {lr:g}, LoRA r8 on {len(TARGETS)} "

