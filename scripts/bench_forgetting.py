@@ -19,9 +19,12 @@ adapter kept; whole-process wall time; the guard's share of the run as the run r
 seed and shows the spread; the other settings run with the first seed. The guard's cost
 measured the issue's way, the `default` wall time minus the `no-guard` wall time (same task,
 same seed), and the peak RSS ratio are printed as a row of their own after each task.
+Besides the guard's settings, SETTINGS holds levers on held-out accuracy (NEFTune, rank and
+alpha, target modules, learning rate, patience, loss on the prompt), one `--set` each.
 
     python scripts/bench_forgetting.py                       # everything (hours on 2 cores)
     python scripts/bench_forgetting.py --models smollm2 --tasks faq --settings default,no-guard
+    python scripts/bench_forgetting.py --models smollm2 --tasks faq --settings default,neftune-5,rank-16 --seeds 1
     python scripts/bench_forgetting.py --calibrate --models smollm2,gemma3   # per-probe threshold vs dtype
 """
 
@@ -67,9 +70,18 @@ SETTINGS: dict[str, list[str]] = {
     # Retention scored at the validations where it can change the running choice (the default
     # before lazy scoring).
     "score-deciding": ["retention.score_at=deciding"],
+    # Levers on held-out accuracy, one at a time against the default (the guard stays on).
+    "neftune-5": ["train.neftune_alpha=5"],
+    "rank-16": ["lora.rank=16", "lora.alpha=32"],
+    "rank-4": ["lora.rank=4", "lora.alpha=8"],
+    "alpha-32": ["lora.alpha=32"],
+    "attention-only": ["lora.targets=[q_proj,k_proj,v_proj,o_proj]"],
+    "mlp-only": ["lora.targets=[gate_proj,up_proj,down_proj]"],
+    "lr-5e-4": ["train.learning_rate=5e-4"],
+    "lr-2e-3": ["train.learning_rate=2e-3"],
+    "patience-4": ["train.early_stop_patience=4"],
+    "full-loss": ["train.mask_prompt=false"],
 }
-
-
 
 
 def model_spec(name: str) -> str | None:
