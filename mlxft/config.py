@@ -30,6 +30,7 @@ class DataConfig:
     system_prompt: str | None = None
     replay: float = 0.5  # share of the training set made of the base model's own recorded answers
     replay_cut: str = "sentence"  # replay answers end at their last full sentence, or first_sentence
+    replay_distill: int = 0  # K > 0: train replay tokens on the base's top-K distribution (KL to base)
     columns: dict[str, str] | None = None  # record field -> source column, e.g. {prompt: question}
     split: str | None = None  # Hugging Face datasets: the split of data.train (default "train")
     limit: int | None = None  # read at most this many samples from each data source
@@ -341,6 +342,10 @@ def validate(cfg: Config) -> None:
         (cfg.retention.score_at in ("lazy", "deciding", "every"), "retention.score_at",
          "must be lazy, deciding or every"),
         (cfg.data.replay_cut in ("sentence", "first_sentence"), "data.replay_cut", "must be sentence or first_sentence"),
+        (isinstance(cfg.data.replay_distill, int) and 0 <= cfg.data.replay_distill <= 256, "data.replay_distill",
+         "must be an integer from 0 (off) to 256"),
+        (not cfg.data.replay_distill or t.method == "sft", "data.replay_distill",
+         "applies to supervised runs only (train.method: sft)"),
     ]
     for ok, key, why in checks:
         if not ok:

@@ -30,6 +30,9 @@ class Sample:
     ids: list[int]
     targets: list[bool]  # targets[i]: token i is predicted (from position i-1) and scored
     source: str = ""     # "file:line", for messages
+    # Distillation targets (replay with data.replay_distill): row i holds the base model's top-k
+    # tokens and their probabilities for token i, trained instead of the token itself; (len, k) each.
+    soft: tuple[np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -46,6 +49,11 @@ class Batch:
     loss_mask: np.ndarray       # (B, T) 1 where the token at t is a target predicted from t-1
     position_ids: np.ndarray | None = None  # packed batches restart positions per sample
     segment_ids: np.ndarray | None = None   # packed batches: which sample each token is from
+    # (B, T, k) target tokens and their weights, when a member has soft targets: a plain member's
+    # row t is its own token with weight 1 (the same loss as the hard target), so every target's
+    # loss is -sum_j soft_p[t, j] log p(soft_ids[t, j]).
+    soft_ids: np.ndarray | None = None
+    soft_p: np.ndarray | None = None
 
     @property
     def n_targets(self) -> int:
@@ -276,7 +284,27 @@ def collate(samples: list[Sample], pad_id: int, pad_to_multiple: int = 1) -> Bat
         attn[i, :n] = 1
         mask[i, :n] = s.targets
     mask[:, 0] = 0
-    return Batch(ids, attn, mask)
+    soft_ids, soft_p = _soft_targets(samples, ids, [(i, 0) for i in range(len(samples))])
+    return Batch(ids, attn, mask, soft_ids=soft_ids, soft_p=soft_p)
+
+
+def _soft_targets(samples: list[Sample], ids: np.ndarray, places: list[tuple[int, int]]):
+    """(soft_ids, soft_p) for a batch whose sample n sits at row places[n][0] from column
+    places[n][1], or (None, None) when no sample has soft targets."""
+    if all(s.soft is None for s in samples):
+        return None, None
+    k = max(s.soft[0].shape[1] for s in samples if s.soft is not None)
+    soft_ids = np.zeros(ids.shape + (k,), dtype=np.int64)
+    soft_p = np.zeros(ids.shape + (k,), dtype=np.float32)
+    soft_ids[:, :, 0] = ids
+    soft_p[:, :, 0] = 1.0
+    for s, (row, at) in zip(samples, places):
+        if s.soft is not None:
+            top, p = s.soft
+            soft_ids[row, at:at + len(s), :top.shape[1]] = top
+            soft_p[row, at:at + len(s), :p.shape[1]] = p
+            soft_p[row, at:at + len(s), p.shape[1]:] = 0.0
+    return soft_ids, soft_p
 
 
 def pack(samples: list[Sample], pad_id: int, max_len: int) -> Batch:
@@ -301,9 +329,11 @@ def pack(samples: list[Sample], pad_id: int, max_len: int) -> Batch:
     mask = np.zeros(shape, dtype=np.int64)
     pos = np.zeros(shape, dtype=np.int64)
     seg = np.zeros(shape, dtype=np.int64)
+    places = []
     for r, row in enumerate(rows):
         at = 0
         for k, s in enumerate(row, start=1):
+            places.append((s, (r, at)))
             n = len(s)
             ids[r, at:at + n] = s.ids
             attn[r, at:at + n] = 1
@@ -312,7 +342,8 @@ def pack(samples: list[Sample], pad_id: int, max_len: int) -> Batch:
             pos[r, at:at + n] = np.arange(n)
             seg[r, at:at + n] = k
             at += n
-    return Batch(ids, attn, mask, position_ids=pos, segment_ids=seg)
+    soft_ids, soft_p = _soft_targets([s for s, _ in places], ids, [p for _, p in places])
+    return Batch(ids, attn, mask, position_ids=pos, segment_ids=seg, soft_ids=soft_ids, soft_p=soft_p)
 
 
 def length_grouped_batches(samples: list[Sample], batch_size: int, seed: int, epoch: int) -> list[list[int]]:

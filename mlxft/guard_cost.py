@@ -3,6 +3,7 @@ whole `mlxft train`, for the `time:` line and the --json summary.
 
 The guard's cost is what a run pays beyond the same run with retention.enabled=false and
 data.replay=0: recording the base model's probe answers and replay answers (zero when cached),
+reading the base model's distribution over the replay answers (data.replay_distill only),
 scoring retention (at validations, and for the candidate adapters after training), regenerating
 the chosen adapter's answers to the probes it no longer predicts top-1 throughout, and the
 training steps replay adds. The first three are timed. The last is estimated from the run's own
@@ -44,6 +45,7 @@ def guard_time(summary: dict, replay: list, samples: list, total_s: float) -> di
     replay_tokens = sum(len(s) for s in replay)
     replay_share = replay_tokens / all_tokens if all_tokens else 0.0
     parts = {"baseline_and_replay_answers_s": timings.get("baseline_and_replay_s", 0.0),
+             "replay_teacher_s": timings.get("replay_teacher_s", 0.0),
              "retention_scoring_s": timings.get("retention_s", 0.0),
              "changed_answers_s": (summary.get("retention") or {}).get("answers_s", 0.0),
              "replay_steps_s_estimated": replay_steps_seconds(

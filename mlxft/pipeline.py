@@ -8,6 +8,8 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 from mlxft import ui
 from mlxft.config import Config, to_yaml
 from mlxft.data import Dataset, Sample
@@ -35,8 +37,15 @@ def _share_replay(world, samples: list[Sample] | None) -> list[Sample]:
     """Rank 0 recorded the base model's answers; every rank trains on the same replay samples."""
     if not world.distributed:
         return samples or []
-    blob = json.dumps([[s.ids, s.targets, s.source] for s in samples or []]).encode() if world.is_root else None
-    return [Sample(ids, targets, source) for ids, targets, source in json.loads(world.broadcast_bytes(blob))]
+    def soft(s):
+        return None if s.soft is None else [s.soft[0].tolist(), s.soft[1].tolist()]
+
+    def unsoft(x):
+        return None if x is None else (np.asarray(x[0], dtype=np.int64), np.asarray(x[1], dtype=np.float32))
+
+    blob = json.dumps([[s.ids, s.targets, s.source, soft(s)] for s in samples or []]).encode() if world.is_root \
+        else None
+    return [Sample(ids, targets, source, unsoft(x)) for ids, targets, source, x in json.loads(world.broadcast_bytes(blob))]
 
 
 def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: bool = False,
@@ -117,6 +126,12 @@ def train_run(cfg: Config, out: Path, *, resume: bool = False, skip_bad_lines: b
         from mlxft.replay import replay_samples
 
         replay = replay_samples(cfg, run, backend.tokenizer, len(train_set)) if world.is_root else None
+        if replay and cfg.data.replay_distill:
+            from mlxft.replay_distill import attach_teacher
+
+            clock = time.perf_counter()
+            attach_teacher(cfg, run, backend, replay, resume)
+            timings["replay_teacher_s"] = round(time.perf_counter() - clock, 2)
         replay = _share_replay(world, replay)
         if preference:  # NLL-only samples after the pairs (mlxft/preference/trainer.py)
             train_set.replay = replay

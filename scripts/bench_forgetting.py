@@ -65,6 +65,13 @@ SETTINGS: dict[str, list[str]] = {
     "no-guard": ["retention.enabled=false", "data.replay=0"],
     # Cheaper replay: a quarter share, answers cut to their first sentence.
     "replay-0.25-first": ["data.replay=0.25", "data.replay_cut=first_sentence"],
+    # Replay as distillation: replay tokens trained on the base model's top-16 distribution (a
+    # KL-to-base term) at the default share and at smaller, cheaper shares.
+    "distill": ["data.replay_distill=16"],
+    "replay-0.33-distill": ["data.replay=0.33", "data.replay_distill=16"],
+    "replay-0.2-distill": ["data.replay=0.2", "data.replay_distill=16"],
+    "replay-0.1-distill": ["data.replay=0.1", "data.replay_distill=16"],
+    "replay-0.2": ["data.replay=0.2"],
     # Retention scored at every validation (the old behaviour) instead of lazily.
     "score-every": ["retention.score_at=every"],
     # Retention scored at the validations where it can change the running choice (the default

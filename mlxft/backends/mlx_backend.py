@@ -202,14 +202,21 @@ class MLXBackend(MLXInference, MLXDeviceInfo, Backend):
             s[:, :t] = batch.segment_ids
             seg = mx.array(s)
         rows, cols = np.nonzero(batch.loss_mask[:, 1:])
-        n = len(rows)
+        if batch.soft_ids is None:
+            at, labels_n, weights_n = rows * tp + cols, batch.input_ids[rows, cols + 1], 1.0
+        else:  # soft targets: one weighted entry per (position, token) of weight > 0; their
+            # weighted cross-entropies sum to the soft-target loss (weights sum to 1 per position)
+            p = batch.soft_p[rows, cols + 1]
+            r, j = np.nonzero(p)
+            at, labels_n, weights_n = rows[r] * tp + cols[r], batch.soft_ids[rows[r], cols[r] + 1, j], p[r, j]
+        n = len(at)
         m = round_up(n, TARGET_BUCKET)
         idx = np.zeros(m, dtype=np.int32)
         labels = np.zeros(m, dtype=np.int32)
         weights = np.zeros(m, dtype=np.float32)
-        idx[:n] = rows * tp + cols
-        labels[:n] = batch.input_ids[rows, cols + 1]
-        weights[:n] = 1.0
+        idx[:n] = at
+        labels[:n] = labels_n
+        weights[:n] = weights_n
         if count:
             self.stats["tokens"] += batch.n_tokens
             self.stats["slots"] += b * tp

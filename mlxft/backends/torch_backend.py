@@ -252,33 +252,51 @@ class TorchBackend(TorchInference, TorchDeviceInfo, Backend):
             logits = torch.tanh(logits / cap) * cap
         return logits
 
-    def _target_logp(self, hidden, labels, need_grad: bool):
+    def _target_logp(self, hidden, labels, need_grad: bool, soft_p=None):
         """Per-position f32 log-probability of each target: the fused head (torch_loss.py) where
         it is the same computation, else lm_head chunk by chunk, each chunk checkpointed under
-        autograd so its logits are recomputed in backward instead of kept."""
+        autograd so its logits are recomputed in backward instead of kept. With soft targets
+        (labels and `soft_p` of shape (N, k)): sum_j soft_p[:, j] log p(labels[:, j])."""
         torch = self.torch
         import torch.nn.functional as F
         from torch.utils.checkpoint import checkpoint
 
         head, cap = self._head()
         if fusable_head(head, cap):
-            return fused_linear_logp(hidden, head.weight, labels, LOSS_CHUNK)
+            return fused_linear_logp(hidden, head.weight, labels, LOSS_CHUNK, soft_p)
 
-        def chunk_logp(h, y):
-            return -F.cross_entropy(self._chunk_logits(h, head, cap), y, reduction="none")
+        def chunk_logp(h, y, p=None):
+            if p is None:
+                return -F.cross_entropy(self._chunk_logits(h, head, cap), y, reduction="none")
+            return (F.log_softmax(self._chunk_logits(h, head, cap), dim=-1).gather(1, y) * p).sum(dim=1)
 
         parts = []
         for i in range(0, hidden.shape[0], LOSS_CHUNK):
             h, y = hidden[i:i + LOSS_CHUNK], labels[i:i + LOSS_CHUNK]
+            p = None if soft_p is None else soft_p[i:i + LOSS_CHUNK]
             if need_grad and hidden.shape[0] > LOSS_CHUNK:
-                parts.append(checkpoint(chunk_logp, h, y, use_reentrant=False))
+                parts.append(checkpoint(chunk_logp, h, y, p, use_reentrant=False))
             else:
-                parts.append(chunk_logp(h, y))
+                parts.append(chunk_logp(h, y, p))
         return torch.cat(parts) if parts else hidden.new_zeros((0,), dtype=torch.float32)
 
-    def _loss_sum(self, hidden, labels, need_grad: bool):
-        """Sum of token cross-entropies (the SFT loss before dividing by the target count)."""
-        return -self._target_logp(hidden, labels, need_grad).sum()
+    def _soft_targets(self, batch: Batch):
+        """(labels, weights), each (N, k), at the target positions in _hidden's order, or
+        (None, None) for a batch with hard targets only."""
+        if batch.soft_ids is None:
+            return None, None
+        torch = self.torch
+        mask = torch.from_numpy(batch.loss_mask[:, 1:]).bool()
+        ids = torch.from_numpy(batch.soft_ids[:, 1:])[mask].to(self.device)
+        return ids, torch.from_numpy(batch.soft_p[:, 1:])[mask].to(self.device)
+
+    def _loss_sum(self, hidden, labels, need_grad: bool, soft=(None, None)):
+        """Sum of token cross-entropies (the SFT loss before dividing by the target count);
+        `soft` = _soft_targets(batch) where the batch has soft targets."""
+        soft_ids, soft_p = soft
+        if soft_ids is not None:
+            labels = soft_ids
+        return -self._target_logp(hidden, labels, need_grad, soft_p).sum()
 
     def train_step(self, batches: list[Batch], lr: float, n_total: int | None = None) -> StepResult:
         if n_total is None:
@@ -290,7 +308,7 @@ class TorchBackend(TorchInference, TorchDeviceInfo, Backend):
         for batch in batches:
             with self._compute():
                 hidden, labels = self._hidden(batch)
-                loss = self._loss_sum(hidden, labels, need_grad=True) / max(n_total, 1)
+                loss = self._loss_sum(hidden, labels, need_grad=True, soft=self._soft_targets(batch)) / max(n_total, 1)
                 loss.backward()
             loss_total += float(loss.detach())
         return self.apply_gradients(loss_total, n_total)

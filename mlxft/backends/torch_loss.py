@@ -45,10 +45,10 @@ def _make_function():
     import torch
 
     class FusedLinearLogProb(torch.autograd.Function):
-        """Per position, log softmax(`hidden @ weight.T`) at `labels`."""
+        """Per position, log softmax(`hidden @ weight.T`) at `labels` (or its soft-target sum)."""
 
         @staticmethod
-        def forward(ctx, hidden, weight, labels, chunk):
+        def forward(ctx, hidden, weight, labels, chunk, soft_p):
             dtype = _matmul_dtype(hidden, weight)
             w = weight.to(dtype)
             grad = torch.empty_like(hidden) if hidden.requires_grad else None
@@ -57,14 +57,23 @@ def _make_function():
                 for i in range(0, hidden.shape[0], chunk):
                     h, y = hidden[i:i + chunk].to(dtype), labels[i:i + chunk]
                     z = (h @ w.T).float()
-                    target = z.gather(1, y[:, None])[:, 0]
+                    if soft_p is None:
+                        target = z.gather(1, y[:, None])[:, 0]
+                    else:  # soft targets: sum_j p_j log softmax(z)[y_j]
+                        p = soft_p[i:i + chunk]
+                        mass = p.sum(dim=1)
+                        target = (z.gather(1, y) * p).sum(dim=1)
                     m = z.amax(dim=-1, keepdim=True)
                     z.sub_(m).exp_()
                     s = z.sum(dim=-1, keepdim=True)
-                    logp[i:i + chunk] = target - m[:, 0] - s[:, 0].log()
-                    if grad is not None:  # d logp / dh = (onehot(y) - softmax) @ W
+                    log_norm = m[:, 0] + s[:, 0].log()
+                    logp[i:i + chunk] = target - (log_norm if soft_p is None else log_norm * mass)
+                    if grad is not None:  # d logp / dh = (onehot(y) - softmax) @ W; soft: (p - mass softmax) @ W
                         z.div_(s).neg_()
-                        z[torch.arange(z.shape[0], device=z.device), y] += 1
+                        if soft_p is None:
+                            z[torch.arange(z.shape[0], device=z.device), y] += 1
+                        else:
+                            z.mul_(mass[:, None]).scatter_add_(1, y, p)
                         grad[i:i + chunk] = (z.to(dtype) @ w).to(hidden.dtype)
             ctx.save_for_backward(grad)
             return logp
@@ -72,7 +81,7 @@ def _make_function():
         @staticmethod
         def backward(ctx, grad_logp):
             (grad,) = ctx.saved_tensors
-            return grad * grad_logp.to(grad.dtype)[:, None], None, None, None
+            return grad * grad_logp.to(grad.dtype)[:, None], None, None, None, None
 
     return FusedLinearLogProb
 
@@ -80,12 +89,14 @@ def _make_function():
 _FUNCTION = None
 
 
-def fused_linear_logp(hidden, weight, labels, chunk: int):
+def fused_linear_logp(hidden, weight, labels, chunk: int, soft_p=None):
     """Per position log-probability of `labels` under softmax(hidden @ weight.T), f32; see the
-    module docstring. Each position's value depends on its own hidden state only, so the stored
+    module docstring. With `soft_p` ((N, k), labels (N, k)), the soft-target form:
+    sum_j soft_p[:, j] * log p(labels[:, j]), whose negation is the cross-entropy against that
+    distribution (distillation). Each position's value depends on its own hidden state only, so the stored
     gradient row times the incoming gradient of that position is the exact backward."""
     global _FUNCTION
     if _FUNCTION is None:
         _FUNCTION = _make_function()
-    return _FUNCTION.apply(hidden, weight, labels, chunk)
+    return _FUNCTION.apply(hidden, weight, labels, chunk, soft_p)
 

@@ -108,7 +108,8 @@ def train(recipe, model, data, valid, backend, sets, steps, out, resume, skip_ba
         ui.result(f"trained {summary['tokens']:,} tokens in {summary['train_seconds']:.1f}s "
                   f"({summary['tok_s']:.0f} tokens/s)")
         t = summary.get("timings") or {}
-        parts = [("load", "load_s"), ("baseline+replay", "baseline_and_replay_s"), ("validation", "validation_s"),
+        parts = [("load", "load_s"), ("baseline+replay", "baseline_and_replay_s"), ("replay teacher", "replay_teacher_s"),
+                 ("validation", "validation_s"),
                  ("retention", "retention_s"), ("checkpoints", "checkpoint_s")]
         g = summary.get("guard") or {}
         guard = (f"; guard {g['seconds']:.1f}s = {g['share']:.0%} of {g['total_s']:.0f}s"
