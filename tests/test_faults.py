@@ -86,9 +86,9 @@ def test_nonfinite_loss_stops_with_advice_and_keeps_checkpoint(tiny_model_dir, t
     real_loss = backend._loss_sum
     calls = {"n": 0}
 
-    def poisoned(hidden, labels, need_grad):  # the 4th training step's loss is NaN
+    def poisoned(hidden, labels, need_grad, **kwargs):  # the 4th training step's loss is NaN
         calls["n"] += 1
-        loss = real_loss(hidden, labels, need_grad)
+        loss = real_loss(hidden, labels, need_grad, **kwargs)
         return loss * float("nan") if calls["n"] == 4 else loss
 
     backend._loss_sum = poisoned
@@ -150,11 +150,11 @@ def test_lost_peer_reports_before_the_launchers_terminate(tiny_model_dir, tmp_pa
     cfg, backend, train_set, valid_set, run = _faults_setup(tiny_model_dir, tmp_path)
     real_loss, calls = backend._loss_sum, {"n": 0}
 
-    def dropped(hidden, labels, need_grad):
+    def dropped(hidden, labels, need_grad, **kwargs):
         calls["n"] += 1
         if calls["n"] == 4:
             raise PeerLost("lost contact", detail="Connection reset by peer")
-        return real_loss(hidden, labels, need_grad)
+        return real_loss(hidden, labels, need_grad, **kwargs)
 
     backend._loss_sum = dropped
     try:
