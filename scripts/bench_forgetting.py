@@ -179,6 +179,7 @@ def main() -> None:
     ap.add_argument("--tasks", default="faq,style,extract,multiturn")
     ap.add_argument("--settings", default="default,no-guard")
     ap.add_argument("--seeds", default="0,1", help="seeds for the default setting (others use the first)")
+    ap.add_argument("--every-seed", action="store_true", help="run every setting at every seed")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="extra --set for every run")
     ap.add_argument("--out", type=Path, default=None, help="keep runs here (default: a temporary folder)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
@@ -206,10 +207,10 @@ def main() -> None:
             print(f"| {mname} | {task} | base model | | {base_acc:.0%} | 1.000 | 0 | | | | | | |", flush=True)
             rows.append({"model": mname, "task": task, "setting": "base", "accuracy": base_acc})
             for setting in args.settings.split(","):
-                for seed in (seeds if setting == "default" else seeds[:1]):
+                for seed in (seeds if setting == "default" or args.every_seed else seeds[:1]):
                     rows.append(one_row(mname, spec, task, setting, seed, args.extra, out_root))
             measured_cost(rows, mname, task)
-            for setting in ("default",):
+            for setting in args.settings.split(","):
                 done = [r for r in rows if r["model"] == mname and r["task"] == task and r["setting"] == setting]
                 if len(done) > 1:
                     accs, rets = [r["accuracy"] for r in done], [r["retention"] or 0.0 for r in done]
@@ -222,14 +223,14 @@ def main() -> None:
 
 
 def measured_cost(rows: list[dict], mname: str, task: str) -> None:
-    """The guard's cost the issue's way, per default row with a no-guard row of the same seed: the
-    wall time beyond the unguarded run (its share of the default run's wall) and the peak RSS ratio.
+    """The guard's cost the issue's way, per guarded row with a no-guard row of the same seed: the
+    wall time beyond the unguarded run (its share of the guarded run's wall) and the peak RSS ratio.
     Only comparable when the two ran at similar load (the load column)."""
     mine = [r for r in rows if r["model"] == mname and r["task"] == task and r.get("wall_s")]
     for plain in (r for r in mine if r["setting"] == "no-guard"):
-        for r in (r for r in mine if r["setting"] == "default" and r["seed"] == plain["seed"]):
+        for r in (r for r in mine if r["setting"] != "no-guard" and r["seed"] == plain["seed"]):
             extra = r["wall_s"] - plain["wall_s"]
-            print(f"| {mname} | {task} | guard measured (default - no-guard) | {r['seed']} | | | | {extra:.0f} | "
+            print(f"| {mname} | {task} | guard measured ({r['setting']} - no-guard) | {r['seed']} | | | | {extra:.0f} | "
                   f"{extra / r['wall_s']:.0%} | {r['peak_rss_mib'] / plain['peak_rss_mib']:.2f}x | | | | "
                   f"{r['load']:.1f}/{plain['load']:.1f} |", flush=True)
 
