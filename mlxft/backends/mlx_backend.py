@@ -202,19 +202,16 @@ class MLXBackend(MLXInference, MLXDeviceInfo, Backend):
             s[:, :t] = batch.segment_ids
             seg = mx.array(s)
         rows, cols = np.nonzero(batch.loss_mask[:, 1:])
-        if batch.soft_ids is None:
-            at, labels_n, weights_n = rows * tp + cols, batch.input_ids[rows, cols + 1], 1.0
-        else:  # soft targets: one weighted entry per (position, token) of weight > 0; their
-            # weighted cross-entropies sum to the soft-target loss (weights sum to 1 per position)
-            p = batch.soft_p[rows, cols + 1]
-            r, j = np.nonzero(p)
-            at, labels_n, weights_n = rows[r] * tp + cols[r], batch.soft_ids[rows[r], cols[r] + 1, j], p[r, j]
-        n = len(at)
+        if batch.soft_ids is None:  # one target per position, weight 1
+            labels_n, weights_n = batch.input_ids[rows, cols + 1][:, None], 1.0
+        else:  # soft targets: K (token, weight) columns per position, weights summing to 1
+            labels_n, weights_n = batch.soft_ids[rows, cols + 1], batch.soft_p[rows, cols + 1]
+        n, k = len(rows), (1 if batch.soft_ids is None else batch.soft_ids.shape[2])
         m = round_up(n, TARGET_BUCKET)
         idx = np.zeros(m, dtype=np.int32)
-        labels = np.zeros(m, dtype=np.int32)
-        weights = np.zeros(m, dtype=np.float32)
-        idx[:n] = at
+        labels = np.zeros((m, k), dtype=np.int32)
+        weights = np.zeros((m, k), dtype=np.float32)
+        idx[:n] = rows * tp + cols
         labels[:n] = labels_n
         weights[:n] = weights_n
         if count:
@@ -232,12 +229,18 @@ class MLXBackend(MLXInference, MLXDeviceInfo, Backend):
         return h.reshape(-1, h.shape[-1])
 
     def _chunk_ce(self, h, labels):
+        """Cross-entropy of each position against each of its K label columns (n, K), and the
+        logits. Labels are indices, never differentiated (mx.checkpoint would otherwise ask
+        for their gradient)."""
         mx = self.mx
+        labels = mx.stop_gradient(labels)
         logits = self._head(h).astype(mx.float32)
-        ce = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+        ce = mx.logsumexp(logits, axis=-1, keepdims=True) - mx.take_along_axis(logits, labels, axis=-1)
         return ce, logits
 
     def _loss_sum(self, ids, seg, idx, labels, weights, need_grad: bool):
+        """Summed weighted cross-entropy at the target positions: the head runs once per position,
+        the K (token, weight) columns of a soft target read the same logits row."""
         mx = self.mx
         h = mx.take(self._hidden(ids, seg), idx, axis=0)
         n = h.shape[0]
@@ -246,7 +249,7 @@ class MLXBackend(MLXInference, MLXDeviceInfo, Backend):
             return (ce * weights).sum()
 
         def chunk(hc, yc, wc):
-            return (self._chunk_ce(hc, yc)[0] * wc).sum()
+            return (self._chunk_ce(hc, yc)[0] * mx.stop_gradient(wc)).sum()
 
         fn = mx.checkpoint(chunk) if need_grad else chunk
         total = mx.array(0.0, mx.float32)
@@ -304,7 +307,7 @@ class MLXBackend(MLXInference, MLXDeviceInfo, Backend):
                 y, w = labels[i:i + LOSS_CHUNK], weights[i:i + LOSS_CHUNK]
                 ce, logits = self._chunk_ce(h[i:i + LOSS_CHUNK], y)
                 loss = loss + (ce * w).sum()
-                correct = correct + ((mx.argmax(logits, axis=-1) == y) & (w > 0)).sum()
+                correct = correct + ((mx.argmax(logits, axis=-1) == y[:, 0]) & (w[:, 0] > 0)).sum()
             return loss, correct
 
         fns["evaluate"] = evaluate

@@ -21,7 +21,8 @@ def _inputs(backend, batch, count: bool = False):
     ids, seg, idx, labels, weights = backend._arrays(batch, count=count)
     n_rows, width = batch.input_ids.shape[0], ids.shape[1]
     rows = np.asarray(idx) // width
-    to_rows = (rows[:, None] == np.arange(n_rows)[None]).astype(np.float32) * np.asarray(weights)[:, None]
+    # pairs and replay rows have one label per target (column 0; preference runs do not distil)
+    to_rows = (rows[:, None] == np.arange(n_rows)[None]).astype(np.float32) * np.asarray(weights)[:, :1]
     counts = batch.loss_mask[:, 1:].sum(-1).astype(np.float32)
     return ids, seg, idx, labels, mx.array(to_rows), mx.array(counts)
 
@@ -31,7 +32,7 @@ def row_logps(backend, ids, seg, idx, labels, to_rows):
 
     mx = backend.mx
     h = mx.take(backend._hidden(ids, seg), idx, axis=0)
-    parts = [-backend._chunk_ce(h[i:i + LOSS_CHUNK], labels[i:i + LOSS_CHUNK])[0]
+    parts = [-backend._chunk_ce(h[i:i + LOSS_CHUNK], labels[i:i + LOSS_CHUNK])[0][:, 0]
              for i in range(0, h.shape[0], LOSS_CHUNK)]
     return mx.concatenate(parts) @ to_rows
 
