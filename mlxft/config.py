@@ -28,9 +28,12 @@ class DataConfig:
     valid: str | None = None
     valid_split: float = 0.1  # held-out share when no valid file is given
     system_prompt: str | None = None
-    replay: float = 0.5  # share of the training set made of the base model's own recorded answers
+    # Share of the training set made of the base model's own recorded answers. Supervised runs
+    # default to 0.2 trained as distillation (replay_distill 16); preference runs to 0.5 of plain
+    # NLL unless set (PREFERENCE_REPLAY; distillation is supervised only).
+    replay: float = 0.2
     replay_cut: str = "sentence"  # replay answers end at their last full sentence, or first_sentence
-    replay_distill: int = 0  # K > 0: train replay tokens on the base's top-K distribution (KL to base)
+    replay_distill: int = 16  # K > 0: train replay tokens on the base's top-K distribution (KL to base)
     columns: dict[str, str] | None = None  # record field -> source column, e.g. {prompt: question}
     split: str | None = None  # Hugging Face datasets: the split of data.train (default "train")
     limit: int | None = None  # read at most this many samples from each data source
@@ -113,6 +116,10 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+# Preference runs' replay when the recipe leaves it open: their replay trains as NLL only
+# (docs/preference.md measured DPO and ORPO with 0.5; 0.25 held retention worse).
+PREFERENCE_REPLAY = 0.5
 
 BACKENDS = ("auto", "torch", "mlx")
 LORA_TYPES = ("lora", "dora")
@@ -279,10 +286,12 @@ def build_config(recipe: str | None = None, sets: list[str] | tuple[str, ...] = 
     """Defaults < recipe < --set < flags. Relative data paths in a recipe resolve against the
     recipe's folder when they exist there, else against the working directory."""
     cfg = Config()
+    given: set[str] = set()  # the keys the recipe, --set or flags named
     if recipe:
         path = recipe_path(recipe)
         data = load_yaml(path)
         _apply(cfg, data, str(path))
+        given |= _dotted(data)
         for key in ("train", "valid"):
             value = getattr(cfg.data, key)
             if value and not Path(value).is_absolute() and not Path(value).exists():
@@ -290,14 +299,40 @@ def build_config(recipe: str | None = None, sets: list[str] | tuple[str, ...] = 
                 if beside.exists():
                     setattr(cfg.data, key, str(beside))
     if sets:
-        _apply(cfg, parse_set(sets), "--set")
+        parsed = parse_set(sets)
+        _apply(cfg, parsed, "--set")
+        given |= _dotted(parsed)
     if flags:
         _apply(cfg, {k: v for k, v in flags.items() if v is not None and not isinstance(v, dict)}, "flags")
         for k, v in flags.items():
             if isinstance(v, dict):
                 _apply(cfg, {k: {kk: vv for kk, vv in v.items() if vv is not None}}, "flags")
+                given |= {f"{k}.{kk}" for kk, vv in v.items() if vv is not None}
+    _method_defaults(cfg, given)
     validate(cfg)
     return cfg
+
+
+def _dotted(data, prefix: str = "") -> set[str]:
+    """The dotted keys a (nested) recipe mapping names."""
+    if not isinstance(data, dict):
+        return set()
+    keys = set()
+    for key, value in data.items():
+        keys.add(prefix + str(key))
+        keys |= _dotted(value, f"{prefix}{key}.")
+    return keys
+
+
+def _method_defaults(cfg: Config, given: set[str]) -> None:
+    """Replay for preference runs where nothing named it: PREFERENCE_REPLAY of plain NLL, as
+    distillation applies to supervised runs only."""
+    if cfg.train.method == "sft":
+        return
+    if "data.replay" not in given:
+        cfg.data.replay = PREFERENCE_REPLAY
+    if "data.replay_distill" not in given:
+        cfg.data.replay_distill = 0
 
 
 def validate(cfg: Config) -> None:

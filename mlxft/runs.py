@@ -53,11 +53,14 @@ class Run:
 
     def config(self):
         """The run's resolved recipe (RUN/config.yaml) as a Config."""
-        from mlxft.config import build_config
+        from mlxft.config import build_config, load_yaml
 
         if not self.config_file.is_file():
             raise ModelError(f"{self.path}: not a run directory (no config.yaml)")
-        return build_config(str(self.config_file))
+        cfg = build_config(str(self.config_file))
+        if "replay_distill" not in ((load_yaml(self.config_file) or {}).get("data") or {}):
+            cfg.data.replay_distill = 0  # written before the key existed: that run replayed sampled tokens
+        return cfg
 
     def adapter(self, which: str = "best") -> Path:
         """The best-by-validation adapter when there is one, else the last."""

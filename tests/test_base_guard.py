@@ -30,7 +30,7 @@ def base_model(tmp_path_factory, default_model_dir):
 @pytest.fixture
 def chats(tmp_path):
     rows = [{"messages": [{"role": "user", "content": f"What is code {i}?"},
-                          {"role": "assistant", "content": f"Code {i} means blue {i}."}]} for i in range(8)]
+                          {"role": "assistant", "content": f"Code {i} means blue {i}."}]} for i in range(32)]
     return write_jsonl(tmp_path / "chats.jsonl", rows)
 
 
@@ -48,19 +48,20 @@ def test_guard_is_on_by_default_for_a_base_model(base_model, chats, tmp_path, ca
     from mlxft.text_replay import TEXT_REPLAY_PASSAGES
 
     cfg = _cfg(base_model, chats, "train.steps=2", "train.eval_every=2")
-    assert cfg.retention.floor is None and cfg.data.replay == 0.5  # nothing set: the defaults decide
+    assert cfg.retention.floor is None  # nothing set: the defaults decide
+    assert (cfg.data.replay, cfg.data.replay_distill) == (0.2, 16)
     summary = train_run(cfg, tmp_path / "run")
     err = capsys.readouterr().err
     assert summary["verdict"]["floor"] == 0.9
     defaults = next(line for line in err.splitlines() if line.startswith("defaults:"))
     assert "keep retention >= 0.9 on text continuations" in defaults
-    assert "replay 0.5 of its own text continuations" in defaults
+    assert "replay 0.2 of its own text continuations towards its top-16 distribution" in defaults
     baseline = json.loads((tmp_path / "run" / "retention_baseline.json").read_text())
     passages = {p["id"] for p in load_probes(PASSAGES)}
     assert baseline["probes"] and all(p["id"] in passages and p["kind"] == "text" for p in baseline["probes"])
     replay = [json.loads(line) for line in (tmp_path / "run" / REPLAY_FILE).read_text().splitlines()]
     replay_ids = {p["id"] for p in load_probes(TEXT_REPLAY_PASSAGES)}
-    # the 8 chats make 8 replay samples at share 0.5; a continuation with no full sentence is dropped
+    # the 32 chats make 8 replay samples at share 0.2; a continuation with no full sentence is dropped
     assert 0 < len(replay) <= 8 and all(r["id"] in replay_ids and r["completion_ids"] for r in replay)
     assert not replay_ids & passages
     assert summary["retention"]["score"] is not None

@@ -159,6 +159,29 @@ def test_mlx_soft_loss_equals_torch(tiny_model_dir):
     assert abs(losses["mlx"] - losses["mlx-hard"]) > 1e-2
 
 
+@pytest.mark.mlx
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_mlx_chunked_loss_trains_and_equals_one_chunk(tiny_model_dir, monkeypatch, soft):
+    """More targets than one LM-head chunk (mx.checkpoint per chunk) train, to the same loss and
+    gradient as a single chunk: the labels are indices and must not be differentiated."""
+    pytest.importorskip("mlx.core")
+    pytest.importorskip("mlx_lm")
+    from mlxft.backends import mlx_backend
+    from tests.helpers.mlx import config, load_mlx, samples
+
+    cfg = config("lora")
+    s = samples()
+    if soft:
+        s[1] = _soft_sample(s[1], 64, 4, 2)
+    batch = collate(s, 2)
+    assert batch.n_targets > 8
+    whole = load_mlx(cfg, tiny_model_dir).train_step([batch], 1e-3)
+    monkeypatch.setattr(mlx_backend, "LOSS_CHUNK", 8)
+    chunked = load_mlx(cfg, tiny_model_dir).train_step([batch], 1e-3)
+    assert chunked.finite and abs(chunked.loss - whole.loss) < 1e-4
+    assert abs(chunked.grad_norm - whole.grad_norm) < 1e-3 * whole.grad_norm
+
+
 def test_teacher_targets_are_the_fresh_models_top_k(tiny_fast_dir, tmp_path):
     from tests.helpers.data import ROWS, write_jsonl
     from tests.test_torch_fast import backend_for
@@ -228,3 +251,38 @@ def test_bad_replay_distill_is_refused_in_one_line(sets, words):
         build_config(None, sets)
     assert words in str(err.value)
     build_config(None, ["data.replay_distill=16"])  # the benchmark's setting is accepted
+
+
+def test_replay_defaults_by_method(tmp_path):
+    """Supervised runs replay 0.2 as distillation unless told otherwise; preference runs replay
+    0.5 of plain NLL unless the recipe, --set or a flag names the key."""
+    from mlxft.config import PREFERENCE_REPLAY, build_config
+
+    sft = build_config(None, [])
+    assert (sft.data.replay, sft.data.replay_distill) == (0.2, 16)
+    dpo = build_config(None, ["train.method=dpo"])
+    assert (dpo.data.replay, dpo.data.replay_distill) == (PREFERENCE_REPLAY, 0)
+    named = build_config(None, ["train.method=orpo", "data.replay=0.3"])
+    assert (named.data.replay, named.data.replay_distill) == (0.3, 0)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  method: dpo\ndata:\n  replay: 0\n")
+    assert build_config(str(recipe)).data.replay == 0
+    plain = build_config(None, ["data.replay_distill=0"])  # sampled tokens, as before distillation
+    assert (plain.data.replay, plain.data.replay_distill) == (0.2, 0)
+
+
+def test_a_run_written_before_distillation_resumes_without_it(tmp_path):
+    """RUN/config.yaml from before data.replay_distill existed: that run replayed sampled tokens,
+    and reading its config back must not switch distillation on."""
+    from mlxft.config import build_config, to_yaml
+    from mlxft.runs import Run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    old = "\n".join(line for line in to_yaml(build_config(None, ["data.replay=0.5"])).splitlines()
+                    if "replay_distill" not in line)
+    (run / "config.yaml").write_text(old + "\n")
+    cfg = Run(run).config()
+    assert (cfg.data.replay, cfg.data.replay_distill) == (0.5, 0)
+    (run / "config.yaml").write_text(to_yaml(build_config(None, [])))
+    assert Run(run).config().data.replay_distill == 16

@@ -13,8 +13,9 @@ Defaults (when the recipe leaves them null), said in the run's one `defaults:` l
 - train.sft_weight 1.0 for DPO: the chosen answers' NLL added to DPO's loss (TRL's "sft" loss
   type, the RPO paper's alpha = 1). DPO alone ranks held-out pairs right but can leave greedy
   answers as they were: it pushes the rejected answer down more than it lifts the chosen one;
-- data.replay as for SFT: the base model's own answers train as NLL-only samples (they have no
-  rejected answer, so no DPO/ORPO term), so the retention floor has something to hold.
+- data.replay 0.5 (config.PREFERENCE_REPLAY, set by build_config where nothing named it; SFT's
+  default is 0.2 as distillation): the base model's own answers train as NLL-only samples (they
+  have no rejected answer, so no DPO/ORPO term), so the retention floor has something to hold.
 """
 
 from __future__ import annotations
