@@ -306,8 +306,9 @@ def build_config(recipe: str | None = None, sets: list[str] | tuple[str, ...] = 
         _apply(cfg, {k: v for k, v in flags.items() if v is not None and not isinstance(v, dict)}, "flags")
         for k, v in flags.items():
             if isinstance(v, dict):
-                _apply(cfg, {k: {kk: vv for kk, vv in v.items() if vv is not None}}, "flags")
-                given |= {f"{k}.{kk}" for kk, vv in v.items() if vv is not None}
+                section = {k: {kk: vv for kk, vv in v.items() if vv is not None}}
+                _apply(cfg, section, "flags")
+                given |= _dotted(section)
     _method_defaults(cfg, given)
     validate(cfg)
     return cfg

@@ -206,7 +206,7 @@ class MLXBackend(MLXInference, MLXDeviceInfo, Backend):
             labels_n, weights_n = batch.input_ids[rows, cols + 1][:, None], 1.0
         else:  # soft targets: K (token, weight) columns per position, weights summing to 1
             labels_n, weights_n = batch.soft_ids[rows, cols + 1], batch.soft_p[rows, cols + 1]
-        n, k = len(rows), (1 if batch.soft_ids is None else batch.soft_ids.shape[2])
+        n, k = len(rows), labels_n.shape[1]
         m = round_up(n, TARGET_BUCKET)
         idx = np.zeros(m, dtype=np.int32)
         labels = np.zeros((m, k), dtype=np.int32)
