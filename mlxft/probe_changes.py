@@ -24,7 +24,10 @@ that differ in content from the base's (case and spacing aside) are listed, flag
 first, at most MAX_SHOWN of them: that is what the verdict shows. Only the probes whose base
 answer the adapter no longer predicts top-1 at every token are regenerated: on the others greedy
 decoding gives the base's answer token for token (up to rounding in near-ties), so they cannot
-have changed.
+have changed. And they are regenerated MAX_SHOWN at a time, flagged ones first, until MAX_SHOWN
+changed answers are found: the verdict shows no more, and a flagged probe's answer has almost
+always changed, so one small batch usually suffices (the count of changed probes comes from the
+teacher-forced figures, not from these answers).
 """
 
 from __future__ import annotations
@@ -46,25 +49,27 @@ def _same_content(a: str, b: str) -> bool:
 
 
 def chosen_answers(cfg, run, backend, summary: dict, baseline: dict, flagged: set[str],
-                   diverged: set[str] | None = None) -> list[dict]:
-    """The chosen adapter's greedy answers to the probes (one batch), compared with the base's:
-    the probes whose answer changed in content, flagged first, at most MAX_SHOWN. `diverged`:
-    the probes to regenerate (those not predicted top-1 throughout); None: all."""
+                   diverged: set[str] | None = None) -> tuple[list[dict], int]:
+    """The chosen adapter's greedy answers to the probes, compared with the base's: the probes
+    whose answer changed in content, flagged first, at most MAX_SHOWN; and how many probes were
+    regenerated to find them. `diverged`: the probes that may have changed (those not predicted
+    top-1 throughout); None: all."""
     from mlxft.retention import _answers, _eval_mode
 
     if summary.get("chosen_step") != summary.get("steps"):
         backend.load_adapter_weights(run.best_adapter)  # the model holds the last step's adapter
     rows = [r for r in baseline["probes"] if diverged is None or r["id"] in diverged]
-    if not rows:
-        return []
-    with _eval_mode(backend):
-        answers = _answers(backend, [r["prompt_ids"] for r in rows], baseline["max_new_tokens"])
+    rows.sort(key=lambda r: r["id"] not in flagged)
     tok = backend.tokenizer
-    changed = []
-    for row, (ids, _) in zip(rows, answers):
-        tuned = tok.decode(ids, skip_special_tokens=True).strip()
-        if not _same_content(tuned, row["answer"]):
-            changed.append({"id": row["id"], "prompt": row["prompt"], "base": row["answer"].strip(),
-                            "tuned": tuned, "flagged": row["id"] in flagged})
-    changed.sort(key=lambda c: not c["flagged"])
-    return changed[:MAX_SHOWN]
+    changed, done = [], 0
+    while rows[done:] and len(changed) < MAX_SHOWN:
+        batch = rows[done:done + MAX_SHOWN]
+        done += len(batch)
+        with _eval_mode(backend):
+            answers = _answers(backend, [r["prompt_ids"] for r in batch], baseline["max_new_tokens"])
+        for row, (ids, _) in zip(batch, answers):
+            tuned = tok.decode(ids, skip_special_tokens=True).strip()
+            if not _same_content(tuned, row["answer"]):
+                changed.append({"id": row["id"], "prompt": row["prompt"], "base": row["answer"].strip(),
+                                "tuned": tuned, "flagged": row["id"] in flagged})
+    return changed[:MAX_SHOWN], done

@@ -9,11 +9,17 @@ backend computes the base model), one forward pass per replay sample, and saved 
 RUN/replay-teacher.npz so that a resumed run (whose adapter is no longer fresh) trains on the same
 ones. Every token of a sample carries a row: target positions the base's top K, the others the
 token itself (never trained: their loss mask is 0).
+
+Like the replay answers they are read from, the targets depend only on the base model, so they are
+also cached per model under MLXFT_HOME/retention/ (teacher-KEY.npz, keyed by the model's identity
+and K, one entry per sample's tokens): a repeat run on the same base computes none.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -52,7 +58,8 @@ def teacher_targets(backend, sample: Sample, k: int) -> tuple[np.ndarray, np.nda
 
 def attach_teacher(cfg, run, backend, samples: list[Sample], resume: bool) -> None:
     """Give every replay sample its soft targets: read from RUN/replay-teacher.npz when resuming
-    (or when it holds these samples), else computed now from the fresh adapter and saved."""
+    (or when it holds these samples), else from the per-model cache, computing only the samples
+    it lacks from the fresh adapter; then saved to the run."""
     from mlxft import ui
     from mlxft.atomic import atomic_file
 
@@ -61,20 +68,69 @@ def attach_teacher(cfg, run, backend, samples: list[Sample], resume: bool) -> No
         return
     path = run.path / TEACHER_FILE
     saved = _read(path, samples, k)
-    if saved is None and resume:
-        ui.warn(f"{path}: missing or not for these replay samples; replay trains on the base model's tokens")
-        return
     started = time.perf_counter()
     if saved is None:
-        saved = [teacher_targets(backend, s, k) for s in samples]
+        cache_path = _cache_path(cfg, run, backend, k)
+        cache = _read_cache(cache_path)
+        keys = [_sample_key(s) for s in samples]
+        missing = [(key, s) for key, s in zip(keys, samples) if key not in cache]
+        if missing and resume:
+            ui.warn(f"{path}: missing or not for these replay samples; replay trains on the base model's tokens")
+            return
+        for key, s in missing:
+            cache[key] = teacher_targets(backend, s, k)
+        if missing:
+            _write_cache(cache_path, cache)
+        saved = [cache[key] for key in keys]
         arrays = {f"ids{i}": a for i, (a, _) in enumerate(saved)} | {f"p{i}": b for i, (_, b) in enumerate(saved)}
         arrays["tokens"] = np.concatenate([np.asarray(s.ids, dtype=np.int64) for s in samples])
         with atomic_file(path, "wb") as fh:
             np.savez(fh, **arrays)
+        how = (f"{len(missing)} computed, {len(samples) - len(missing)} cached" if missing and len(missing) < len(samples)
+               else "computed" if missing else "cached")
         ui.info(f"replay: the base model's top {k} tokens at every replay target, for distillation "
-                f"({time.perf_counter() - started:.1f}s) -> {path}")
+                f"({how}, {time.perf_counter() - started:.1f}s) -> {path}")
     for s, soft in zip(samples, saved):
         s.soft = soft
+
+
+def _sample_key(sample: Sample) -> str:
+    """A sample's tokens and which of them are targets: what its soft targets depend on, besides
+    the model and K."""
+    h = hashlib.sha256(np.asarray(sample.ids, dtype=np.int64).tobytes())
+    h.update(np.asarray(sample.targets, dtype=np.bool_).tobytes())
+    return h.hexdigest()[:32]
+
+
+def _cache_path(cfg, run, backend, k: int) -> Path:
+    from mlxft.retention import CACHE_VERSION, _cache_dir, _model_identity, _sha
+
+    return _cache_dir() / f"teacher-{_sha({**_model_identity(cfg, run, backend), 'k': k, 'v': CACHE_VERSION})[:24]}.npz"
+
+
+def _read_cache(path: Path) -> dict:
+    """{sample key: (ids, p)} from a per-model cache file; empty when absent or unreadable (a
+    broken cache only costs the time to recompute it)."""
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path) as z:
+            keys = [name[4:] for name in z.files if name.startswith("ids_")]
+            return {key: (z[f"ids_{key}"], z[f"p_{key}"]) for key in keys}
+    except (OSError, KeyError, ValueError):
+        return {}
+
+
+def _write_cache(path: Path, cache: dict) -> None:
+    from mlxft.atomic import atomic_file
+
+    arrays = {f"ids_{key}": a for key, (a, _) in cache.items()} | {f"p_{key}": b for key, (_, b) in cache.items()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path, "wb") as fh:
+            np.savez(fh, **arrays)
+    except OSError:
+        pass
 
 
 def _read(path, samples: list[Sample], k: int):

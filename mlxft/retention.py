@@ -346,15 +346,18 @@ def _add_changed_answers(cfg, run, backend, summary: dict, result: dict) -> None
 
     started = time.perf_counter()
     baseline = json.loads((run.path / BASELINE_FILE).read_text())
+    diverged = result.get("diverged_ids")
+    regenerated = 0
     try:
-        diverged = result.get("diverged_ids")
-        result["answers_changed"] = chosen_answers(cfg, run, backend, summary, baseline,
-                                                   set(result.get("changed_ids") or []),
-                                                   None if diverged is None else set(diverged))
+        result["answers_changed"], regenerated = chosen_answers(cfg, run, backend, summary, baseline,
+                                                                set(result.get("changed_ids") or []),
+                                                                None if diverged is None else set(diverged))
     except NotImplementedError as exc:
         result["answers_changed_reason"] = str(exc)
     result["answers_s"] = round(time.perf_counter() - started, 2)
-    regenerated = len(baseline["probes"]) if diverged is None else len(diverged)
+    result["answers_regenerated"] = regenerated
+    may_differ = len(baseline["probes"]) if diverged is None else len(diverged)
     ui.info(f"retention: {result.get('changed', 0)} of {len(baseline['probes'])} probe answers changed "
-            f"(retention.max_changed={cfg.retention.max_changed}); the chosen adapter's answers to the "
-            f"{regenerated} probes it no longer predicts top-1 throughout regenerated in {result['answers_s']:.1f}s")
+            f"(retention.max_changed={cfg.retention.max_changed}); the chosen adapter answered {regenerated} of "
+            f"the {may_differ} probes it no longer predicts top-1 throughout again, flagged first, "
+            f"in {result['answers_s']:.1f}s")

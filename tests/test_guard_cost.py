@@ -1,6 +1,6 @@
 """The guard's cheaper parts: at the end of a run only the probes whose base answer the chosen
 adapter no longer predicts top-1 throughout are regenerated, since greedy decoding gives every
-other probe the base's answer token for token. And what the `time:` line charges to the replay
+other probe the base's answer token for token, and only as many as the verdict shows. And what the `time:` line charges to the replay
 steps (mlxft/guard_cost.py)."""
 
 from __future__ import annotations
@@ -52,9 +52,20 @@ def test_only_diverged_probes_are_regenerated_and_the_rest_keep_the_base_answer(
             assert ids == row["answer_ids"], row["id"]
     monkeypatch.setattr(probe_changes, "MAX_SHOWN", 100)
     summary = {"chosen_step": 1, "steps": 1}
-    every = probe_changes.chosen_answers(cfg, None, backend, summary, baseline, set())
-    only = probe_changes.chosen_answers(cfg, None, backend, summary, baseline, set(), diverged)
+    every, n_every = probe_changes.chosen_answers(cfg, None, backend, summary, baseline, set())
+    only, n_only = probe_changes.chosen_answers(cfg, None, backend, summary, baseline, set(), diverged)
     assert only == every and every
+    assert (n_every, n_only) == (len(items), len(diverged))
+
+    # Shown at most 2 at a time: flagged probes first, and answered in rounds of 2 until 2
+    # changed answers are found, the same 2 the verdict would show after answering them all.
+    flagged = {c["id"] for c in every[-2:]}
+    monkeypatch.setattr(probe_changes, "MAX_SHOWN", 2)
+    few, n_few = probe_changes.chosen_answers(cfg, None, backend, summary, baseline, flagged, diverged)
+    assert [c["id"] for c in few] == [c["id"] for c in every if c["id"] in flagged]
+    assert all(c["flagged"] for c in few) and n_few == 2
+    unflagged, n_unflagged = probe_changes.chosen_answers(cfg, None, backend, summary, baseline, set(), diverged)
+    assert unflagged == every[:2] and 2 <= n_unflagged <= len(diverged)
 
 
 def test_replay_steps_are_charged_for_steps_beyond_the_unguarded_budget_and_for_longer_batches():

@@ -239,6 +239,36 @@ def test_a_run_saves_the_teacher_and_resume_trains_on_the_same(tiny_fast_dir, tm
     assert np.array_equal(samples_again[0].soft[0], before["ids0"])
 
 
+
+def test_a_second_run_on_the_same_base_reads_the_teacher_from_the_cache(tiny_fast_dir, tmp_path, monkeypatch):
+    """The soft targets depend on the base model only: a new run on the same base reads them from
+    MLXFT_HOME/retention/teacher-*.npz and computes none; another K computes them again."""
+    from tests.helpers.data import ROWS, write_jsonl
+
+    import mlxft.replay_distill as rd
+    from mlxft.config import build_config
+    from mlxft.pipeline import train_run
+
+    monkeypatch.setenv("MLXFT_HOME", str(tmp_path / "home"))
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    sets = ["train.batch_size=4", "train.dtype=float32", "train.steps=2", "train.eval_every=2",
+            "retention.probes=2", "retention.max_new_tokens=8", "data.replay=0.3", "data.replay_distill=4",
+            "train.early_stop_patience=0"]
+    cfg = build_config(None, sets, {"model": str(tiny_fast_dir), "data": {"train": str(data)}})
+    train_run(cfg, tmp_path / "first")
+    computed = []
+    real = rd.teacher_targets
+    monkeypatch.setattr(rd, "teacher_targets", lambda *a: computed.append(1) or real(*a))
+    train_run(cfg, tmp_path / "second")
+    assert computed == []
+    first, second = np.load(tmp_path / "first" / rd.TEACHER_FILE), np.load(tmp_path / "second" / rd.TEACHER_FILE)
+    assert sorted(first.files) == sorted(second.files)
+    assert all(np.array_equal(first[k], second[k]) for k in first.files)
+    cfg3 = build_config(None, sets + ["data.replay_distill=3"], {"model": str(tiny_fast_dir), "data": {"train": str(data)}})
+    train_run(cfg3, tmp_path / "third")
+    assert computed and np.load(tmp_path / "third" / rd.TEACHER_FILE)["p0"].shape[1] == 3
+
+
 @pytest.mark.parametrize("sets, words", [
     (["data.replay_distill=-1"], "'data.replay_distill' must be an integer from 0 (off) to 256"),
     (["data.replay_distill=4", "train.method=dpo"], "'data.replay_distill' applies to supervised runs only"),
