@@ -5,7 +5,8 @@ the adapter one token per position; the distribution tells it how sure the base 
 else it would have said, which is what retention measures.
 
 The targets are read off the base once, before training, while the adapter is still fresh (the
-backend computes the base model), one forward pass per replay sample, and saved to
+backend computes the base model), a batch of replay samples per forward pass with the LM head
+run at target positions only, and saved to
 RUN/replay-teacher.npz so that a resumed run (whose adapter is no longer fresh) trains on the same
 ones. Every token of a sample carries a row: target positions the base's top K, the others the
 token itself (never trained: their loss mask is 0).
@@ -28,32 +29,59 @@ from mlxft.data import Sample
 TEACHER_FILE = "replay-teacher.npz"
 
 
+TEACHER_BATCH = 16  # replay samples per forward pass, grouped by length
+
+
 def top_k_rows(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, probabilities), each (rows, k): the k most likely tokens of each row of `logits`
     under its softmax, most likely first, the probabilities renormalised to sum to 1."""
     k = min(k, logits.shape[-1])
     top = np.argpartition(-logits, k - 1, axis=-1)[:, :k]
-    z = np.take_along_axis(logits, top, axis=-1).astype(np.float64)
+    z = np.take_along_axis(logits, top, axis=-1)
     order = np.argsort(-z, axis=-1, kind="stable")
-    top, z = np.take_along_axis(top, order, axis=-1), np.take_along_axis(z, order, axis=-1)
+    return np.take_along_axis(top, order, axis=-1).astype(np.int64), _renormalised(np.take_along_axis(z, order, axis=-1))
+
+
+def _renormalised(z: np.ndarray) -> np.ndarray:
+    """The softmax of each row of the top-k logits `z`: the distribution renormalised over them."""
+    z = z.astype(np.float64)
     p = np.exp(z - z.max(axis=-1, keepdims=True))
-    return top.astype(np.int64), (p / p.sum(axis=-1, keepdims=True)).astype(np.float32)
+    return (p / p.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 def teacher_targets(backend, sample: Sample, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The soft targets of one sample under the backend's current model (see the module doc)."""
-    n = len(sample.ids)
-    ids = np.zeros((n, k), dtype=np.int64)
-    p = np.zeros((n, k), dtype=np.float32)
-    ids[:, 0] = sample.ids
-    p[:, 0] = 1.0
-    where = [i for i in range(1, n) if sample.targets[i]]
-    if where:
-        logits = np.asarray(backend.logits(sample.ids), dtype=np.float32)
-        top, prob = top_k_rows(logits[[i - 1 for i in where]], k)
-        ids[where, :top.shape[1]], p[where, :prob.shape[1]] = top, prob
-        p[where, prob.shape[1]:] = 0.0
-    return ids, p
+    return teacher_targets_batch(backend, [sample], k)[0]
+
+
+def teacher_targets_batch(backend, samples: list[Sample], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """teacher_targets of many samples, TEACHER_BATCH of similar length per forward pass, the
+    LM head run at target positions only (backend.target_top_k)."""
+    from mlxft.data import collate
+
+    out: list = [None] * len(samples)
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].ids))
+    pad = backend.tokenizer.pad_token_id
+    pad = 0 if pad is None else pad
+    for start in range(0, len(order), TEACHER_BATCH):
+        group = [samples[i] for i in order[start:start + TEACHER_BATCH]]
+        top, z = backend.target_top_k(collate(group, pad), k)
+        kk = top.shape[1]
+        at = 0
+        for i, s in zip(order[start:start + TEACHER_BATCH], group):
+            n = len(s.ids)
+            ids = np.zeros((n, k), dtype=np.int64)
+            p = np.zeros((n, k), dtype=np.float32)
+            ids[:, 0] = s.ids
+            p[:, 0] = 1.0
+            where = [j for j in range(1, n) if s.targets[j]]
+            if where:
+                rows = slice(at, at + len(where))
+                ids[where, :kk], p[where, :kk] = top[rows], _renormalised(z[rows])
+                p[where, kk:] = 0.0
+                at += len(where)
+            out[i] = (ids, p)
+    return out
 
 
 def attach_teacher(cfg, run, backend, samples: list[Sample], resume: bool) -> None:
@@ -77,9 +105,9 @@ def attach_teacher(cfg, run, backend, samples: list[Sample], resume: bool) -> No
         if missing and resume:
             ui.warn(f"{path}: missing or not for these replay samples; replay trains on the base model's tokens")
             return
-        for key, s in missing:
-            cache[key] = teacher_targets(backend, s, k)
         if missing:
+            for (key, _), soft in zip(missing, teacher_targets_batch(backend, [s for _, s in missing], k)):
+                cache[key] = soft
             _write_cache(cache_path, cache)
         saved = [cache[key] for key in keys]
         arrays = {f"ids{i}": a for i, (a, _) in enumerate(saved)} | {f"p{i}": b for i, (_, b) in enumerate(saved)}

@@ -201,6 +201,31 @@ def test_teacher_targets_are_the_fresh_models_top_k(tiny_fast_dir, tmp_path):
             assert ids[i, 0] == sample.ids[i] and p[i, 0] == 1.0 and not p[i, 1:].any()
 
 
+
+def test_the_batched_teacher_equals_one_sample_at_a_time_and_the_full_logits(tiny_fast_dir, tmp_path):
+    """Replay samples of different lengths side by side, the LM head at target positions only
+    (the PyTorch override), give each sample the targets it gets alone, and the backend-neutral
+    default (each row's full logits) gives the same."""
+    from tests.helpers.data import ROWS, write_jsonl
+    from tests.test_torch_fast import backend_for
+
+    from mlxft.backends.base import Backend
+    from mlxft.data import collate, load_dataset
+    from mlxft.replay_distill import teacher_targets_batch
+
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    b = backend_for(tiny_fast_dir, data, fresh=True)
+    samples = load_dataset(data, b.tokenizer, 128).samples[:5]
+    assert len({len(s.ids) for s in samples}) > 1  # padding is exercised
+    together = teacher_targets_batch(b, samples, 6)
+    for s, (ids, p) in zip(samples, together):
+        alone_ids, alone_p = teacher_targets(b, s, 6)
+        assert np.array_equal(ids, alone_ids) and np.allclose(p, alone_p, atol=1e-5)
+    batch = collate(samples, b.tokenizer.pad_token_id)
+    fast, default = b.target_top_k(batch, 6), Backend.target_top_k(b, batch, 6)
+    assert fast[0].shape == (int(batch.loss_mask[:, 1:].sum()), 6)
+    assert np.array_equal(fast[0], default[0]) and np.allclose(fast[1], default[1], atol=1e-4)
+
 def test_a_run_saves_the_teacher_and_resume_trains_on_the_same(tiny_fast_dir, tmp_path):
     from tests.helpers.data import ROWS, write_jsonl
 
@@ -257,8 +282,8 @@ def test_a_second_run_on_the_same_base_reads_the_teacher_from_the_cache(tiny_fas
     cfg = build_config(None, sets, {"model": str(tiny_fast_dir), "data": {"train": str(data)}})
     train_run(cfg, tmp_path / "first")
     computed = []
-    real = rd.teacher_targets
-    monkeypatch.setattr(rd, "teacher_targets", lambda *a: computed.append(1) or real(*a))
+    real = rd.teacher_targets_batch
+    monkeypatch.setattr(rd, "teacher_targets_batch", lambda *a: computed.append(1) or real(*a))
     train_run(cfg, tmp_path / "second")
     assert computed == []
     first, second = np.load(tmp_path / "first" / rd.TEACHER_FILE), np.load(tmp_path / "second" / rd.TEACHER_FILE)

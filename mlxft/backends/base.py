@@ -136,6 +136,28 @@ class Backend(abc.ABC):
         self-check compares them with llama.cpp's."""
         raise NotImplementedError
 
+    def target_top_k(self, batch: Batch, k: int):
+        """(ids, logits), each (targets, k), float32 logits, largest first: the k most likely
+        tokens at every position that predicts a target of `batch` (loss_mask[:, 1:], row by
+        row), as replay distillation's teacher reads them. The default reads each row's logits;
+        a backend that can run only the target positions through the LM head overrides this."""
+        import numpy as np
+
+        ids, vals = [], []
+        for i in range(batch.input_ids.shape[0]):
+            n = int(batch.attention_mask[i].sum())
+            where = np.flatnonzero(batch.loss_mask[i, 1:n]) if n > 1 else np.zeros(0, dtype=np.int64)
+            if where.size == 0:
+                continue
+            logits = np.asarray(self.logits(batch.input_ids[i, :n].tolist()), dtype=np.float32)[where]
+            kk = min(k, logits.shape[-1])
+            top = np.argsort(-logits, axis=-1, kind="stable")[:, :kk]
+            ids.append(top)
+            vals.append(np.take_along_axis(logits, top, axis=-1))
+        if not ids:
+            return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
+        return np.concatenate(ids).astype(np.int64), np.concatenate(vals)
+
     def generate_batch(self, prompts: list[list[int]], max_tokens: int, temperature: float = 0.0,
                        top_p: float = 1.0, stop_ids: set[int] | None = None) -> list[list[int]]:
         """Generated ids after each prompt (stop tokens not included): a row that stopped on its

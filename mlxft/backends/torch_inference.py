@@ -1,5 +1,5 @@
 """The PyTorch backend without gradients: scoring (eval_batch, row_scores, sequence_logprobs,
-logits), generation through mlxft.decode (one prompt streamed, or prompts side by side with
+logits, target_top_k), generation through mlxft.decode (one prompt streamed, or prompts side by side with
 continuous refill) and switching adapters on an
 inference model."""
 
@@ -70,6 +70,21 @@ class TorchInference:
         counts = batch.loss_mask[:, 1:].sum(-1)
         return [EvalResult(loss_sum=float(loss[i]), n_targets=int(counts[i]), n_correct=int(correct[i]))
                 for i in range(n_rows)]
+
+    def target_top_k(self, batch: Batch, k: int):
+        torch = self.torch
+        head, cap = self._head()
+        ids, vals = [], []
+        with self._inference(), self._compute():
+            hidden, _ = self._hidden(batch)
+            for i in range(0, hidden.shape[0], LOSS_CHUNK):
+                logits = self._chunk_logits(hidden[i:i + LOSS_CHUNK], head, cap)
+                v, t = logits.topk(min(k, logits.shape[-1]), dim=-1)
+                ids.append(t.cpu())
+                vals.append(v.cpu())
+        if not ids:
+            return torch.zeros((0, k), dtype=torch.int64).numpy(), torch.zeros((0, k)).numpy()
+        return torch.cat(ids).numpy(), torch.cat(vals).numpy()
 
     def sequence_logprobs(self, batch: Batch) -> list[float]:
         torch = self.torch
