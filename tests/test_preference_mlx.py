@@ -67,8 +67,24 @@ def test_mlx_equals_torch_on_the_same_batch_and_adapter(tiny_model_dir, tmp_path
     replay = [p.chosen for p in load_pairs(write_jsonl(tmp_path / "more.jsonl", PAIRS[4:6]), tb.tokenizer, 128).pairs]
     with_replay = collate_pairs(ds.pairs, tb.tokenizer.pad_token_id, replay)
     counts = StepCounts(len(ds.pairs), n_chosen, sum(s.n_targets for s in replay))
+    # The same replay rows trained as distillation (data.replay_distill): soft targets from the
+    # base model's top 4, and one-hot soft targets, which must give the hard loss exactly.
+    from dataclasses import replace
+
+    from mlxft.replay_distill import teacher_targets_batch
+
+    with_soft = collate_pairs(ds.pairs, tb.tokenizer.pad_token_id,
+                              [replace(r, soft=t) for r, t in zip(replay, teacher_targets_batch(load_torch(cfg, tiny_model_dir), replay, 4))])
+    one_hot = []
+    for r in replay:
+        ids, p = np.zeros((len(r.ids), 4), dtype=np.int64), np.zeros((len(r.ids), 4), dtype=np.float32)
+        ids[:, 0], p[:, 0], ids[:, 1:] = r.ids, 1.0, 7
+        one_hot.append(replace(r, soft=(ids, p)))
+    with_one_hot = collate_pairs(ds.pairs, tb.tokenizer.pad_token_id, one_hot)
     cases = [("dpo", 0.0, batch), ("dpo", 1.0, batch), ("orpo", 0.0, batch), ("dpo", 0.5, with_replay),
-             ("orpo", 0.0, with_replay)]
+             ("orpo", 0.0, with_replay), ("dpo", 0.5, with_soft), ("orpo", 0.0, with_soft),
+             ("dpo", 0.5, with_one_hot), ("orpo", 0.0, with_one_hot)]
+    seen = {}
     for method, sft_weight, b in cases:
         objective = Objective(method, beta=0.5, sft_weight=sft_weight)
         losses = {}
@@ -77,10 +93,16 @@ def test_mlx_equals_torch_on_the_same_batch_and_adapter(tiny_model_dir, tmp_path
             item = PairBatch(b, ref, n_pairs=len(ds.pairs))
             losses[name] = ops.train_step(be, [item], 0.0, objective, counts).loss
         assert abs(losses["mlx"] - losses["torch"]) < LOSS_ATOL, (method, sft_weight)
+        seen[method, id(b)] = losses
         if method == "dpo" and b is batch and not sft_weight:
             assert abs(losses["torch"] - np.log(2)) > 10 * LOSS_ATOL  # not the trivial policy = reference value
         if b is not batch:  # the replay rows add their NLL (several nats per token on a random model)
             assert losses["torch"] > 1.0
+    for method in ("dpo", "orpo"):
+        hard, soft, ones = (seen[method, id(b)] for b in (with_replay, with_soft, with_one_hot))
+        for name in ("torch", "mlx"):
+            assert abs(ones[name] - hard[name]) < 1e-6, (method, name)  # one-hot soft = hard
+            assert abs(soft[name] - hard[name]) > 10 * LOSS_ATOL, (method, name)  # the soft path is taken
 
 
 def test_qlora_dpo_on_a_4bit_mlx_base(tiny_model_dir, tmp_path):

@@ -16,23 +16,26 @@ from mlxft.preference.losses import MLXOps, Objective
 
 
 def _inputs(backend, batch, count: bool = False):
-    """The backend's bucketed arrays plus a (targets, rows) matrix that sums targets per row."""
+    """The backend's bucketed arrays (labels and weights (targets, K): K = 1, or a replay row's
+    soft targets with one-hot rows for the pairs) plus a (targets, rows) matrix that sums
+    targets per row (zero for the bucket's padding targets)."""
     mx = backend.mx
     ids, seg, idx, labels, weights = backend._arrays(batch, count=count)
     n_rows, width = batch.input_ids.shape[0], ids.shape[1]
     rows = np.asarray(idx) // width
-    # pairs and replay rows have one label per target (column 0; preference runs do not distil)
-    to_rows = (rows[:, None] == np.arange(n_rows)[None]).astype(np.float32) * np.asarray(weights)[:, :1]
+    real = np.asarray(weights).sum(-1, keepdims=True) > 0
+    to_rows = (rows[:, None] == np.arange(n_rows)[None]).astype(np.float32) * real
     counts = batch.loss_mask[:, 1:].sum(-1).astype(np.float32)
-    return ids, seg, idx, labels, mx.array(to_rows), mx.array(counts)
+    return ids, seg, idx, labels, weights, mx.array(to_rows), mx.array(counts)
 
 
-def row_logps(backend, ids, seg, idx, labels, to_rows):
+def row_logps(backend, ids, seg, idx, labels, weights, to_rows):
+    """Summed log-probability of each row's targets: sum_j w_j log p(label_j) per target."""
     from mlxft.backends.mlx_backend import LOSS_CHUNK
 
     mx = backend.mx
     h = mx.take(backend._hidden(ids, seg), idx, axis=0)
-    parts = [-backend._chunk_ce(h[i:i + LOSS_CHUNK], labels[i:i + LOSS_CHUNK])[0][:, 0]
+    parts = [-(backend._chunk_ce(h[i:i + LOSS_CHUNK], labels[i:i + LOSS_CHUNK])[0] * weights[i:i + LOSS_CHUNK]).sum(-1)
              for i in range(0, h.shape[0], LOSS_CHUNK)]
     return mx.concatenate(parts) @ to_rows
 
@@ -41,8 +44,8 @@ def pair_logps(backend, batch):
     """No-gradient, eval-mode (pc, pr, nc, nr) as float64 NumPy arrays."""
     mx = backend.mx
     with eval_mode(backend.model):
-        ids, seg, idx, labels, to_rows, counts = _inputs(backend, batch)
-        sums = row_logps(backend, ids, seg, idx, labels, to_rows)
+        ids, seg, idx, labels, weights, to_rows, counts = _inputs(backend, batch)
+        sums = row_logps(backend, ids, seg, idx, labels, weights, to_rows)
         mx.eval(sums)
     n = batch.input_ids.shape[0] // 2
     s, c = np.array(sums, dtype=np.float64), np.array(counts, dtype=np.float64)
@@ -74,8 +77,8 @@ def train_step(backend, micro, lr: float, objective: Objective, counts) -> StepR
     backend.model.train()
     backend.optimizer.learning_rate = mx.array(lr, mx.float32)
 
-    def loss_fn(_model, ids, seg, idx, labels, to_rows, row_counts, ref, n):
-        sums = row_logps(backend, ids, seg, idx, labels, to_rows)
+    def loss_fn(_model, ids, seg, idx, labels, weights, to_rows, row_counts, ref, n):
+        sums = row_logps(backend, ids, seg, idx, labels, weights, to_rows)
         loss = mx.array(0.0, mx.float32)
         if n:
             rc, rr = (ref[:, 0], ref[:, 1]) if ref is not None else (None, None)

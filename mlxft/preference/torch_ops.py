@@ -14,10 +14,14 @@ from mlxft.preference.losses import Objective, TorchOps
 
 
 def row_logps(backend, batch, need_grad: bool):
-    """(summed log-probability of the targets per row, target count per row) as tensors."""
+    """(summed log-probability of the targets per row, target count per row) as tensors. A
+    replay row with soft targets (data.replay_distill) sums sum_j p_j log p(token_j) per target
+    instead; the other rows of such a batch carry one-hot targets, which give exactly the hard
+    figure (tests/test_replay_distill.py)."""
     torch = backend.torch
     hidden, labels = backend._hidden(batch)
-    logp = backend._target_logp(hidden, labels, need_grad)
+    soft_ids, soft_p = backend._soft_targets(batch)
+    logp = backend._target_logp(hidden, labels if soft_ids is None else soft_ids, need_grad, soft_p)
     rows = torch.from_numpy(batch.loss_mask[:, 1:]).bool().nonzero()[:, 0].to(backend.device)
     n_rows = batch.input_ids.shape[0]
     sums = torch.zeros(n_rows, dtype=torch.float32, device=backend.device).index_add(0, rows, logp.float())
