@@ -23,8 +23,8 @@ With score_at: deciding it is scored during training only where its value can ch
   tier, or with a higher mean, could replace it whatever its validation loss);
 - the candidate's validation loss is below the chosen adapter's (it replaces the chosen one iff
   its tier is at least the chosen one's);
-- validation did not improve and patience has not run out (the floor's own stop fires when
-  the mean is below it there).
+- the floor's own stop can fire here (the selection.FLOOR_STALL-th validation in a row that
+  did not improve, patience not yet run out) when the mean is below it.
 
 Everywhere else the decision is the same whatever retention reads (the chosen adapter's tier
 can only change when the best loss falls, and that happens only at a validation whose loss is
@@ -90,12 +90,13 @@ def ranks_above(candidate_val: float, candidate_ret: dict | None, chosen_val: fl
     return (candidate_ret or {}).get("score", 0.0) > (chosen_ret or {}).get("score", 0.0)
 
 
-def retention_can_decide(val: float, improved: bool, patience_ran_out: bool, chosen_val: float | None,
+def retention_can_decide(val: float, floor_can_stop: bool, chosen_val: float | None,
                          chosen_ret: dict | None, floor: float, max_changed: int | None,
                          learned: float = float("inf")) -> bool:
-    """Whether retention's value at this validation can change the chosen adapter or the stop."""
+    """Whether retention's value at this validation can change the chosen adapter or the stop
+    (`floor_can_stop`: the floor's own stop would fire here if retention were below it)."""
     if chosen_val is None or tier(chosen_val, chosen_ret, floor, max_changed, learned) < 2:
         return True
     if val < chosen_val:
         return True
-    return not improved and not patience_ran_out
+    return floor_can_stop

@@ -56,12 +56,13 @@ def test_floor_changes_the_chosen_adapter(tiny_model_dir, tmp_path, texts, monke
 
 def test_below_the_floor_and_not_improving_stops(tiny_model_dir, tmp_path, texts, monkeypatch):
     """Retention under the floor while validation still improves: training goes on; under the
-    floor at a validation that did not improve: it stops, keeping the last adapter above it."""
+    floor at the second validation in a row that did not improve: it stops (patience 5 would
+    have gone on), keeping the last adapter above it."""
     script_validation(monkeypatch, [6.0, 5.0, 4.0, 4.5, 4.4, 4.3], [0.95, 0.85, 0.80, 0.70, 0.60])
     summary = _train(tiny_model_dir, tmp_path, texts, "train.steps=10", "train.eval_every=1",
                      "train.early_stop_patience=5")
-    assert summary["early_stopped"] is True and summary["steps"] == 3
-    assert "retention.floor" in summary["stop_reason"]
+    assert summary["early_stopped"] is True and summary["steps"] == 4
+    assert "retention 0.700 fell below retention.floor" in summary["stop_reason"]
     assert summary["chosen_step"] == 1
 
 

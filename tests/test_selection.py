@@ -40,10 +40,19 @@ def test_no_patience_never_stops_and_the_last_step_never_stops():
 
 def test_retention_floor_ranks_adapters_and_stops_when_loss_also_stalls():
     policy = Selection(patience=5, floor=0.9)
-    # step 2 has the lower loss but retention below the floor: step 1 stays the kept adapter
-    state, stopped = feed(policy, [(3.0, 0.95), (2.0, 0.80), (1.99, 0.85), (1.0, 0.5)], total=10)
+    # step 2 has the lower loss but retention below the floor: step 1 stays the kept adapter;
+    # below the floor at the second validation in a row without improvement (step 4), it stops
+    state, stopped = feed(policy, [(3.0, 0.95), (2.0, 0.80), (1.99, 0.85), (1.98, 0.84), (1.0, 0.5)], total=10)
     assert state.chosen_step == 1 and state.chosen_retention == {"score": 0.95}
-    assert stopped == 3 and "retention 0.850 fell below retention.floor=0.9" in state.stop_reason
+    assert stopped == 4 and "retention 0.840 fell below retention.floor=0.9" in state.stop_reason
+
+
+def test_one_validation_without_improvement_below_the_floor_does_not_stop():
+    """A bump early in training is not a stall: training goes on, and the next validation that
+    improves resets the count."""
+    policy = Selection(patience=5, floor=0.9)
+    state, stopped = feed(policy, [(3.0, 0.95), (3.1, 0.80), (1.0, 0.92), (1.2, 0.85), (0.5, 0.91)], total=10)
+    assert stopped is None and state.chosen_step == 5
 
 
 def test_below_the_floor_the_highest_retention_wins():
