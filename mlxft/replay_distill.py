@@ -32,18 +32,9 @@ TEACHER_FILE = "replay-teacher.npz"
 TEACHER_BATCH = 16  # replay samples per forward pass, grouped by length
 
 
-def top_k_rows(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, probabilities), each (rows, k): the k most likely tokens of each row of `logits`
-    under its softmax, most likely first, the probabilities renormalised to sum to 1."""
-    k = min(k, logits.shape[-1])
-    top = np.argpartition(-logits, k - 1, axis=-1)[:, :k]
-    z = np.take_along_axis(logits, top, axis=-1)
-    order = np.argsort(-z, axis=-1, kind="stable")
-    return np.take_along_axis(top, order, axis=-1).astype(np.int64), _renormalised(np.take_along_axis(z, order, axis=-1))
-
-
-def _renormalised(z: np.ndarray) -> np.ndarray:
-    """The softmax of each row of the top-k logits `z`: the distribution renormalised over them."""
+def renormalised(z: np.ndarray) -> np.ndarray:
+    """The softmax of each row of the top-k logits `z`: the base model's distribution over its k
+    most likely tokens, renormalised to sum to 1."""
     z = z.astype(np.float64)
     p = np.exp(z - z.max(axis=-1, keepdims=True))
     return (p / p.sum(axis=-1, keepdims=True)).astype(np.float32)
@@ -77,7 +68,7 @@ def teacher_targets_batch(backend, samples: list[Sample], k: int) -> list[tuple[
             where = [j for j in range(1, n) if s.targets[j]]
             if where:
                 rows = slice(at, at + len(where))
-                ids[where, :kk], p[where, :kk] = top[rows], _renormalised(z[rows])
+                ids[where, :kk], p[where, :kk] = top[rows], renormalised(z[rows])
                 p[where, kk:] = 0.0
                 at += len(where)
             out[i] = (ids, p)

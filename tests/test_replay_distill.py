@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mlxft.data import Sample, collate, pack
-from mlxft.replay_distill import teacher_targets, top_k_rows
+from mlxft.replay_distill import renormalised, teacher_targets
 
 torch = pytest.importorskip("torch")
 
@@ -26,17 +26,22 @@ def _case(seed=0, T=37, V=1000, d=24, k=5):
     return h, w, y, p
 
 
-def test_top_k_rows_are_the_renormalised_softmax_head():
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=(6, 50)).astype(np.float32) * 3
-    ids, p = top_k_rows(logits, 4)
+def top_k_rows(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The reference: the k most likely tokens of each row under the full softmax, and their
+    probabilities renormalised over those k."""
     full = np.exp(logits - logits.max(1, keepdims=True))
     full /= full.sum(1, keepdims=True)
-    want = np.argsort(-full, axis=1)[:, :4]
-    assert np.array_equal(ids, want)
-    top = np.take_along_axis(full, want, axis=1)
-    assert np.allclose(p, top / top.sum(1, keepdims=True), rtol=1e-6)
-    assert np.allclose(p.sum(1), 1.0, atol=1e-6)
+    ids = np.argsort(-full, axis=1, kind="stable")[:, :k]
+    top = np.take_along_axis(full, ids, axis=1)
+    return ids, top / top.sum(1, keepdims=True)
+
+
+def test_renormalised_top_k_logits_are_the_renormalised_softmax():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 50)).astype(np.float32) * 3
+    ids, want = top_k_rows(logits, 4)
+    p = renormalised(np.take_along_axis(logits, ids, axis=1))
+    assert np.allclose(p, want, rtol=1e-6) and np.allclose(p.sum(1), 1.0, atol=1e-6)
 
 
 def test_soft_fused_logp_equals_float64_and_one_hot_equals_the_hard_loss():
@@ -201,7 +206,6 @@ def test_teacher_targets_are_the_fresh_models_top_k(tiny_fast_dir, tmp_path):
             assert ids[i, 0] == sample.ids[i] and p[i, 0] == 1.0 and not p[i, 1:].any()
 
 
-
 def test_the_batched_teacher_equals_one_sample_at_a_time_and_the_full_logits(tiny_fast_dir, tmp_path):
     """Replay samples of different lengths side by side, the LM head at target positions only
     (the PyTorch override), give each sample the targets it gets alone, and the backend-neutral
@@ -318,6 +322,8 @@ def test_replay_defaults_by_method(tmp_path):
     assert (dpo.data.replay, dpo.data.replay_distill) == (PREFERENCE_REPLAY, 0)
     named = build_config(None, ["train.method=orpo", "data.replay=0.3"])
     assert (named.data.replay, named.data.replay_distill) == (0.3, 0)
+    asked = build_config(None, ["train.method=dpo", "data.replay_distill=8"])  # preference runs take it when set
+    assert (asked.data.replay, asked.data.replay_distill) == (PREFERENCE_REPLAY, 8)
     recipe = tmp_path / "r.yaml"
     recipe.write_text("train:\n  method: dpo\ndata:\n  replay: 0\n")
     assert build_config(str(recipe)).data.replay == 0

@@ -151,7 +151,9 @@ class Backend(abc.ABC):
                 continue
             logits = np.asarray(self.logits(batch.input_ids[i, :n].tolist()), dtype=np.float32)[where]
             kk = min(k, logits.shape[-1])
-            top = np.argsort(-logits, axis=-1, kind="stable")[:, :kk]
+            top = np.argpartition(-logits, kk - 1, axis=-1)[:, :kk]
+            order = np.argsort(-np.take_along_axis(logits, top, axis=-1), axis=-1, kind="stable")
+            top = np.take_along_axis(top, order, axis=-1)
             ids.append(top)
             vals.append(np.take_along_axis(logits, top, axis=-1))
         if not ids:
