@@ -80,7 +80,6 @@ def attach_teacher(cfg, run, backend, samples: list[Sample], resume: bool) -> No
     (or when it holds these samples), else from the per-model cache, computing only the samples
     it lacks from the fresh adapter; then saved to the run."""
     from mlxft import ui
-    from mlxft.atomic import atomic_file
 
     k = cfg.data.replay_distill
     if k <= 0 or not samples:
@@ -101,10 +100,8 @@ def attach_teacher(cfg, run, backend, samples: list[Sample], resume: bool) -> No
                 cache[key] = soft
             _write_cache(cache_path, cache)
         saved = [cache[key] for key in keys]
-        arrays = {f"ids{i}": a for i, (a, _) in enumerate(saved)} | {f"p{i}": b for i, (_, b) in enumerate(saved)}
-        arrays["tokens"] = np.concatenate([np.asarray(s.ids, dtype=np.int64) for s in samples])
-        with atomic_file(path, "wb") as fh:
-            np.savez(fh, **arrays)
+        _save_targets(path, {str(i): soft for i, soft in enumerate(saved)},
+                      tokens=np.concatenate([np.asarray(s.ids, dtype=np.int64) for s in samples]))
         how = (f"{len(missing)} computed, {len(samples) - len(missing)} cached" if missing and len(missing) < len(samples)
                else "computed" if missing else "cached")
         ui.info(f"replay: the base model's top {k} tokens at every replay target, for distillation "
@@ -141,15 +138,22 @@ def _read_cache(path: Path) -> dict:
 
 
 def _write_cache(path: Path, cache: dict) -> None:
-    from mlxft.atomic import atomic_file
-
-    arrays = {f"ids_{key}": a for key, (a, _) in cache.items()} | {f"p_{key}": b for key, (_, b) in cache.items()}
+    """The per-model cache, whole; one that cannot be written (read-only MLXFT_HOME, full disk)
+    only costs the time to recompute it."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path, "wb") as fh:
-            np.savez(fh, **arrays)
+        _save_targets(path, {f"_{key}": soft for key, soft in cache.items()})
     except OSError:
         pass
+
+
+def _save_targets(path: Path, named: dict, **extra) -> None:
+    """Soft targets {name: (ids, p)} as arrays ids{name} and p{name} (plus `extra`) in one .npz,
+    written under a temporary name and renamed."""
+    from mlxft.atomic import atomic_file
+
+    arrays = {f"ids{n}": a for n, (a, _) in named.items()} | {f"p{n}": b for n, (_, b) in named.items()} | extra
+    with atomic_file(path, "wb") as fh:
+        np.savez(fh, **arrays)
 
 
 def _read(path, samples: list[Sample], k: int):
