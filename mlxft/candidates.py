@@ -9,47 +9,52 @@ lowest validation loss first, because one scored candidate settles many unscored
 
 - a scored candidate that meets the guard (floor and cap) ranks above every candidate with a
   higher validation loss, scored or not: they are dropped unscored;
-- a scored candidate that meets the floor ranks above every one that misses it;
-- among candidates that miss the floor the highest retention wins; among those that meet the
-  floor and miss the cap (tier 1 for good) the lowest loss wins.
+- a scored candidate that meets the floor ranks above every one whose mean is under the floor by
+  the margin or more, and above every one under the floor with a higher validation loss (that
+  one learned only if the other did too);
+- among candidates under the floor by the margin or more the highest retention wins; among
+  those that meet the floor and miss the cap the lowest loss wins.
 
 So a run whose lowest-loss adapter meets the guard scores it alone; each adapter that misses
-the guard costs one more scoring. With no cap (retention.max_changed null, the default) the
-adapter kept is the one scoring at every validation keeps; with a cap it can differ where that
-rule's running choice read an older "learned" bound (tests/test_guard_policy.py compares both).
+the guard costs one more scoring. The adapter kept can differ from the one scoring at every
+validation keeps where that rule's running choice read an older "learned" bound (which decides
+the cap's tiers and the floor margin's; tests/test_guard_policy.py compares both).
 """
 
 from __future__ import annotations
 
-from mlxft.guard_policy import meets_floor, meets_guard, ranks_above, within_cap
+from mlxft.guard_policy import Guard
 
 
 def _score(c: dict) -> float:
     return ((c.get("retention") or {}).get("score")) or 0.0
 
 
-def dominates(y: dict, x: dict, floor: float, max_changed: int | None) -> bool:
+def dominates(y: dict, x: dict, guard: Guard) -> bool:
     """Whether scored candidate `y` ranks above candidate `x` however the run goes on (whatever
-    x's retention, where x is unscored)."""
+    x's retention, where x is unscored, and whatever the run's final "learned" bound, which only
+    falls: an adapter with a lower loss than one that learned has learned too)."""
     if not y["scored"]:
         return False
     ry = y["retention"]
-    if y["loss"] < x["loss"] and meets_guard(ry, floor, max_changed):
+    if y["loss"] < x["loss"] and guard.meets(ry):
         return True
     if not x["scored"]:
         return False
     rx = x["retention"]
-    if not meets_floor(rx, floor):
-        return meets_floor(ry, floor) or (not meets_floor(ry, floor) and _score(y) > _score(x))
-    if not within_cap(rx, max_changed):
-        return meets_floor(ry, floor) and not within_cap(ry, max_changed) and y["loss"] < x["loss"]
+    if not guard.meets_floor(rx):
+        if not guard.near_floor(rx):  # tier 0 for good
+            return guard.meets_floor(ry) or _score(y) > _score(x)
+        return guard.meets_floor(ry) and y["loss"] < x["loss"]
+    if not guard.within_cap(rx):
+        return guard.meets_floor(ry) and not guard.within_cap(ry) and y["loss"] < x["loss"]
     return False
 
 
-def prune(candidates: list[dict], floor: float, max_changed: int | None) -> list[int]:
+def prune(candidates: list[dict], guard: Guard) -> list[int]:
     """Drop the candidates another one dominates, in place; return their steps."""
     dropped = [x["step"] for x in candidates
-               if any(y is not x and dominates(y, x, floor, max_changed) for y in candidates)]
+               if any(y is not x and dominates(y, x, guard) for y in candidates)]
     candidates[:] = [c for c in candidates if c["step"] not in dropped]
     return dropped
 
@@ -64,11 +69,10 @@ def next_to_score(candidates: list[dict]) -> dict | None:
     return min(waiting, key=lambda c: (c["loss"], -c["step"])) if waiting else None
 
 
-def choose(candidates: list[dict], floor: float, max_changed: int | None, learned: float) -> dict | None:
+def choose(candidates: list[dict], guard: Guard, learned: float) -> dict | None:
     """The best scored candidate by the guard's tiers (an earlier one wins a tie)."""
     best = None
     for c in sorted((c for c in candidates if c["scored"]), key=lambda c: c["step"]):
-        if best is None or ranks_above(c["loss"], c["retention"], best["loss"], best["retention"], floor,
-                                       max_changed, learned):
+        if best is None or guard.ranks_above(c["loss"], c["retention"], best["loss"], best["retention"], learned):
             best = c
     return best

@@ -96,6 +96,12 @@ class RetentionConfig:
     # measured on SmolLM2 (docs/retention.md), 4 to 13 of 24 probes counted as changed from the
     # second validation on while the mean stayed at 0.90-0.98, so a cap of 1 kept an untrained adapter.
     max_changed: int | None = None
+    # Where no adapter that learned (made 90% of the run's fall in validation loss) meets the
+    # floor, one that learned and reads under it by less than this outranks those that meet it
+    # without having learned (mlxft/guard_policy.py); the verdict still says the floor was missed.
+    # 0.02: about the mean's move between neighbouring validations, under its standard error
+    # (0.025-0.031 over 24 probes; docs/retention.md). 0: a hard floor.
+    floor_margin: float = 0.02
     # lazy: keep every validated adapter as a candidate and score retention where the stop needs
     # it and, after training, for the candidates still in the running, lowest validation loss
     # first (mlxft/candidates.py); deciding: at the validations where it can change the kept
@@ -375,6 +381,7 @@ def validate(cfg: Config) -> None:
         (cfg.retention.floor is None or 0 <= cfg.retention.floor <= 1, "retention.floor", "must be between 0 and 1"),
         (cfg.retention.max_changed is None or cfg.retention.max_changed >= 0, "retention.max_changed",
          "must be >= 0 or null"),
+        (0 <= cfg.retention.floor_margin <= 1, "retention.floor_margin", "must be between 0 and 1"),
         (cfg.retention.score_at in ("lazy", "deciding", "every"), "retention.score_at",
          "must be lazy, deciding or every"),
         (cfg.data.replay_cut in ("sentence", "first_sentence"), "data.replay_cut", "must be sentence or first_sentence"),

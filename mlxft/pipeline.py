@@ -195,13 +195,18 @@ def verdict(cfg: Config, summary: dict) -> dict:
            "stop_reason": summary.get("stop_reason"), "method": cfg.train.method,
            "probes": ret.get("probes"), "changed": ret.get("changed"),
            "max_changed": cfg.retention.max_changed if cfg.retention.enabled else None,
+           "floor_margin": cfg.retention.floor_margin if cfg.retention.enabled else None,
            "answers_changed": ret.get("answers_changed")}
     learned = (out["val_loss_before"] is not None and out["val_loss_after"] is not None
                and out["val_loss_after"] < out["val_loss_before"])
-    from mlxft.guard_policy import meets_guard
+    from mlxft.guard_policy import Guard, learned_share
 
-    kept = out["floor"] is None or meets_guard(ret, out["floor"], out["max_changed"])
+    kept = out["floor"] is None or Guard(out["floor"], out["max_changed"]).meets(ret)
     out["learned"], out["kept"] = learned, kept
+    # how much of the run's fall in validation loss the kept adapter made: under 90% where the
+    # guard kept an adapter from before the run learned (mlxft/guard_policy.py)
+    out["best_val_loss"] = summary.get("best_val_loss")
+    out["learned_share"] = learned_share(out["val_loss_before"], out["best_val_loss"], out["val_loss_after"])
     return out
 
 

@@ -4,8 +4,10 @@ no backend, files or clock, so every rule is unit-tested on its own.
 At every validation the current adapter is scored on validation loss and, when retention is
 tracked and retention.score_at asks for it, on retention. Adapters that meet the guard
 (retention at least `floor`; at most `max_changed` changed probes among adapters that learned)
-rank above those that do not; among them the lowest validation loss wins, otherwise the highest
-retention (mlxft/guard_policy.py has the tiers). That one is kept as RUN/adapter-best (what
+rank above those that do not, and where none that learned meets the floor, one that learned and
+reads less than `floor_margin` under it ranks above those that have not learned; within a tier
+the lowest validation loss wins, among the rest the highest retention (mlxft/guard_policy.py has
+the tiers). That one is kept as RUN/adapter-best (what
 generate, fuse and export use).
 
 Training stops after `patience` validations without improvement (a fall of at least
@@ -32,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mlxft import candidates
-from mlxft.guard_policy import learned_below, meets_floor, ranks_above, retention_can_decide
+from mlxft.guard_policy import Guard, learned_below
 
 # Candidates waiting unscored (each an adapter on disk) before a validation that improved scores
 # its own adapter anyway: bounds the disk a lazy run holds to this many adapters, plus the few
@@ -69,10 +71,11 @@ class Selection:
     floor: float | None
     max_changed: int | None = None
     score_at: str = "every"   # retention.score_at: "every" validation, only where "deciding", or "lazy"
+    floor_margin: float = 0.0  # retention.floor_margin: guard_policy's tier 2
 
     @property
-    def _floor(self) -> float:
-        return self.floor if self.floor is not None else float("-inf")
+    def guard(self) -> Guard:
+        return Guard(self.floor if self.floor is not None else float("-inf"), self.max_changed, self.floor_margin)
 
     def _learned(self, state) -> float:
         start = (state.initial_val or {}).get("loss")
@@ -93,8 +96,8 @@ class Selection:
         if self.score_at == "lazy":
             return floor_can_stop or len(candidates.unscored(state.candidates)) >= MAX_UNSCORED
         chosen_val = state.chosen_val if state.chosen_step is not None else None
-        return retention_can_decide(loss, floor_can_stop, chosen_val, state.chosen_retention,
-                                    self._floor, self.max_changed, self._learned(state))
+        return self.guard.retention_can_decide(loss, floor_can_stop, chosen_val, state.chosen_retention,
+                                               self._learned(state))
 
     def observe(self, state, step: int, val: dict, retention: dict | None, last_step: bool) -> Verdict:
         """Record the validation at `step` (`val`: loss and accuracy; `retention`: a dict with
@@ -112,19 +115,18 @@ class Selection:
             keep = False
             state.candidates.append({"step": step, "loss": loss, "accuracy": val.get("accuracy"),
                                      "scored": retention is not None, "retention": retention})
-            dropped = candidates.prune(state.candidates, self._floor, self.max_changed)
+            dropped = candidates.prune(state.candidates, self.guard)
             candidate = step not in dropped
         else:
             chosen_val = state.chosen_val if state.chosen_step is not None else None
-            keep = ranks_above(loss, retention, chosen_val, state.chosen_retention, self._floor, self.max_changed,
-                               self._learned(state))
+            keep = self.guard.ranks_above(loss, retention, chosen_val, state.chosen_retention, self._learned(state))
             if keep:
                 state.chosen_step, state.chosen_val, state.chosen_retention = step, loss, retention
                 state.chosen_accuracy = val.get("accuracy")
             candidate, dropped = False, []
         if last_step:
             return Verdict(keep, None, candidate, tuple(dropped))
-        misses_floor = score is not None and not meets_floor(retention, self._floor)
+        misses_floor = score is not None and not self.guard.meets_floor(retention)
         if self.patience and state.evals_since_best >= self.patience:
             state.stop_reason = (f"validation loss has not improved for {self.patience} evaluations "
                                  f"(best {state.best_val:.4f} at step {state.best_step})")
@@ -145,11 +147,11 @@ class Selection:
         for c in state.candidates:
             if c["step"] == step:
                 c["scored"], c["retention"] = True, retention
-        return candidates.prune(state.candidates, self._floor, self.max_changed)
+        return candidates.prune(state.candidates, self.guard)
 
     def resolve(self, state) -> int | None:
         """Choose among the scored candidates (call once next_to_score is None); return its step."""
-        best = candidates.choose(state.candidates, self._floor, self.max_changed, self._learned(state))
+        best = candidates.choose(state.candidates, self.guard, self._learned(state))
         if best is not None:
             state.chosen_step, state.chosen_val = best["step"], best["loss"]
             state.chosen_retention, state.chosen_accuracy = best["retention"], best["accuracy"]

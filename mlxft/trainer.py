@@ -89,7 +89,7 @@ class Trainer:
         # only rank 0 holds the tracker, so the config alone says whether retention is tracked.
         tracked = cfg.retention.enabled and (retention is not None or self.world.distributed)
         self.selection = Selection(cfg.train.early_stop_patience, cfg.retention.floor, cfg.retention.max_changed,
-                                   cfg.retention.score_at if tracked else "every")
+                                   cfg.retention.score_at if tracked else "every", cfg.retention.floor_margin)
         self._stale_candidates: list[int] = []  # dropped candidates, deleted once a checkpoint no longer lists them
         self.order = BatchOrder(train_set.samples, cfg.train.batch_size, cfg.seed)
         self.total = total_steps(cfg, len(train_set))

@@ -8,6 +8,7 @@ import click
 
 from mlxft.commands.options import (DATA_FORMATS, backend_option, json_option, output_option, set_option,
                                    skip_bad_lines_option, trust_remote_code_option)
+from mlxft.guard_policy import LEARNED_SHARE
 
 
 @click.command()
@@ -130,16 +131,23 @@ def verdict_lines(summary: dict) -> list[str]:
             what = "held-out preference accuracy" if pref else "next-token accuracy"
             acc = f", {what} {v['accuracy_before']:.0%} -> {v['accuracy_after']:.0%}"
         loss = f"validation {v['method'].upper()} loss" if pref else "validation loss"
+        share, partly = v.get("learned_share"), ""
+        if share is not None and share < LEARNED_SHARE:
+            partly = (f" - only {share:.0%} of the run's fall (to {v['best_val_loss']:.3f}): the guard kept an "
+                      "adapter from before the run learned; lower retention.floor or raise data.replay to learn more")
         lines.append(f"learned: {loss} {before:.3f} -> {after:.3f}{acc}"
-                     + ("" if v.get("learned") else " (no improvement)"))
+                     + ("" if v.get("learned") else " (no improvement)") + partly)
     if v.get("retention") is not None:
         floor = f" (floor {v['floor']:g})" if v.get("floor") else ""
         changed = ""
         if v.get("changed") is not None:
             cap = f", at most {v['max_changed']}" if v.get("max_changed") is not None else ""
             changed = f", {v['changed']} of {v['probes']} probe answers changed{cap}"
-        lines.append(f"kept:    retention {v['retention']:.3f}{floor}{changed}"
-                     + ("" if v.get("kept") else " - the guard was not met: no adapter kept the base model well enough"))
+        near = _near_floor(v)
+        missed = (f" - under the floor by {v['floor'] - v['retention']:.3f}, within retention.floor_margin="
+                  f"{v['floor_margin']:g}: no adapter that learned met the floor" if near
+                  else " - the guard was not met: no adapter kept the base model well enough")
+        lines.append(f"kept:    retention {v['retention']:.3f}{floor}{changed}" + ("" if v.get("kept") else missed))
         for c in v.get("answers_changed") or []:
             # counted: the per-probe rule flagged it; differs: regenerated differently, but the
             # base's answer is still about as likely (a rewording, or a near-tie)
@@ -147,11 +155,22 @@ def verdict_lines(summary: dict) -> list[str]:
                          f"{_short(c['base'])!r} -> {_short(c['tuned'])!r}")
     if v.get("chosen_step") is not None:
         why = ("the lowest validation loss among those meeting the guard" if v.get("floor") and v.get("kept")
+               else "the lowest validation loss among those that learned, near the floor" if _near_floor(v)
                else "the highest retention reached" if v.get("floor") and v.get("retention") is not None
                else "the lowest validation loss")
         stop = f"; stopped early at step {summary['steps']}: {v['stop_reason']}" if v.get("stop_reason") else ""
         lines.append(f"chosen:  the adapter of step {v['chosen_step']} of {summary['steps']} ({why}){stop}")
     return lines
+
+
+def _near_floor(v: dict) -> bool:
+    """The guard missed, and the adapter kept learned and reads under the floor by less than
+    retention.floor_margin (mlxft/guard_policy.py's tier 2)."""
+    if v.get("kept") or not v.get("floor") or v.get("retention") is None:
+        return False
+    share = v.get("learned_share")
+    return ((share is None or share >= LEARNED_SHARE)
+            and v["floor"] - (v.get("floor_margin") or 0.0) < v["retention"] < v["floor"])
 
 
 def _short(text: str, width: int = 60) -> str:
