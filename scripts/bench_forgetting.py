@@ -72,6 +72,9 @@ SETTINGS: dict[str, list[str]] = {
     "replay-0.2-distill": ["data.replay=0.2", "data.replay_distill=16"],
     "replay-0.1-distill": ["data.replay=0.1", "data.replay_distill=16"],
     "replay-0.2": ["data.replay=0.2"],
+    # A hard floor: an adapter that learned and reads a little under the floor does not outrank
+    # one that met it without having learned (the rule before retention.floor_margin).
+    "hard-floor": ["retention.floor_margin=0"],
     # Retention scored at every validation (the old behaviour) instead of lazily.
     "score-every": ["retention.score_at=every"],
     # Retention scored at the validations where it can change the running choice (the default
@@ -248,12 +251,16 @@ def one_row(mname: str, spec: str | None, task: str, setting: str, seed: int, ex
            "guard_share": guard.get("share"), "guard": guard, "steps": s.get("steps"),
            "total_steps": s.get("total_steps"), "stop": stop, "chosen_step": s.get("chosen_step", s.get("best_step")),
            "retention_scored": s.get("retention_scored"), "answers_changed": ret.get("answers_changed"),
-           "peak_rss_mib": res["peak_rss_mib"], "load": os.getloadavg()[0], "answers": answers[:3]}
+           "peak_rss_mib": res["peak_rss_mib"], "load": os.getloadavg()[0], "answers": answers[:3],
+           "learned_share": (s.get("verdict") or {}).get("learned_share"), "kept": (s.get("verdict") or {}).get("kept")}
     ret_s = f"{row['retention']:.3f}" if isinstance(row["retention"], float) else "-"
     share = f"{row['guard_share']:.0%}" if row["guard_share"] is not None else "-"
     changed = row["changed"] if row["changed"] is not None else "-"
+    # an adapter kept from before the run learned, or one kept under the floor (missed, or within its margin)
+    note = (f" ({row['learned_share']:.0%} learned)" if (row["learned_share"] or 1.0) < 0.9 else "") + \
+        (" (floor missed)" if row["kept"] is False else "")
     print(f"| {mname} | {task} | {setting} | {seed} | {acc:.0%} | {ret_s} | {changed} | {res['wall_s']:.0f} | {share} | "
-          f"{row['peak_rss_mib']} | {row['steps']}/{row['total_steps']} | {stop} | {row['chosen_step']} | "
+          f"{row['peak_rss_mib']} | {row['steps']}/{row['total_steps']} | {stop} | {row['chosen_step']}{note} | "
           f"{row['load']:.1f} |", flush=True)
     return row
 

@@ -4,7 +4,8 @@ SmolLM2-135M-Instruct (llama, RoPE base 1e5) and Gemma 3 270M (gemma3_text, per-
 RoPE), both dequantized to float32: next-token logits within 1e-3 of the logit range
 (mlxft.parity), and for SmolLM2 as transformers 5 saves it, the same comparison without the
 config translation fails. Ten LoRA steps on SmolLM2 from one saved initial adapter give the
-same loss curve on both backends. An mlx-lm-layout export names a base folder that
+same loss curve on both backends, with hard targets and with replay's soft (distillation)
+targets read off the real model. An mlx-lm-layout export names a base folder that
 `mlx_lm.load` reads as transformers does: its greedy answer equals `mlxft generate --backend torch`.
 Sequences are short: MLX on a CPU is about 50x slower than torch there."""
 
@@ -133,6 +134,40 @@ def test_ten_lora_steps_give_the_same_loss_curve(smollm2_t5, tmp_path):
     wrong = be.eval_batch(batch)
     print(f"untranslated first loss {wrong.loss_sum / wrong.n_targets:.5f}")
     assert abs(wrong.loss_sum / wrong.n_targets - t[0]) > bound[0]
+
+
+def test_soft_replay_targets_give_the_same_loss_curve(smollm2_t5, tmp_path):
+    """Replay as distillation on the real model: the base model's top-16 next-token targets of a
+    real sentence (read by the PyTorch backend with the adapter at zero, as a run reads them)
+    beside a plain sample, three AdamW steps from one saved adapter on each backend: the same
+    loss curve within the bound of the ten-step test, and another one than the hard targets'."""
+    from mlxft.data import Sample
+    from mlxft.replay_distill import teacher_targets_batch
+    from mlxft.tokenizer import load_tokenizer
+
+    cfg = config(lora_type="lora", max_seq_len=64)
+    ids = load_tokenizer(smollm2_t5)("The sun rises in the east and sets in the west, so mornings face "
+                                     "the sea here.")["input_ids"]
+    text = Sample(ids=list(ids), targets=[i > 3 for i in range(len(ids))])
+    init = tmp_path / "init"
+    seed_be = _backend("torch", cfg)
+    seed_be.load(smollm2_t5, train=True)
+    seed_be.save_adapter(init)
+    (soft,) = teacher_targets_batch(seed_be, [text], 16)
+    plain = samples((12,))[0]
+    soft_batch = collate([Sample(text.ids, text.targets, soft=soft), plain], 2)
+    curves = {}
+    for name in ("torch", "mlx"):
+        for kind, batch in (("soft", soft_batch), ("hard", collate([text, plain], 2))):
+            be = _backend(name, cfg)
+            be.load(smollm2_t5, adapter=init, train=True)
+            curves[name, kind] = [be.train_step([batch], 1e-3).loss for _ in range(3)]
+    t, m = np.array(curves["torch", "soft"]), np.array(curves["mlx", "soft"])
+    print(f"\nsoft loss curves torch {t.round(5).tolist()} mlx {m.round(5).tolist()}; "
+          f"hard torch {np.round(curves['torch', 'hard'], 5).tolist()} mlx {np.round(curves['mlx', 'hard'], 5).tolist()}")
+    bound = 1e-3 * t[0] + 2e-2 * np.abs(t[0] - t)
+    assert np.all(np.abs(m - t) <= bound), (np.abs(m - t).tolist(), bound.tolist())
+    assert abs(curves["mlx", "soft"][0] - curves["mlx", "hard"][0]) > 10 * bound[0]  # the soft targets matter
 
 
 def _cli(*args):
