@@ -133,8 +133,8 @@ def verdict_lines(summary: dict) -> list[str]:
         loss = f"validation {v['method'].upper()} loss" if pref else "validation loss"
         share, partly = v.get("learned_share"), ""
         if share is not None and share < LEARNED_SHARE:
-            partly = (f" - only {share:.0%} of the run's fall (to {v['best_val_loss']:.3f}): the guard kept an "
-                      "adapter from before the run learned; lower retention.floor or raise data.replay to learn more")
+            partly = (f" - only {share:.0%} of the run's fall (to {v['best_val_loss']:.3f}): the adapters that "
+                      "learned more forgot more; raise data.replay, or lower retention.floor")
         lines.append(f"learned: {loss} {before:.3f} -> {after:.3f}{acc}"
                      + ("" if v.get("learned") else " (no improvement)") + partly)
     if v.get("retention") is not None:
