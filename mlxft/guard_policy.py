@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 LEARNED_SHARE = 0.9  # an adapter has learned once it made this share of the run's fall in validation loss
 TOP_TIER = 4
+NEAR_FLOOR_TIER = 2  # learned, and under the floor by less than the margin
 
 
 def learned_below(start: float | None, best: float | None) -> float:
@@ -88,7 +89,7 @@ class Guard:
 
     def near_floor(self, ret: dict | None) -> bool:
         """At or above the floor, or under it by less than the margin."""
-        return _score(ret) is None or _score(ret) > self.floor - self.margin or self.meets_floor(ret)
+        return self.meets_floor(ret) or _score(ret) > self.floor - self.margin
 
     def within_cap(self, ret: dict | None) -> bool:
         changed = (ret or {}).get("changed")
@@ -106,7 +107,7 @@ class Guard:
             if not has_learned:
                 return 1
             return 4 if self.within_cap(ret) else 3
-        return 2 if has_learned and self.near_floor(ret) else 0
+        return NEAR_FLOOR_TIER if has_learned and self.near_floor(ret) else 0
 
     def ranks_above(self, candidate_val: float, candidate_ret: dict | None, chosen_val: float | None,
                     chosen_ret: dict | None, learned: float = float("inf")) -> bool:

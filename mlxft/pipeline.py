@@ -199,14 +199,20 @@ def verdict(cfg: Config, summary: dict) -> dict:
            "answers_changed": ret.get("answers_changed")}
     learned = (out["val_loss_before"] is not None and out["val_loss_after"] is not None
                and out["val_loss_after"] < out["val_loss_before"])
-    from mlxft.guard_policy import Guard, learned_share
+    from mlxft.guard_policy import NEAR_FLOOR_TIER, Guard, learned_below, learned_share
 
-    kept = out["floor"] is None or Guard(out["floor"], out["max_changed"]).meets(ret)
+    guard = Guard(out["floor"], out["max_changed"], out["floor_margin"]) if out["floor"] is not None else None
+    kept = guard is None or guard.meets(ret)
     out["learned"], out["kept"] = learned, kept
     # how much of the run's fall in validation loss the kept adapter made: under 90% where the
     # guard kept an adapter from before the run learned (mlxft/guard_policy.py)
     out["best_val_loss"] = summary.get("best_val_loss")
     out["learned_share"] = learned_share(out["val_loss_before"], out["best_val_loss"], out["val_loss_after"])
+    # kept by the floor margin: it learned and reads under the floor by less than the margin
+    out["near_floor"] = (guard is not None and out["retention"] is not None and out["val_loss_after"] is not None
+                         and guard.tier(out["val_loss_after"], ret, learned_below(out["val_loss_before"],
+                                                                                 out["best_val_loss"]))
+                         == NEAR_FLOOR_TIER)
     return out
 
 

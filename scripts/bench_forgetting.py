@@ -239,6 +239,8 @@ def measured_cost(rows: list[dict], mname: str, task: str) -> None:
 
 
 def one_row(mname: str, spec: str | None, task: str, setting: str, seed: int, extra: list[str], out_root: Path) -> dict:
+    from mlxft.guard_policy import LEARNED_SHARE
+
     run = out_root / f"{mname}-{task}-{setting}-s{seed}"
     res = train_once(spec, task, SETTINGS[setting] + extra, run, seed)
     acc, answers = held_out_accuracy(str(run), task)
@@ -257,7 +259,7 @@ def one_row(mname: str, spec: str | None, task: str, setting: str, seed: int, ex
     share = f"{row['guard_share']:.0%}" if row["guard_share"] is not None else "-"
     changed = row["changed"] if row["changed"] is not None else "-"
     # an adapter kept from before the run learned, or one kept under the floor (missed, or within its margin)
-    note = (f" ({row['learned_share']:.0%} learned)" if (row["learned_share"] or 1.0) < 0.9 else "") + \
+    note = (f" ({row['learned_share']:.0%} learned)" if (row["learned_share"] or 1.0) < LEARNED_SHARE else "") + \
         (" (floor missed)" if row["kept"] is False else "")
     print(f"| {mname} | {task} | {setting} | {seed} | {acc:.0%} | {ret_s} | {changed} | {res['wall_s']:.0f} | {share} | "
           f"{row['peak_rss_mib']} | {row['steps']}/{row['total_steps']} | {stop} | {row['chosen_step']}{note} | "

@@ -22,7 +22,7 @@ def _summary(chosen_step: int, chosen_loss: float, score: float) -> dict:
 def test_an_adapter_kept_from_before_the_run_learned_is_named():
     s = _summary(18, 0.73, 0.926)
     v = s["verdict"]
-    assert v["kept"] and abs(v["learned_share"] - (2.26 - 0.73) / (2.26 - 0.017)) < 1e-9
+    assert v["kept"] and not v["near_floor"] and abs(v["learned_share"] - (2.26 - 0.73) / (2.26 - 0.017)) < 1e-9
     learned = next(line for line in verdict_lines(s) if line.startswith("learned:"))
     assert "only 68% of the run's fall (to 0.017)" in learned
     assert "lowest validation loss among those meeting the guard" in verdict_lines(s)[-1]
@@ -31,7 +31,7 @@ def test_an_adapter_kept_from_before_the_run_learned_is_named():
 def test_an_adapter_that_learned_within_the_margin_says_the_floor_was_missed():
     s = _summary(72, 0.017, 0.896)
     v = s["verdict"]
-    assert not v["kept"] and v["learned_share"] == 1.0
+    assert not v["kept"] and v["learned_share"] == 1.0 and v["near_floor"]
     lines = verdict_lines(s)
     assert not any("only" in line for line in lines)
     kept = next(line for line in lines if line.startswith("kept:"))
@@ -45,5 +45,6 @@ def test_a_plain_verdict_says_neither():
     assert s["verdict"]["kept"]
     assert not any("only" in line or "floor_margin" in line for line in lines), lines
     far = _summary(72, 0.017, 0.85)  # under the floor by more than the margin
+    assert not far["verdict"]["near_floor"]
     assert any("the guard was not met" in line for line in verdict_lines(far))
     assert "the highest retention reached" in verdict_lines(far)[-1]

@@ -143,9 +143,8 @@ def verdict_lines(summary: dict) -> list[str]:
         if v.get("changed") is not None:
             cap = f", at most {v['max_changed']}" if v.get("max_changed") is not None else ""
             changed = f", {v['changed']} of {v['probes']} probe answers changed{cap}"
-        near = _near_floor(v)
         missed = (f" - under the floor by {v['floor'] - v['retention']:.3f}, within retention.floor_margin="
-                  f"{v['floor_margin']:g}: no adapter that learned met the floor" if near
+                  f"{v['floor_margin']:g}: no adapter that learned met the floor" if v.get("near_floor")
                   else " - the guard was not met: no adapter kept the base model well enough")
         lines.append(f"kept:    retention {v['retention']:.3f}{floor}{changed}" + ("" if v.get("kept") else missed))
         for c in v.get("answers_changed") or []:
@@ -155,22 +154,12 @@ def verdict_lines(summary: dict) -> list[str]:
                          f"{_short(c['base'])!r} -> {_short(c['tuned'])!r}")
     if v.get("chosen_step") is not None:
         why = ("the lowest validation loss among those meeting the guard" if v.get("floor") and v.get("kept")
-               else "the lowest validation loss among those that learned, near the floor" if _near_floor(v)
+               else "the lowest validation loss among those that learned, near the floor" if v.get("near_floor")
                else "the highest retention reached" if v.get("floor") and v.get("retention") is not None
                else "the lowest validation loss")
         stop = f"; stopped early at step {summary['steps']}: {v['stop_reason']}" if v.get("stop_reason") else ""
         lines.append(f"chosen:  the adapter of step {v['chosen_step']} of {summary['steps']} ({why}){stop}")
     return lines
-
-
-def _near_floor(v: dict) -> bool:
-    """The guard missed, and the adapter kept learned and reads under the floor by less than
-    retention.floor_margin (mlxft/guard_policy.py's tier 2)."""
-    if v.get("kept") or not v.get("floor") or v.get("retention") is None:
-        return False
-    share = v.get("learned_share")
-    return ((share is None or share >= LEARNED_SHARE)
-            and v["floor"] - (v.get("floor_margin") or 0.0) < v["retention"] < v["floor"])
 
 
 def _short(text: str, width: int = 60) -> str:
