@@ -10,6 +10,9 @@ checkpoints, writing the adapter), with its peak RSS from the kernel (wait4's ru
     mlxft default, warm    the same again, caches filled (any later run on this base)
     mlxft retention off    retention.enabled=false (the guard's own cost: baseline + scoring)
     mlxft plain            retention.enabled=false, data.replay=0, no early stopping
+    mlxft compiled         plain with train.compile=true, inductor's on-disk cache empty (a
+                           first compiled run on this machine)
+    mlxft compiled, warm   the same again, inductor's cache filled by the run before
     trainer f32 / bf16     Trainer + PEFT: float32, and float32 weights under bf16 autocast
                            (`bf16=True`); the faster one is the peer's best setting
 
@@ -112,7 +115,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--base", type=Path, help="a model folder to train (default: the built-in SmolLM2-135M-Instruct), "
                                               "e.g. the folder `mlxft pull` made from the Gemma 3 270M GGUF")
-    ap.add_argument("--only", help="comma-separated contender keys: default,warm,noret,plain,trainer-f32,trainer-bf16")
+    ap.add_argument("--only", help="comma-separated contender keys: default,warm,noret,plain,compiled,compiled-warm,"
+                                       "trainer-f32,trainer-bf16")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--trainer-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--trainer-dtype", choices=["f32", "bf16"], help=argparse.SUPPRESS)
@@ -136,7 +140,10 @@ def main() -> None:
     (bench_home / "models").symlink_to(home() / "models")
     if (home() / "devicebench.json").exists():
         shutil.copy(home() / "devicebench.json", bench_home / "devicebench.json")
-    env = {**os.environ, "MLXFT_HOME": str(bench_home), "MLXFT_NO_PROGRESS": "1"}
+    # The compiled contenders share a private inductor cache: empty for "compiled", filled by it for
+    # "compiled-warm" (run "compiled" first), never the user's.
+    env = {**os.environ, "MLXFT_HOME": str(bench_home), "MLXFT_NO_PROGRESS": "1",
+           "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor")}
     mlxft = [sys.executable, "-m", "mlxft", "train", "--model", str(model), "--data", str(args.data), "--set", f"train.epochs={args.epochs}",
              "--set", f"train.batch_size={args.batch_size}", "--json"]
     contenders = {
@@ -145,6 +152,10 @@ def main() -> None:
         "noret": ("mlxft, retention.enabled=false", mlxft + ["--set", "retention.enabled=false"]),
         "plain": ("mlxft, retention off, replay 0, no early stop",
                   mlxft + EQUAL_WORK_SETS),
+        "compiled": ("mlxft plain, train.compile, inductor cache empty",
+                     mlxft + EQUAL_WORK_SETS + ["--set", "train.compile=true"]),
+        "compiled-warm": ("mlxft plain, train.compile, inductor cache warm",
+                          mlxft + EQUAL_WORK_SETS + ["--set", "train.compile=true"]),
         "trainer-f32": ("Trainer + PEFT, float32", None),
         "trainer-bf16": ("Trainer + PEFT, bf16 autocast", None),
     }
@@ -185,7 +196,7 @@ def main() -> None:
     if peers:
         best = min(peers, key=lambda r: r["wall_s"])
         print(f"\npeer at its best: {best['label']}")
-        for key in ("default", "warm", "plain"):
+        for key in ("default", "warm", "plain", "compiled", "compiled-warm"):
             if key in results:
                 r = results[key]
                 print(f"{r['label']}: {best['wall_s'] / r['wall_s']:.2f}x faster, "
