@@ -298,3 +298,32 @@ def test_trained_or_dora_adapter_is_never_skipped(tiny_model_dir, data_file):
     for b in (trained, dora, one):
         with b._inference():
             assert not any(m.disable_adapters for m in b._tuner_layers)
+
+
+def test_half_precision_batches_are_padded_to_a_few_shapes_without_changing_what_is_scored(tiny_model_dir, data_file):
+    """In bf16 a batch is computed at a length rounded up to SEQ_BUCKET_HALF (oneDNN keeps a kernel
+    per shape): the same targets in the same order, and the same bits as that batch padded by
+    hand; float32 batches are computed at their own length."""
+    from mlxft.backends.torch_device import SEQ_BUCKET_HALF
+
+    b = backend_for(tiny_model_dir, data_file, **{"train.dtype": "bfloat16"})
+    batch = batches(b, data_file)[0]
+    length = batch.input_ids.shape[1]
+    assert length % SEQ_BUCKET_HALF  # the case under test: a length off the bucket
+    ids, attn, mask, _ = b._tensors(batch)
+    bucket = -(-length // SEQ_BUCKET_HALF) * SEQ_BUCKET_HALF
+    assert ids.shape[1] == attn.shape[1] == mask.shape[1] + 1 == bucket
+    assert not attn[:, length:].any() and not mask[:, length - 1:].any()
+    with torch.no_grad(), b._compute():
+        _, labels = b._hidden(batch)
+    assert labels.tolist() == batch.input_ids[:, 1:][batch.loss_mask[:, 1:].astype(bool)].tolist()
+
+    by_hand = padded(batch, bucket)
+    by_hand.input_ids[:, length:] = b.tokenizer.pad_token_id or 0
+    rows = lambda x: [(r.loss_sum, r.n_targets, r.n_correct) for r in b.row_scores(x)]  # noqa: E731
+    assert rows(batch) == rows(by_hand)
+    (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads(b, batch), loss_and_grads(b, by_hand)
+    assert loss_a == loss_b and torch.equal(grads_a, grads_b) and float(grads_a.norm()) > 0
+
+    f32 = backend_for(tiny_model_dir, data_file)
+    assert f32._tensors(batch)[0].shape[1] == length

@@ -32,8 +32,8 @@ from mlxft.backends.base import Backend, StepResult
 from mlxft.backends.common import (adapted_layer_count, max_grad_norm, resolve_lora_targets, short_name,
                                    split_like)
 from mlxft.backends.neftune import add_torch_hook
-from mlxft.backends.torch_device import (EAGER_ATTENTION_MAX_LEN, LOSS_CHUNK, TorchDeviceInfo, pick_device,
-                                         pick_dtype, pick_inference_weights, torch_loadable)
+from mlxft.backends.torch_device import (EAGER_ATTENTION_MAX_LEN, LOSS_CHUNK, SEQ_BUCKET_HALF, TorchDeviceInfo,
+                                         pick_device, pick_dtype, pick_inference_weights, torch_loadable)
 from mlxft.backends.torch_fast import compile_blocks, install_fused_lora
 from mlxft.backends.torch_loss import fusable_head, fused_linear_logp
 from mlxft.backends.torch_inference import TorchInference
@@ -212,11 +212,19 @@ class TorchBackend(TorchInference, TorchDeviceInfo, Backend):
         return impl
 
     def _tensors(self, batch: Batch):
+        """(ids, attention mask, target mask, position ids or None) on the device. A padded batch
+        computed in bf16/fp16 gets SEQ_BUCKET_HALF's extra pad columns: no target and no attention
+        there, so the targets come out in the same order as from the batch's own loss_mask."""
         torch = self.torch
         ids = torch.from_numpy(batch.input_ids).to(self.device)
         attn = torch.from_numpy(batch.attention_mask).to(self.device)
         mask = torch.from_numpy(batch.loss_mask[:, 1:]).to(self.device).bool()
         pos = None if batch.position_ids is None else torch.from_numpy(batch.position_ids).to(self.device)
+        extra = -ids.shape[1] % SEQ_BUCKET_HALF
+        if extra and self._autocast_dtype() is not None and batch.segment_ids is None and pos is None:
+            pad_id = self.tokenizer.pad_token_id or 0
+            pad = torch.nn.functional.pad
+            ids, attn, mask = pad(ids, (0, extra), value=pad_id), pad(attn, (0, extra)), pad(mask, (0, extra))
         return ids, attn, mask, pos
 
     def _hidden(self, batch: Batch):

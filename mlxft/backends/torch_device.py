@@ -9,6 +9,14 @@ from pathlib import Path
 
 LOSS_CHUNK = 512  # target positions per lm_head chunk: 512 x 49k f32 logits = 100 MB at a time
 EAGER_ATTENTION_MAX_LEN = 160  # CPU: eager attention up to this padded length, SDPA above
+# Batches computed in bf16/fp16 are padded to a multiple of this many positions, so a run sees a
+# few batch shapes instead of one per length: on a CPU, torch's bf16 matmuls go through oneDNN,
+# which builds and keeps a kernel per shape, and replay's extra lengths fill that cache. On the
+# quickstart (Intel Xeon with AMX) this took the guarded run's peak RSS from 2,203-2,223 to
+# 1,832-1,842 MiB and the unguarded run's from 1,782-1,786 to 1,619-1,623 MiB at the same tokens/s
+# (docs/retention.md, "Batches padded to a multiple of 16"). f32 matmuls go to MKL's sgemm, which
+# keeps no such cache, so f32 batches are not padded (not measured). (MLX buckets its own: SEQ_BUCKET.)
+SEQ_BUCKET_HALF = 16
 # bf16 must beat f32 by this much at the matmul before it pays on a CPU: autocast's casts and
 # the ops that stay f32 eat the rest. Measured whole-run ratios (bf16 over f32 speed) against the
 # matmul ratio: Intel Xeon with AMX 8.1x matmul; AMD EPYC 2.1x matmul -> 1.6x run; Intel Xeon
